@@ -1,0 +1,228 @@
+"""Torch-free specs: the validated description of one job.
+
+One spec model per extension kind plus the training spec, each field carrying its own
+help text (the README's batch-file reference and the CLI help are generated from it).
+Unknown keys are rejected; constraints are declared on the fields.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+TASK_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class JobKind(StrEnum):
+    TRAIN = "train"
+    CREATE = "create"
+
+
+class ExtensionKind(StrEnum):
+    LORA = "lora"
+    LAYER = "layer"
+    HYBRID = "hybrid"
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class LoRASpec(_Spec):
+    """LoRA adapter settings (PEFT)."""
+
+    r: Annotated[int, Field(gt=0, le=1024, description="Rank of the LoRA update matrices; must be > 0.")] = 8
+    alpha: Annotated[
+        float, Field(gt=0, description="LoRA scaling numerator (`lora_alpha`); the update is scaled by alpha / r.")
+    ] = 16.0
+    dropout: Annotated[
+        float, Field(ge=0, lt=1, description="Dropout on the LoRA input; 0 <= dropout < 1.")
+    ] = 0.05
+    target_modules: Annotated[
+        list[str] | None,
+        Field(
+            description="Names (suffixes) of the Linear modules that get adapters. Default by architecture: "
+            "T5 q,k,v,o; LLaMA q_proj,k_proj,v_proj,o_proj; GPT-2 c_attn,c_proj; BERT query,key,value."
+        ),
+    ] = None
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("give at least one module name, or leave target_modules out for the default")
+            if any(not name or not isinstance(name, str) for name in value):
+                raise ValueError("module names must be non-empty strings")
+        return value
+
+
+class LayerSpec(_Spec):
+    """Added transformer block settings."""
+
+    stack: Annotated[
+        Literal["encoder", "decoder"] | None,
+        Field(description="Which stack gets the new block: encoder or decoder. Default: the model's only "
+              "stack, or encoder for encoder-decoder models."),
+    ] = None
+    source: Annotated[
+        int | None,
+        Field(description="Index of the existing block that is copied (negative counts from the end). "
+              "Default: the last block of the stack."),
+    ] = None
+    position: Annotated[
+        int | Literal["end"],
+        Field(description="Where the new block is inserted: a block index (0 = before the first block) or "
+              "`end`."),
+    ] = "end"
+    init_scale: Annotated[
+        float,
+        Field(ge=0, le=10, description="Factor applied to the new block's output projections (attention "
+              "output and MLP output); 0 makes the new block an exact identity at start on pre-norm models."),
+    ] = 0.01
+
+    @field_validator("position")
+    @classmethod
+    def _position_non_negative(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("position must be a block index >= 0 or 'end'")
+        return value
+
+
+class TrainSpec(_Spec):
+    """Training settings."""
+
+    dataset: Annotated[
+        str,
+        Field(description="JSONL or CSV file with `input` and `target` columns; relative paths are resolved "
+              "against the batch file's directory."),
+    ]
+    max_steps: Annotated[
+        int | None, Field(gt=0, description="Number of optimizer steps; wins over `epochs` when both are set.")
+    ] = None
+    epochs: Annotated[
+        float | None, Field(gt=0, description="Passes over the training split, used when max_steps is not set.")
+    ] = None
+    batch_size: Annotated[int, Field(gt=0, le=4096, description="Examples per optimizer step.")] = 8
+    learning_rate: Annotated[float, Field(gt=0, lt=1, description="AdamW learning rate.")] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0, lt=1, description="AdamW weight decay.")] = 0.0
+    warmup_steps: Annotated[int, Field(ge=0, description="Linear learning-rate warm-up steps.")] = 0
+    eval_fraction: Annotated[
+        float, Field(ge=0, lt=1, description="Fraction of the dataset held out for evaluation (0 = no eval).")
+    ] = 0.1
+    max_length: Annotated[
+        int, Field(gt=0, le=8192, description="Token limit applied to inputs and targets (truncation).")
+    ] = 64
+    seed: Annotated[int, Field(ge=0, description="Seed for the data split, shuffling and initialisation.")] = 0
+    checkpoint_every: Annotated[
+        int, Field(ge=0, description="Save a resumable training checkpoint every N steps (0 = never).")
+    ] = 50
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainSpec:
+        if self.max_steps is None and self.epochs is None:
+            object.__setattr__(self, "max_steps", 100)
+        return self
+
+
+class JobSpec(_Spec):
+    """One job of a batch, after `defaults` were merged in."""
+
+    task: Annotated[
+        str,
+        Field(description="Task name: letters, digits, '.', '_' and '-', at most 64 characters. Used in "
+              "artifact paths."),
+    ]
+    kind: Annotated[
+        JobKind, Field(description="`train` (build, train, save) or `create` (build, statistics, save).")
+    ] = JobKind.TRAIN
+    extension: Annotated[ExtensionKind, Field(description="`lora`, `layer` or `hybrid`.")]
+    base_model: Annotated[
+        str,
+        Field(description="A Hugging Face hub id (from the local cache), a local model directory, or "
+              "`random:<preset>`."),
+    ]
+    device: Annotated[str, Field(description="`auto`, `cpu`, `cuda`, `cuda:N` or `mps`.")] = "auto"
+    lora: Annotated[LoRASpec | None, Field(description="LoRA settings (lora and hybrid jobs).")] = None
+    layer: Annotated[LayerSpec | None, Field(description="Added-layer settings (layer and hybrid jobs).")] = None
+    train: Annotated[TrainSpec | None, Field(description="Training settings (train jobs).")] = None
+
+    @field_validator("task")
+    @classmethod
+    def _task_name(cls, value: str) -> str:
+        if not TASK_NAME_RE.fullmatch(value) or value in {".", ".."}:
+            shown = value if len(value) <= 70 else value[:67] + "..."
+            raise ValueError(
+                f"invalid task name {shown!r}: use 1-64 letters, digits, '.', '_' or '-' "
+                "(no slashes, no spaces); it becomes part of the artifact path"
+            )
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+            raise ValueError(f"unknown device {value!r}: use auto, cpu, cuda, cuda:N or mps")
+        return value
+
+    @field_validator("base_model")
+    @classmethod
+    def _base_model(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("base_model is empty: give a hub id, a local directory or random:<preset>")
+        if value.startswith("random:"):
+            from jobs.presets import PRESET_NAMES
+
+            name = value.removeprefix("random:")
+            if name not in PRESET_NAMES:
+                raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(sorted(PRESET_NAMES))}")
+        return value
+
+    @model_validator(mode="after")
+    def _sections(self) -> JobSpec:
+        uses_lora = self.extension in (ExtensionKind.LORA, ExtensionKind.HYBRID)
+        uses_layer = self.extension in (ExtensionKind.LAYER, ExtensionKind.HYBRID)
+        # Sections the kind does not use are dropped rather than refused: batch `defaults` carry
+        # every section, and a lora job inheriting layer defaults is not a mistake.
+        object.__setattr__(self, "lora", (self.lora or LoRASpec()) if uses_lora else None)
+        object.__setattr__(self, "layer", (self.layer or LayerSpec()) if uses_layer else None)
+        if self.kind == JobKind.TRAIN:
+            if self.train is None:
+                raise ValueError("a train job needs a `train` section with at least `dataset` "
+                                 "(or set kind: create)")
+            if self.base_model.startswith("random:"):
+                from jobs.presets import PRESETS
+
+                if PRESETS[self.base_model.removeprefix("random:")]["family"] == "bert":
+                    raise ValueError(
+                        "train jobs on encoder-only (BERT-family) models are not supported yet: "
+                        "use kind: create"
+                    )
+        else:
+            object.__setattr__(self, "train", None)
+        return self
+
+    @property
+    def queue_kind(self) -> str:
+        """`gpu` when the job must run on a GPU, `cpu` when it must not, `any` otherwise."""
+        if self.device.startswith("cuda"):
+            return "gpu"
+        if self.device == "cpu":
+            return "cpu"
+        return "any"
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+#: Registry: extension kind -> the spec sections it uses. Builders register on the worker side.
+EXTENSION_SECTIONS: dict[ExtensionKind, tuple[str, ...]] = {
+    ExtensionKind.LORA: ("lora",),
+    ExtensionKind.LAYER: ("layer",),
+    ExtensionKind.HYBRID: ("layer", "lora"),
+}
+
+SECTION_SPECS: dict[str, type[_Spec]] = {"lora": LoRASpec, "layer": LayerSpec, "train": TrainSpec}

@@ -1,0 +1,32 @@
+"""Errors raised by the worker side.
+
+`JobError` is a deterministic failure of one job (bad data, unknown module, out of memory):
+re-running it gives the same result, so it is never retried. `TransientError` marks the few
+failures that a retry can cure (the broker or database connection went away).
+"""
+
+
+class JobError(Exception):
+    """A deterministic failure of a job; the message says what to change."""
+
+
+class ConfigError(JobError):
+    """The spec cannot be applied to this model (unknown target module, bad position, ...)."""
+
+
+class DeviceError(JobError):
+    """The requested device is missing or does not work."""
+
+
+class OutOfMemory(JobError):
+    """The job ran out of accelerator memory."""
+
+
+class TransientError(Exception):
+    """A failure worth retrying: lost broker or database connection."""
+
+
+class JobCancelled(Exception):
+    """Raised inside the pipeline when the job's cancel check says stop."""
+
+
