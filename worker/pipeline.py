@@ -9,12 +9,19 @@ Raises `worker.errors.JobError` (deterministic, never retried), `JobCancelled`.
 
 from __future__ import annotations
 
+import logging
+import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.spec import JobSpec
+from jobs.spec import ExtensionKind, JobKind, JobSpec
+from worker.artifacts import job_directory, write_atomically, write_job_json
+from worker.errors import JobCancelled
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,13 +44,18 @@ class JobContext:
     on_progress: Callable[[Progress], None] | None = None
     #: polled between steps; returning True stops the job with JobCancelled
     should_cancel: Callable[[], bool] | None = None
-    #: where resumable training checkpoints go; None disables checkpointing
+    #: where resumable training checkpoints go (default: next to the job directory);
+    #: `train.checkpoint_every: 0` disables them
     checkpoint_dir: Path | None = None
     progress_interval: float = 1.0
 
     @property
     def job_dir(self) -> Path:
-        return self.artifacts_root / self.batch_id / self.job_id
+        return job_directory(self.artifacts_root, self.batch_id, self.job_id)
+
+    @property
+    def resume_dir(self) -> Path:
+        return self.checkpoint_dir or self.job_dir.with_name(f".{self.job_id}.checkpoint")
 
 
 @dataclass
@@ -61,3 +73,127 @@ class JobOutcome:
     #: the loss curve: (step, split, loss) with split "train" or "eval"
     loss_curve: list[tuple[int, str, float]] = field(default_factory=list)
     setup_seconds: float = 0.0
+
+
+def library_versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def run_job(ctx: JobContext) -> JobOutcome:
+    """Build, (train,) save one job. See the module docstring for what is raised."""
+    from worker.device import DeviceManager
+    from worker.extensions import EXTENSIONS, ExtensionConfig, build
+    from worker.models import BASE_MODELS
+    from worker.training import Trainer
+
+    spec = ctx.spec
+    job_dir = ctx.job_dir  # validates the ids before anything runs
+    report = ctx.on_progress or (lambda progress: None)
+    cancelled = ctx.should_cancel or (lambda: False)
+
+    def check_cancel(where: str) -> None:
+        if cancelled():
+            raise JobCancelled(f"cancelled {where}")
+
+    report(Progress(step=0, total_steps=0, phase="setup"))
+    started = time.perf_counter()
+    device_manager = DeviceManager(spec.device)
+    device_manager.reset_peak_memory()
+    base, from_cache = BASE_MODELS.get(spec.base_model, device_manager)
+    seed = spec.train.seed if spec.train is not None else 0
+    device_manager.seed(seed)
+    extension = EXTENSIONS[spec.extension](base.model, ExtensionConfig.from_job_spec(spec), device_manager)
+    model = build(extension, spec.task)
+    stats = extension.statistics(spec.task)
+    setup_seconds = time.perf_counter() - started
+    log.info("job %s: %s/%s set up in %.2fs (base model %s)", ctx.job_id, spec.extension, spec.task,
+             setup_seconds, "cached" if from_cache else "loaded")
+    check_cancel("before training")
+
+    metrics: dict = {"train_loss": None, "eval_loss": None, "steps": 0, "tokens_per_second": None,
+                     "train_seconds": None, "initial_eval_loss": None}
+    curve: list[tuple[int, str, float]] = []
+    resume_dir = ctx.resume_dir
+    if spec.kind == JobKind.TRAIN:
+        last_report = [0.0]
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            now = time.monotonic()
+            if now - last_report[0] >= ctx.progress_interval or step == total:
+                last_report[0] = now
+                report(Progress(step=step, total_steps=total, loss=loss))
+
+        trainer = Trainer(model, base.tokenizer, base.arch.task_type, spec.train, device_manager,
+                          on_step=on_step, should_cancel=cancelled,
+                          checkpoint_dir=resume_dir if spec.train.checkpoint_every else None)
+        try:
+            trainer.setup()
+            if trainer.step:
+                log.info("job %s: resuming from the checkpoint at step %d", ctx.job_id, trainer.step)
+            result = trainer.train()
+        finally:
+            trainer.cleanup()
+        metrics.update(train_loss=result.train_loss, eval_loss=result.eval_loss, steps=result.steps,
+                       tokens_per_second=result.tokens_per_second, train_seconds=result.train_seconds,
+                       initial_eval_loss=result.initial_eval_loss, resumed_from_step=result.resumed_from)
+        curve = result.curve
+    metrics["peak_memory_mb"] = device_manager.peak_memory_mb()
+    check_cancel("before saving")
+
+    report(Progress(step=metrics["steps"], total_steps=metrics["steps"], phase="save"))
+    versions = library_versions()
+    model.eval()
+
+    def write(directory: Path) -> None:
+        if spec.extension == ExtensionKind.LORA:
+            extension.save(spec.task, directory / "adapter")
+        elif spec.extension == ExtensionKind.LAYER:
+            extension.save(spec.task, directory / "layer")
+        else:
+            extension.save(spec.task, directory)
+        write_job_json(directory, {
+            "job_id": ctx.job_id, "batch_id": ctx.batch_id, "spec": spec.to_json(), "stats": stats.as_dict(),
+            "metrics": metrics, "device": str(device_manager.device), "dtype": device_manager.dtype_name,
+            "versions": versions,
+        })
+
+    write_atomically(job_dir, write)
+    shutil.rmtree(resume_dir, ignore_errors=True)
+    outcome = JobOutcome(
+        stats=stats.as_dict(), metrics=metrics, device=str(device_manager.device),
+        dtype=device_manager.dtype_name, versions=versions, job_dir=str(job_dir),
+        adapter_path=str(job_dir / "adapter") if (job_dir / "adapter").is_dir() else None,
+        layer_path=str(job_dir / "layer") if (job_dir / "layer").is_dir() else None,
+        loss_curve=curve, setup_seconds=setup_seconds,
+    )
+    # Drop this job's model before freeing memory, so nothing leaks into the next job.
+    del model, extension
+    device_manager.release()
+    return outcome
+
+
+def load_job_model(job_dir: str | Path, device: str = "cpu"):
+    """Rebuild a trained model from a job directory: (model in eval mode, tokenizer, job.json dict)."""
+    from peft import PeftModel
+
+    from worker.artifacts import read_job_json
+    from worker.device import DeviceManager
+    from worker.extensions.layer import apply_saved_layer
+    from worker.models import load_base_model, structural_copy
+
+    job_dir = Path(job_dir)
+    info = read_job_json(job_dir)
+    device_manager = DeviceManager(device)
+    base = load_base_model(info["spec"]["base_model"], device_manager)
+    model = structural_copy(base.model)
+    if (job_dir / "layer").is_dir():
+        block = apply_saved_layer(model, job_dir / "layer")
+        device_manager.place_trainable(block)
+    if (job_dir / "adapter").is_dir():
+        model = PeftModel.from_pretrained(model, str(job_dir / "adapter"))
+    model.eval()
+    return model, base.tokenizer, info

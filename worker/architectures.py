@@ -1,0 +1,93 @@
+"""Where each model family keeps its blocks, and the names the extensions need.
+
+Supporting a new family means adding one `Architecture` entry here; the extension logic
+never names a family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from worker.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    family: str
+    #: "seq2seq", "causal" or "encoder": what training (if any) the family gets
+    task_type: str
+    #: stack name -> candidate dotted paths (from the loaded model's root) of its ModuleList of blocks
+    stacks: dict[str, tuple[str, ...]]
+    default_stack: str
+    #: stack name -> config attribute holding that stack's block count
+    layer_count_keys: dict[str, str]
+    #: dotted names, relative to a block, of the attention-output and MLP-output projections
+    output_projections: tuple[str, ...]
+    default_lora_targets: tuple[str, ...]
+    #: the first block owns state (T5's relative attention bias) that a new block must not take
+    first_block_owns_position_bias: bool = False
+    model_types: tuple[str, ...] = field(default=())
+
+
+ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register(arch: Architecture) -> Architecture:
+    for model_type in (arch.family, *arch.model_types):
+        if model_type in ARCHITECTURES:
+            raise ValueError(f"architecture {model_type!r} is registered twice")
+        ARCHITECTURES[model_type] = arch
+    return arch
+
+
+register(Architecture(
+    family="t5", task_type="seq2seq",
+    stacks={"encoder": ("encoder.block",), "decoder": ("decoder.block",)},
+    default_stack="encoder",
+    layer_count_keys={"encoder": "num_layers", "decoder": "num_decoder_layers"},
+    output_projections=("layer.0.SelfAttention.o", "layer.1.EncDecAttention.o",
+                        "layer.1.DenseReluDense.wo", "layer.2.DenseReluDense.wo"),
+    default_lora_targets=("q", "k", "v", "o"),
+    first_block_owns_position_bias=True,
+    model_types=("mt5", "umt5"),
+))
+register(Architecture(
+    family="llama", task_type="causal",
+    stacks={"decoder": ("model.layers",)},
+    default_stack="decoder",
+    layer_count_keys={"decoder": "num_hidden_layers"},
+    output_projections=("self_attn.o_proj", "mlp.down_proj"),
+    default_lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+    model_types=("mistral", "qwen2", "qwen3"),
+))
+register(Architecture(
+    family="gpt2", task_type="causal",
+    stacks={"decoder": ("transformer.h",)},
+    default_stack="decoder",
+    layer_count_keys={"decoder": "n_layer"},
+    output_projections=("attn.c_proj", "mlp.c_proj"),
+    default_lora_targets=("c_attn", "c_proj"),
+))
+register(Architecture(
+    family="bert", task_type="encoder",
+    stacks={"encoder": ("bert.encoder.layer", "encoder.layer", "roberta.encoder.layer")},
+    default_stack="encoder",
+    layer_count_keys={"encoder": "num_hidden_layers"},
+    output_projections=("attention.output.dense", "output.dense"),
+    default_lora_targets=("query", "key", "value"),
+    model_types=("roberta",),
+))
+
+
+def architecture_for(model_or_config) -> Architecture:
+    """Return the Architecture of a model (or config); ConfigError names the supported families."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    try:
+        return ARCHITECTURES[model_type]
+    except KeyError:
+        families = ", ".join(sorted(ARCHITECTURES))
+        raise ConfigError(
+            f"base_model: architecture {model_type!r} is not supported; supported model types: {families}. "
+            "Adding one is a single Architecture entry in worker/architectures.py."
+        ) from None

@@ -1,0 +1,144 @@
+"""Device and dtype policy.
+
+One documented policy (DESIGN.md "Devices"):
+- frozen base weights: bf16 on CUDA devices that support it, fp16 on older CUDA, fp32 on MPS/CPU;
+- trainable parameters (LoRA adapters, the added block): always fp32;
+- on CUDA the forward pass runs under autocast in the base dtype, so fp32 trainable modules
+  and low-precision frozen ones mix without casts in model code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import random
+
+import torch
+
+from worker.errors import DeviceError
+
+_DEVICE_HELP = "use auto, cpu, cuda, cuda:N or mps"
+
+
+def get_device(requested: str = "auto") -> torch.device:
+    """Resolve `requested` to a working torch.device; raise DeviceError naming the `device` key."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            requested = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            requested = "mps"
+        else:
+            requested = "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device: {requested!r} was asked for but CUDA is not available on this worker; "
+                              "use device: auto or cpu, or run the job on a GPU worker")
+        index = int(requested.split(":", 1)[1]) if ":" in requested else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise DeviceError(f"device: {requested!r} does not exist; this worker sees "
+                              f"{torch.cuda.device_count()} CUDA device(s) (CUDA_VISIBLE_DEVICES="
+                              f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+        device = torch.device("cuda", index)
+    elif requested == "mps":
+        if getattr(torch.backends, "mps", None) is None or not torch.backends.mps.is_available():
+            raise DeviceError("device: 'mps' was asked for but MPS is not available; use auto or cpu")
+        device = torch.device("mps")
+    elif requested == "cpu":
+        device = torch.device("cpu")
+    else:
+        raise DeviceError(f"device: unknown device {requested!r}; {_DEVICE_HELP}")
+    _probe(device)
+    return device
+
+
+def _probe(device: torch.device) -> None:
+    """Run a tiny matmul so that a broken device fails here, with the setting named."""
+    try:
+        x = torch.ones(8, 8, device=device)
+        float((x @ x).sum().item())
+    except Exception as error:  # a broken driver raises anything from RuntimeError to AcceleratorError
+        raise DeviceError(f"device: {device} does not work ({error}); use another device") from error
+
+
+def get_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of frozen base weights on `device` (see the module docstring)."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class DeviceManager:
+    """Resolves the device once and applies the dtype policy, seeding and memory measurement."""
+
+    def __init__(self, device: str = "auto"):
+        self.requested = device
+        self.device = get_device(device)
+        self.base_dtype = get_dtype(self.device)
+        self.trainable_dtype = torch.float32
+        self._rss_peak = 0
+
+    @property
+    def dtype_name(self) -> str:
+        return dtype_name(self.base_dtype)
+
+    def place_base(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Move a frozen base model to the device in the base dtype."""
+        return model.to(device=self.device, dtype=self.base_dtype)
+
+    def place_trainable(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Move a trainable module to the device in fp32."""
+        return module.to(device=self.device, dtype=self.trainable_dtype)
+
+    def autocast(self):
+        """Context for forward passes: autocast in the base dtype on CUDA, nothing elsewhere."""
+        if self.device.type == "cuda" and self.base_dtype != torch.float32:
+            return torch.autocast(device_type="cuda", dtype=self.base_dtype)
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def seed(seed: int) -> None:
+        random.seed(seed)
+        torch.manual_seed(seed)
+        if torch.cuda.is_available():
+            torch.cuda.manual_seed_all(seed)
+
+    def reset_peak_memory(self) -> None:
+        self._rss_peak = _rss_bytes()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def sample_memory(self) -> None:
+        """Record the current memory use; call now and then during a job (CPU has no peak counter)."""
+        self._rss_peak = max(self._rss_peak, _rss_bytes())
+
+    def peak_memory_mb(self) -> float:
+        """Peak accelerator memory on CUDA, otherwise the peak process RSS sampled during the job."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        if self.device.type == "mps":
+            return torch.mps.current_allocated_memory() / 2**20
+        self.sample_memory()
+        return self._rss_peak / 2**20
+
+    def release(self) -> None:
+        """Free cached memory between jobs. Call after the job's references are dropped."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        elif self.device.type == "mps":
+            torch.mps.empty_cache()
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,182 @@
+"""Added transformer block: a copy of an existing block, inserted into one stack."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from jobs.spec import LayerSpec
+from worker.architectures import Architecture, architecture_for
+from worker.errors import ConfigError
+from worker.extensions.base import BaseExtension
+from worker.models import structural_copy
+
+LAYER_WEIGHTS = "layer.safetensors"
+LAYER_CONFIG = "extension.json"
+
+
+@dataclass(frozen=True)
+class LayerPlacement:
+    """A resolved LayerSpec: everything needed to re-apply the extension to the base model."""
+
+    family: str
+    stack: str
+    source: int
+    position: int
+    init_scale: float
+    blocks_before: int
+
+
+def find_stack(model: torch.nn.Module, arch: Architecture, stack: str) -> tuple[torch.nn.Module, str, torch.nn.ModuleList]:
+    """Return (parent module, attribute name, ModuleList) of a stack's blocks."""
+    for path in arch.stacks[stack]:
+        parent_path, _, attr = path.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_path) if parent_path else model
+        except AttributeError:
+            continue
+        blocks = getattr(parent, attr, None)
+        if isinstance(blocks, torch.nn.ModuleList):
+            return parent, attr, blocks
+    raise ConfigError(f"layer.stack: cannot find the {stack} blocks of this {arch.family} model")
+
+
+def resolve_placement(model: torch.nn.Module, spec: LayerSpec) -> LayerPlacement:
+    """Check a LayerSpec against the model; raise ConfigError naming the key and the valid range."""
+    arch = architecture_for(model)
+    stack = spec.stack or arch.default_stack
+    if stack not in arch.stacks:
+        raise ConfigError(f"layer.stack: a {arch.family} model has no {stack!r} stack; "
+                          f"use one of: {', '.join(arch.stacks)}")
+    _, _, blocks = find_stack(_unwrap(model), arch, stack)
+    count = len(blocks)
+    source = count - 1 if spec.source is None else spec.source
+    if not -count <= source < count:
+        raise ConfigError(f"layer.source: block {spec.source} does not exist; the {stack} stack has {count} "
+                          f"blocks, so use 0..{count - 1} (or -1 for the last)")
+    source %= count
+    position = count if spec.position == "end" else spec.position
+    if not 0 <= position <= count:
+        raise ConfigError(f"layer.position: {spec.position} is out of range; the {stack} stack has {count} "
+                          f"blocks, so use 0..{count} or 'end'")
+    if arch.first_block_owns_position_bias and position == 0:
+        raise ConfigError(f"layer.position: 0 is not possible on {arch.family}: the first block owns the relative "
+                          "attention bias that every block shares; use a position of 1 or more")
+    return LayerPlacement(family=arch.family, stack=stack, source=source, position=position,
+                          init_scale=spec.init_scale, blocks_before=count)
+
+
+def insert_block(model: torch.nn.Module, placement: LayerPlacement) -> torch.nn.Module:
+    """Insert a copy of block `source` at `position` in place; return the new block.
+
+    The copy's output projections are scaled by `init_scale`; the config's layer count and every
+    block's `layer_idx` (used by the KV cache) are updated so the model saves, reloads and generates.
+    """
+    arch = architecture_for(model)
+    parent, attr, blocks = find_stack(model, arch, placement.stack)
+    if len(blocks) != placement.blocks_before:
+        raise ConfigError(f"layer: the {placement.stack} stack has {len(blocks)} blocks, the extension was made "
+                          f"for {placement.blocks_before}; is this the same base model?")
+    # A real copy (fresh tensors), in fp32 before scaling: the new block is trainable and the
+    # policy keeps trainable parameters in fp32 even where the base is bf16.
+    new_block = copy.deepcopy(blocks[placement.source]).to(torch.float32)
+    if arch.first_block_owns_position_bias:
+        _drop_position_bias(new_block)
+    with torch.no_grad():
+        for name in arch.output_projections:
+            try:
+                projection = new_block.get_submodule(name)
+            except AttributeError:
+                continue  # e.g. encoder T5 blocks have no cross-attention
+            projection.weight.mul_(placement.init_scale)
+            if getattr(projection, "bias", None) is not None:
+                projection.bias.mul_(placement.init_scale)
+    new_blocks = list(blocks)
+    new_blocks.insert(placement.position, new_block)
+    setattr(parent, attr, torch.nn.ModuleList(new_blocks))
+    for index, block in enumerate(new_blocks):
+        for module in block.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = index
+    config = model.config
+    setattr(config, arch.layer_count_keys[placement.stack], len(new_blocks))
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list) and len(layer_types) == placement.blocks_before:
+        layer_types.insert(placement.position, layer_types[placement.source])
+    return new_block
+
+
+def _drop_position_bias(block: torch.nn.Module) -> None:
+    for module in block.modules():
+        if getattr(module, "has_relative_attention_bias", False):
+            module.has_relative_attention_bias = False
+            del module.relative_attention_bias
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PeftModel (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def block_state_dict(block: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The block's own weights under plain module names (LoRA wrappers stripped, LoRA tensors left out)."""
+    state = {}
+    for name, tensor in block.state_dict().items():
+        if "lora_" in name:
+            continue
+        state[name.replace(".base_layer.", ".")] = tensor.detach().to("cpu").contiguous()
+    return state
+
+
+def save_layer(directory: Path, block: torch.nn.Module, placement: LayerPlacement, base_model: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(block_state_dict(block), str(directory / LAYER_WEIGHTS))
+    (directory / LAYER_CONFIG).write_text(json.dumps(
+        {"extension": "layer", "base_model": base_model, **asdict(placement)}, indent=2) + "\n")
+    return directory
+
+
+def apply_saved_layer(model: torch.nn.Module, directory: Path) -> torch.nn.Module:
+    """Re-apply a saved layer extension to (a copy of) its base model, in place; return the new block."""
+    info = json.loads((Path(directory) / LAYER_CONFIG).read_text())
+    placement = LayerPlacement(**{k: info[k] for k in LayerPlacement.__dataclass_fields__})
+    block = insert_block(model, placement)
+    state = load_file(str(Path(directory) / LAYER_WEIGHTS))
+    block.load_state_dict(state, strict=True)
+    return block
+
+
+class TransformerLayerExtension(BaseExtension):
+    """Adds one transformer block per task; only the new block is trainable."""
+
+    kind = "layer"
+
+    def create_extended_model(self, task_name: str) -> torch.nn.Module:
+        model = structural_copy(self.base_model)
+        placement = resolve_placement(model, self.config.layer)
+        block = insert_block(model, placement)
+        block.requires_grad_(True)
+        self._place_trainable(block)
+        self.placements = getattr(self, "placements", {})
+        self.placements[task_name] = placement
+        return self._remember(task_name, model, [block])
+
+    def save(self, task_name: str, directory: Path) -> Path:
+        block = self.new_blocks[task_name][0]
+        return save_layer(Path(directory), block, self.placements[task_name],
+                          getattr(self.base_model, "name_or_path", ""))
+
+    def load(self, task_name: str, directory: Path) -> torch.nn.Module:
+        model = structural_copy(self.base_model)
+        block = apply_saved_layer(model, Path(directory))
+        self._place_trainable(block)
+        info = json.loads((Path(directory) / LAYER_CONFIG).read_text())
+        self.placements = getattr(self, "placements", {})
+        self.placements[task_name] = LayerPlacement(**{k: info[k] for k in LayerPlacement.__dataclass_fields__})
+        return self._remember(task_name, model, [block])

@@ -1,0 +1,127 @@
+"""LoRA adapters through PEFT, saved in PEFT's own format."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from jobs.spec import LoRASpec
+from worker.architectures import Architecture
+from worker.errors import ConfigError
+from worker.extensions.base import BaseExtension
+from worker.models import structural_copy
+
+_ADAPTABLE = (torch.nn.Linear,)
+
+
+def _adaptable_types():
+    from transformers.pytorch_utils import Conv1D  # GPT-2's "Linear"
+
+    return (*_ADAPTABLE, Conv1D)
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """The distinct last names of the model's Linear (and GPT-2 Conv1D) modules."""
+    types = _adaptable_types()
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, types)})
+
+
+def resolve_targets(model: torch.nn.Module, spec: LoRASpec, arch: Architecture) -> list[str]:
+    """Check target_modules against the model; ConfigError lists the model's Linear module names."""
+    targets = list(spec.target_modules or arch.default_lora_targets)
+    types = _adaptable_types()
+    names = [name for name, module in model.named_modules() if isinstance(module, types)]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ConfigError(
+            f"lora.target_modules: no Linear module named {', '.join(map(repr, missing))} in this {arch.family} "
+            f"model; its Linear modules are: {', '.join(linear_module_names(model))}"
+        )
+    return targets
+
+
+def lora_config(model: torch.nn.Module, spec: LoRASpec, arch: Architecture) -> LoraConfig:
+    task_type = {"seq2seq": "SEQ_2_SEQ_LM", "causal": "CAUSAL_LM"}.get(arch.task_type)
+    return LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=resolve_targets(model, spec, arch),
+        task_type=task_type,
+        fan_in_fan_out=arch.family == "gpt2",  # GPT-2's Conv1D stores weights transposed
+        bias="none",
+    )
+
+
+def add_lora(model: torch.nn.Module, spec: LoRASpec, arch: Architecture, adapter_name: str = "default") -> PeftModel:
+    """Wrap `model` (in place) with a LoRA adapter; adapter weights are fp32 and trainable."""
+    config = lora_config(model, spec, arch)
+    if isinstance(model, PeftModel):
+        model.add_adapter(adapter_name, config)
+        model.set_adapter(adapter_name)
+        return model
+    # autocast_adapter_dtype keeps the adapters in fp32 on a bf16/fp16 base (the dtype policy).
+    return get_peft_model(model, config, adapter_name=adapter_name, autocast_adapter_dtype=True)
+
+
+def save_adapter(model: PeftModel, directory: Path, adapter_name: str = "default") -> Path:
+    """Save one adapter in PEFT format directly in `directory` (adapter_config.json + safetensors)."""
+    directory = Path(directory)
+    staging = directory.with_name(directory.name + ".peft")
+    model.save_pretrained(str(staging), selected_adapters=[adapter_name], safe_serialization=True)
+    # PEFT puts every adapter but "default" in a sub-directory named after it.
+    produced = staging / adapter_name if (staging / adapter_name / "adapter_config.json").exists() else staging
+    shutil.move(str(produced), str(directory))
+    shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+class LoRAExtension(BaseExtension):
+    """LoRA adapters, one per task, on one shared copy of the base model (switch with `switch`)."""
+
+    kind = "lora"
+
+    def __init__(self, base_model, config=None, device_manager=None):
+        super().__init__(base_model, config, device_manager)
+        self.peft_model: PeftModel | None = None
+
+    def create_adapter(self, task_name: str) -> PeftModel:
+        if task_name in self.models:
+            raise ValueError(f"task {task_name!r} already has an adapter")
+        target = self.peft_model if self.peft_model is not None else structural_copy(self.base_model)
+        self.peft_model = add_lora(target, self.config.lora, self.arch, adapter_name=task_name)
+        return self._remember(task_name, self.peft_model, [])
+
+    def switch(self, task_name: str) -> PeftModel:
+        model = super().switch(task_name)
+        model.set_adapter(task_name)
+        return model
+
+    def statistics(self, task=None):
+        # With several adapters loaded, count the active one: switch, then count.
+        task = task or self.active_task
+        self.switch(task)
+        stats = super().statistics(task)
+        others = sum(p.numel() for n, p in self.peft_model.named_parameters()
+                     if "lora_" in n and f".{task}." not in n)
+        if others:
+            from worker.stats import ParamStats
+
+            stats = ParamStats(stats.base_params, stats.total_params - others, stats.trainable_params,
+                               stats.lora_params - others, stats.layer_params)
+        return stats
+
+    def save(self, task_name: str, directory: Path) -> Path:
+        return save_adapter(self.model_for(task_name), Path(directory), adapter_name=task_name)
+
+    def load(self, task_name: str, directory: Path) -> PeftModel:
+        if self.peft_model is None:
+            self.peft_model = PeftModel.from_pretrained(structural_copy(self.base_model), str(directory),
+                                                        adapter_name=task_name)
+        else:
+            self.peft_model.load_adapter(str(directory), adapter_name=task_name)
+        self.peft_model.set_adapter(task_name)
+        return self._remember(task_name, self.peft_model, [])

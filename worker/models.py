@@ -1,0 +1,162 @@
+"""Base models: `random:<preset>`, a local directory, or a hub id from the local HF cache.
+
+A worker process keeps the last loaded base model (frozen, on its device, in the base dtype)
+and hands each job a *structural* copy that shares the frozen parameter tensors: building a
+job's extension never touches the cached model, and set-up after the first job costs a copy of
+the module tree, not a load.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+
+from jobs.presets import PRESETS
+from worker.architectures import Architecture, architecture_for
+from worker.device import DeviceManager
+from worker.errors import ConfigError, JobError
+from worker.tokenizer import MARKER_FILE, ByteTokenizer, HFTokenizer
+
+log = logging.getLogger(__name__)
+
+_AUTO_CLASSES = {
+    "seq2seq": transformers.AutoModelForSeq2SeqLM,
+    "causal": transformers.AutoModelForCausalLM,
+    "encoder": transformers.AutoModelForMaskedLM,
+}
+
+
+@dataclass
+class BaseModel:
+    """A loaded, frozen base model with what the pipeline needs to know about it."""
+
+    name: str
+    model: torch.nn.Module
+    tokenizer: ByteTokenizer | HFTokenizer
+    arch: Architecture
+
+
+def build_random_preset(name: str) -> tuple[torch.nn.Module, ByteTokenizer]:
+    """Build `random:<name>` from its shipped config with the preset's fixed seed (CPU, fp32)."""
+    try:
+        preset = PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"base_model: unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}") from None
+    config_dict = dict(preset["config"])
+    config = transformers.AutoConfig.for_model(**config_dict)
+    config.name_or_path = f"random:{name}"
+    arch = architecture_for(config)
+    # Seed a private generator state so that the weights depend on the preset alone, not on
+    # what the process drew from torch's RNG before.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(preset["seed"])
+        model = _AUTO_CLASSES[arch.task_type].from_config(config)
+    model.name_or_path = f"random:{name}"
+    return model, ByteTokenizer()
+
+
+def load_base_model(name: str, device_manager: DeviceManager) -> BaseModel:
+    """Load a base model, freeze it and place it per the dtype policy. Raises JobError/ConfigError."""
+    if name.startswith("random:"):
+        model, tokenizer = build_random_preset(name.removeprefix("random:"))
+    else:
+        model, tokenizer = _load_pretrained(name)
+    model.requires_grad_(False)
+    model.eval()
+    device_manager.place_base(model)
+    return BaseModel(name=name, model=model, tokenizer=tokenizer, arch=architecture_for(model))
+
+
+def _load_pretrained(name: str):
+    path = Path(name).expanduser()
+    local = path.is_dir()
+    source = str(path) if local else name
+    try:
+        # local_files_only: a hub id comes from the local cache or fails at once; a worker never
+        # hangs on a download or retries one.
+        config = transformers.AutoConfig.from_pretrained(source, local_files_only=True)
+        arch = architecture_for(config)
+        model = _AUTO_CLASSES[arch.task_type].from_pretrained(source, local_files_only=True, dtype=torch.float32)
+    except (OSError, ValueError) as error:
+        if local:
+            raise JobError(f"base_model: cannot load the model directory {source!r}: {error}") from error
+        cache = os.environ.get("HF_HOME") or os.path.expanduser("~/.cache/huggingface")
+        raise JobError(
+            f"base_model: {name!r} is neither a local directory nor in the local Hugging Face cache ({cache}). "
+            f"Download it first where there is network access (`huggingface-cli download {name}`), "
+            "point base_model at a saved model directory, or use a random:<preset>."
+        ) from error
+    if local and (path / MARKER_FILE).exists():
+        tokenizer = ByteTokenizer()
+    else:
+        try:
+            tokenizer = HFTokenizer(transformers.AutoTokenizer.from_pretrained(source, local_files_only=True))
+        except (OSError, ValueError, TypeError):
+            if config.vocab_size < ByteTokenizer.vocab_size:
+                raise JobError(f"base_model: {name!r} has no tokenizer files and its vocabulary is too small "
+                               "for graftq's byte tokenizer") from None
+            log.warning("%s has no tokenizer files; using graftq's byte-level tokenizer", name)
+            tokenizer = ByteTokenizer()
+    return model, tokenizer
+
+
+def save_base_model(model: torch.nn.Module, tokenizer, directory: str | Path) -> Path:
+    """Save a model (e.g. a random preset) as a local model directory that base_model can name."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def structural_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the module tree that shares every parameter and buffer with `model`.
+
+    Safe because base parameters are frozen: extensions replace or add modules in the copy and
+    create new (trainable) parameters, and never write into the shared tensors.
+    """
+    memo = {id(tensor): tensor for tensor in model.parameters()}
+    memo.update({id(tensor): tensor for tensor in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
+class BaseModelCache:
+    """Keeps the most recently used base model(s) of this process (one by default)."""
+
+    def __init__(self, capacity: int = 1):
+        self.capacity = capacity
+        self._models: dict[tuple[str, str, str], BaseModel] = {}
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, name: str, device_manager: DeviceManager) -> tuple[BaseModel, bool]:
+        """Return (base model, whether it came from the cache)."""
+        key = (name, str(device_manager.device), device_manager.dtype_name)
+        with self._lock:
+            if key in self._models:
+                self.hits += 1
+                self._models[key] = self._models.pop(key)  # most recent last
+                return self._models[key], True
+            self.misses += 1
+            while len(self._models) >= self.capacity:
+                self._models.pop(next(iter(self._models)))
+                device_manager.release()
+            base = load_base_model(name, device_manager)
+            if self.capacity > 0:
+                self._models[key] = base
+            return base, False
+
+    def clear(self) -> None:
+        with self._lock:
+            self._models.clear()
+
+
+BASE_MODELS = BaseModelCache(capacity=int(os.environ.get("GRAFTQ_MODEL_CACHE_SIZE", "1")))

@@ -1,0 +1,51 @@
+"""A byte-level tokenizer that needs no files, for `random:<preset>` models.
+
+Ids follow T5's convention for specials: 0 = pad, 1 = eos, 2 = unk; byte b is id b + 3.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MARKER_FILE = "graftq_tokenizer.json"
+
+
+class ByteTokenizer:
+    pad_token_id = 0
+    eos_token_id = 1
+    unk_token_id = 2
+    offset = 3
+    vocab_size = 259
+
+    def encode(self, text: str, max_length: int | None = None) -> list[int]:
+        ids = [byte + self.offset for byte in text.encode("utf-8")]
+        return ids[:max_length] if max_length is not None else ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        data = bytes(int(i) - self.offset for i in ids if int(i) >= self.offset and int(i) < 256 + self.offset)
+        return data.decode("utf-8", errors="replace")
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        Path(directory, MARKER_FILE).write_text(json.dumps({"type": "byte", "offset": self.offset}) + "\n")
+
+
+class HFTokenizer:
+    """Adapter giving a Hugging Face tokenizer the small interface graftq's data code uses."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.eos_token_id = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else (self.eos_token_id or 0)
+        self.vocab_size = len(tokenizer)
+
+    def encode(self, text: str, max_length: int | None = None) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids[:max_length] if max_length is not None else ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        self.tokenizer.save_pretrained(directory)

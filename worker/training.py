@@ -1,0 +1,238 @@
+"""Training with a fixed skeleton: setup() -> train() -> save_checkpoint() -> cleanup().
+
+Seq2seq for encoder-decoder families, causal LM (loss on the target only) for decoder-only ones.
+Checkpoints (trainable weights, optimizer and scheduler state, step) are safetensors + JSON,
+written atomically, so a job re-run after its worker died resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from jobs.spec import TrainSpec
+from worker.data import StepBatches, collate, read_rows, split, tokenize
+from worker.device import DeviceManager
+from worker.errors import JobCancelled, JobError, OutOfMemory
+
+CHECKPOINT_STATE = "trainer_state.json"
+
+
+@dataclass
+class TrainResult:
+    train_loss: float | None
+    eval_loss: float | None
+    initial_eval_loss: float | None
+    steps: int
+    tokens_per_second: float
+    train_seconds: float
+    resumed_from: int = 0
+    curve: list[tuple[int, str, float]] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, model: torch.nn.Module, tokenizer, task_type: str, spec: TrainSpec,
+                 device_manager: DeviceManager, *,
+                 on_step: Callable[[int, int, float], None] | None = None,
+                 should_cancel: Callable[[], bool] | None = None,
+                 checkpoint_dir: Path | None = None,
+                 eval_batch_size: int | None = None):
+        if task_type not in ("seq2seq", "causal"):
+            raise JobError("kind: train is not supported for encoder-only models yet; use kind: create")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.task_type = task_type
+        self.spec = spec
+        self.dm = device_manager
+        self.on_step = on_step
+        self.should_cancel = should_cancel
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.eval_batch_size = eval_batch_size or max(spec.batch_size, 16)
+        self.step = 0
+        self.curve: list[tuple[int, str, float]] = []
+
+    # -- setup ----------------------------------------------------------------------------
+    def setup(self) -> None:
+        spec = self.spec
+        rows = read_rows(spec.dataset)
+        examples = tokenize(rows, self.tokenizer, self.task_type, spec.max_length)
+        self.train_set, self.eval_set = split(examples, spec.eval_fraction, spec.seed)
+        self.batches = StepBatches(self.train_set, spec.batch_size, spec.seed)
+        if spec.max_steps is not None:
+            self.total_steps = spec.max_steps
+        else:
+            self.total_steps = max(1, math.ceil(spec.epochs * len(self.train_set) / spec.batch_size))
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise JobError("the extended model has no trainable parameters; check the extension settings")
+        self.optimizer = torch.optim.AdamW(self.params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+        warmup = spec.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.checkpoint_dir is not None and (self.checkpoint_dir / CHECKPOINT_STATE).exists():
+            self._load_checkpoint()
+
+    # -- the loss step ----------------------------------------------------------------------
+    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        batch = {k: v.to(self.dm.device) for k, v in batch.items()}
+        with self.dm.autocast():
+            loss = self.model(**batch).loss
+        tokens = int(batch["attention_mask"].sum()) + (
+            int((batch["labels"] != -100).sum()) if self.task_type == "seq2seq" else 0)
+        return loss, tokens
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Token-weighted mean loss over the held-out split (None without one)."""
+        if not self.eval_set:
+            return None
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        for start in range(0, len(self.eval_set), self.eval_batch_size):
+            batch = collate(self.eval_set[start:start + self.eval_batch_size], self.task_type, self.pad_id)
+            loss, _ = self._loss(batch)
+            labels = batch["labels"] if self.task_type == "seq2seq" else batch["labels"][:, 1:]
+            n = int((labels != -100).sum())
+            total += float(loss) * n
+            count += n
+        self.model.train(was_training)
+        return total / max(count, 1)
+
+    # -- train ------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        resumed_from = self.step
+        initial_eval = self.evaluate() if resumed_from == 0 else None
+        if initial_eval is not None:
+            self.curve.append((0, "eval", initial_eval))
+        self.model.train()
+        tokens = 0
+        last_loss = None
+        started = time.perf_counter()
+        try:
+            while self.step < self.total_steps:
+                if self.should_cancel is not None and self.should_cancel():
+                    raise JobCancelled(f"cancelled at step {self.step}")
+                batch = collate(self.batches.batch(self.step), self.task_type, self.pad_id)
+                loss, batch_tokens = self._loss(batch)
+                loss.backward()
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                tokens += batch_tokens
+                last_loss = float(loss.detach())
+                # free the graph's outputs now, otherwise they stay alive into the next forward
+                del loss
+                self.curve.append((self.step, "train", last_loss))
+                self.dm.sample_memory()
+                if self.on_step is not None:
+                    self.on_step(self.step, self.total_steps, last_loss)
+                if (self.checkpoint_dir is not None and self.spec.checkpoint_every
+                        and self.step % self.spec.checkpoint_every == 0 and self.step < self.total_steps):
+                    self.save_checkpoint()
+        except torch.OutOfMemoryError:
+            # Recover outside the except block (the traceback holds the big tensors): see _raise_oom.
+            oom = True
+        else:
+            oom = False
+        if oom:
+            self._raise_oom()
+        seconds = time.perf_counter() - started
+        final_eval = self.evaluate()
+        if final_eval is not None:
+            self.curve.append((self.step, "eval", final_eval))
+        return TrainResult(
+            train_loss=last_loss, eval_loss=final_eval, initial_eval_loss=initial_eval, steps=self.step,
+            tokens_per_second=tokens / seconds if seconds > 0 else 0.0, train_seconds=seconds,
+            resumed_from=resumed_from, curve=self.curve,
+        )
+
+    def _raise_oom(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.dm.release()
+        raise OutOfMemory(
+            f"out of memory on {self.dm.device} at step {self.step} with train.batch_size={self.spec.batch_size} "
+            f"and train.max_length={self.spec.max_length}; lower train.batch_size or train.max_length, "
+            "or use a smaller lora.r"
+        )
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _trainable_names(self) -> dict[int, str]:
+        return {id(p): n for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def save_checkpoint(self) -> Path:
+        """Write weights, optimizer and scheduler state atomically (temp dir, then rename)."""
+        target = self.checkpoint_dir
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+        staging.mkdir()
+        names = self._trainable_names()
+        weights = {names[id(p)]: p.detach().to("cpu").contiguous() for p in self.params}
+        save_file(weights, str(staging / "weights.safetensors"))
+        optimizer_state = self.optimizer.state_dict()
+        tensors, scalars = {}, {}
+        for index, state in optimizer_state["state"].items():
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    tensors[f"{index}.{key}"] = value.detach().to("cpu").contiguous()
+                else:
+                    scalars[f"{index}.{key}"] = value
+        save_file(tensors, str(staging / "optimizer.safetensors"))
+        state = {"step": self.step, "param_names": [names[id(p)] for p in self.params],
+                 "param_groups": optimizer_state["param_groups"], "optimizer_scalars": scalars,
+                 "scheduler": self.scheduler.state_dict(), "curve": self.curve}
+        (staging / CHECKPOINT_STATE).write_text(json.dumps(state))
+        for file in staging.iterdir():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(target, old)
+        os.rename(staging, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return target
+
+    def _load_checkpoint(self) -> None:
+        directory = self.checkpoint_dir
+        state = json.loads((directory / CHECKPOINT_STATE).read_text())
+        names = self._trainable_names()
+        if state["param_names"] != [names[id(p)] for p in self.params]:
+            raise JobError("the training checkpoint does not match this job's trainable parameters; "
+                           f"delete {directory} to start over")
+        weights = load_file(str(directory / "weights.safetensors"))
+        with torch.no_grad():
+            for p in self.params:
+                p.copy_(weights[names[id(p)]])
+        tensors = load_file(str(directory / "optimizer.safetensors"))
+        per_param: dict[int, dict] = {}
+        for key, value in tensors.items():
+            index, name = key.split(".", 1)
+            per_param.setdefault(int(index), {})[name] = value  # load_state_dict places it
+        for key, value in state["optimizer_scalars"].items():
+            index, name = key.split(".", 1)
+            per_param.setdefault(int(index), {})[name] = value
+        self.optimizer.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        self.curve = [tuple(point) for point in state["curve"]]
+
+    def cleanup(self) -> None:
+        """Drop the optimizer state (the largest per-job allocation) and free cached memory."""
+        self.optimizer = None
+        self.scheduler = None
+        self.params = []
+        self.dm.release()
