@@ -9,6 +9,7 @@ Raises `worker.errors.JobError` (deterministic, never retried), `JobCancelled`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import time
@@ -148,20 +149,12 @@ def run_job(ctx: JobContext) -> JobOutcome:
     versions = library_versions()
     model.eval()
 
-    def write(directory: Path) -> None:
-        if spec.extension == ExtensionKind.LORA:
-            extension.save(spec.task, directory / "adapter")
-        elif spec.extension == ExtensionKind.LAYER:
-            extension.save(spec.task, directory / "layer")
-        else:
-            extension.save(spec.task, directory)
-        write_job_json(directory, {
-            "job_id": ctx.job_id, "batch_id": ctx.batch_id, "spec": spec.to_json(), "stats": stats.as_dict(),
-            "metrics": metrics, "device": str(device_manager.device), "dtype": device_manager.dtype_name,
-            "versions": versions,
-        })
-
-    write_atomically(job_dir, write)
+    payload = {
+        "job_id": ctx.job_id, "batch_id": ctx.batch_id, "spec": spec.to_json(), "stats": stats.as_dict(),
+        "metrics": metrics, "device": str(device_manager.device), "dtype": device_manager.dtype_name,
+        "versions": versions,
+    }
+    write_atomically(job_dir, functools.partial(_write_artifacts, extension, spec, payload))
     shutil.rmtree(resume_dir, ignore_errors=True)
     outcome = JobOutcome(
         stats=stats.as_dict(), metrics=metrics, device=str(device_manager.device),
@@ -174,6 +167,16 @@ def run_job(ctx: JobContext) -> JobOutcome:
     del model, extension
     device_manager.release()
     return outcome
+
+
+def _write_artifacts(extension, spec: JobSpec, payload: dict, directory: Path) -> None:
+    if spec.extension == ExtensionKind.LORA:
+        extension.save(spec.task, directory / "adapter")
+    elif spec.extension == ExtensionKind.LAYER:
+        extension.save(spec.task, directory / "layer")
+    else:
+        extension.save(spec.task, directory)
+    write_job_json(directory, payload)
 
 
 def load_job_model(job_dir: str | Path, device: str = "cpu"):
