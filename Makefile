@@ -1,0 +1,71 @@
+# graftq developer entry points.
+#
+#   make demo    fresh machine -> venv -> run examples/quickstart.yaml -> results table
+#   make test    install what the tests need, then ruff and the whole pytest suite
+#   make lint    ruff only
+#   make bench   benchmarks/run_all.py
+#
+# Everything runs from the virtual environment in $(VENV); the first target that
+# needs it creates it. The install is skipped while the stamp file is newer than
+# pyproject.toml, so a second `make test` goes straight to the checks.
+
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.graftq-installed
+
+# torch goes in first with an exact pin: on these machines torch==2.13.0 resolves to the
+# CPU build that lies on disk, whereas the worker extra's plain `torch>=2.2`, met with no
+# torch installed, would pull a multi-GB CUDA build. Once 2.13.0 is present the extra is
+# already satisfied and pip leaves it alone. Override on a GPU host: make TORCH_SPEC=torch
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= worker,dev
+
+# Tests never reach a model hub: random presets only.
+TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# Tests and the demo may start `graftq` or `celery` as subprocesses: the venv's come first.
+VENV_PATH := PATH="$(abspath $(BIN)):$$PATH"
+PYTEST_ARGS ?= -q
+
+.PHONY: demo test lint bench install redis-server clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x "$(BIN)/python" || { \
+	    test -n "$(PYTHON)" || { echo "make: no python3.11 or python3 on PATH" >&2; exit 1; }; \
+	    echo "creating $(VENV) with $(PYTHON)"; \
+	    "$(PYTHON)" -m venv "$(VENV)"; }
+	"$(BIN)/python" -m pip install --quiet "$(TORCH_SPEC)"
+	"$(BIN)/python" -m pip install --quiet -e '.[$(EXTRAS)]'
+	@touch "$@"
+
+# The tests start their own redis-server on a free port; they only need the binary.
+redis-server:
+	@if command -v redis-server >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing redis-server (Debian package)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	else \
+	    echo "make: the tests need the redis-server binary on PATH." >&2; \
+	    echo "      install it (e.g. 'sudo apt-get install redis-server' or 'brew install redis') and re-run." >&2; \
+	    exit 1; \
+	fi
+
+lint: install
+	"$(BIN)/ruff" check .
+
+test: install redis-server
+	"$(BIN)/ruff" check .
+	$(VENV_PATH) $(TEST_ENV) "$(BIN)/pytest" $(PYTEST_ARGS)
+
+demo: install
+	$(VENV_PATH) "$(BIN)/graftq" run examples/quickstart.yaml
+	$(VENV_PATH) "$(BIN)/graftq" results
+
+bench: install
+	"$(BIN)/python" benchmarks/run_all.py
+
+clean-venv:
+	rm -rf "$(VENV)"
