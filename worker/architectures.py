@@ -26,6 +26,9 @@ class Architecture:
     default_lora_targets: tuple[str, ...]
     #: the first block owns state (T5's relative attention bias) that a new block must not take
     first_block_owns_position_bias: bool = False
+    #: config attribute holding the block count on a stack's *own* config (T5's stacks carry a copy
+    #: of the model config in which num_layers is that stack's count; the KV cache is sized from it)
+    stack_config_count_key: str | None = None
     model_types: tuple[str, ...] = field(default=())
 
 
@@ -49,6 +52,7 @@ register(Architecture(
                         "layer.1.DenseReluDense.wo", "layer.2.DenseReluDense.wo"),
     default_lora_targets=("q", "k", "v", "o"),
     first_block_owns_position_bias=True,
+    stack_config_count_key="num_layers",
     model_types=("mt5", "umt5"),
 ))
 register(Architecture(

@@ -105,10 +105,36 @@ def insert_block(model: torch.nn.Module, placement: LayerPlacement) -> torch.nn.
                 module.layer_idx = index
     config = model.config
     setattr(config, arch.layer_count_keys[placement.stack], len(new_blocks))
+    stack_config = getattr(parent, "config", None)
+    if arch.stack_config_count_key and stack_config is not None and stack_config is not config:
+        setattr(stack_config, arch.stack_config_count_key, len(new_blocks))
+    if arch.stack_config_count_key and getattr(config, "num_layers", None) != getattr(
+            config, "num_decoder_layers", None):
+        _use_lazy_generation_cache(model)
     layer_types = getattr(config, "layer_types", None)
     if isinstance(layer_types, list) and len(layer_types) == placement.blocks_before:
         layer_types.insert(placement.position, layer_types[placement.source])
     return new_block
+
+
+def _use_lazy_generation_cache(model: torch.nn.Module) -> None:
+    """Make `generate` size its KV cache lazily.
+
+    transformers (5.x) sizes an encoder-decoder model's generation cache from the top config's
+    `num_hidden_layers`, which T5 maps to the *encoder* depth; a T5 whose decoder is deeper than
+    its encoder then fails in generate() with an IndexError. A cache built without a config grows
+    one layer per decoder block, so pass such a cache unless the caller gives one.
+    """
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    generate = model.generate
+
+    def generate_with_lazy_cache(*args, **kwargs):
+        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
+            kwargs["past_key_values"] = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        return generate(*args, **kwargs)
+
+    model.generate = generate_with_lazy_cache
 
 
 def _drop_position_bias(block: torch.nn.Module) -> None:

@@ -23,17 +23,23 @@ def _adaptable_types():
     return (*_ADAPTABLE, Conv1D)
 
 
+def _linear_modules(model: torch.nn.Module) -> list[str]:
+    """Dotted names of the model's Linear (and GPT-2 Conv1D) modules; an already LoRA-wrapped one
+    counts under its own name, not as `base_layer`, and the adapters' own Linears do not count."""
+    types = _adaptable_types()
+    return [name.removesuffix(".base_layer") for name, module in model.named_modules()
+            if isinstance(module, types) and ".lora_" not in name]
+
+
 def linear_module_names(model: torch.nn.Module) -> list[str]:
     """The distinct last names of the model's Linear (and GPT-2 Conv1D) modules."""
-    types = _adaptable_types()
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, types)})
+    return sorted({name.rsplit(".", 1)[-1] for name in _linear_modules(model)})
 
 
 def resolve_targets(model: torch.nn.Module, spec: LoRASpec, arch: Architecture) -> list[str]:
     """Check target_modules against the model; ConfigError lists the model's Linear module names."""
     targets = list(spec.target_modules or arch.default_lora_targets)
-    types = _adaptable_types()
-    names = [name for name, module in model.named_modules() if isinstance(module, types)]
+    names = _linear_modules(model)
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         raise ConfigError(

@@ -1,0 +1,236 @@
+"""Extension classes on every family: statistics, identity at init_scale 0, generation, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jobs.presets import PRESETS
+from jobs.spec import LayerSpec, LoRASpec
+from worker.device import DeviceManager
+from worker.errors import ConfigError
+from worker.extensions import (
+    ExtensionConfig,
+    HybridExtension,
+    LoRAExtension,
+    TransformerLayerExtension,
+    build,
+)
+from worker.models import build_random_preset
+
+R = 4  # LoRA rank used throughout
+
+
+@pytest.fixture(scope="module")
+def device_manager():
+    return DeviceManager("cpu")
+
+
+def base(preset: str) -> torch.nn.Module:
+    model, _ = build_random_preset(preset)
+    return model.eval()
+
+
+def cfg(preset: str) -> dict:
+    return PRESETS[preset]["config"]
+
+
+# ---- independent parameter counts, from the config alone -------------------------------------
+
+def t5_counts(c: dict) -> dict:
+    d, inner, ff, V = c["d_model"], c["num_heads"] * c["d_kv"], c["d_ff"], c["vocab_size"]
+    bias = c["relative_attention_num_buckets"] * c["num_heads"]
+    ff_params = (3 if c["feed_forward_proj"].startswith("gated") else 2) * d * ff
+    attn = 4 * d * inner + d  # q, k, v, o + layer norm
+    enc_block = attn + ff_params + d
+    dec_block = 2 * attn + ff_params + d
+    base_params = (V * d + c["num_layers"] * enc_block + bias + d
+                   + c["num_decoder_layers"] * dec_block + bias + d
+                   + (0 if c["tie_word_embeddings"] else V * d))  # as the config says; see flan test
+    lora_per_attn = 4 * R * (d + inner)
+    return {"base": base_params, "layer": enc_block,
+            "lora": lora_per_attn * (c["num_layers"] + 2 * c["num_decoder_layers"]),
+            "hybrid_lora": lora_per_attn * (c["num_layers"] + 1 + 2 * c["num_decoder_layers"])}
+
+
+def gpt2_counts(c: dict) -> dict:
+    d, inner, V, P, n = c["n_embd"], c["n_inner"], c["vocab_size"], c["n_positions"], c["n_layer"]
+    block = 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + 2 * d + (d * inner + inner) + (inner * d + d)
+    lora_block = R * (d + 3 * d) + R * (d + d) + R * (inner + d)  # c_attn, attn.c_proj, mlp.c_proj
+    return {"base": V * d + P * d + n * block + 2 * d, "layer": block,
+            "lora": n * lora_block, "hybrid_lora": (n + 1) * lora_block}
+
+
+def llama_counts(c: dict) -> dict:
+    d, I, V, n = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"]
+    hd = d // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    block = d * q + 2 * d * kv + q * d + 3 * d * I + 2 * d
+    lora_block = R * (d + q) + 2 * R * (d + kv) + R * (q + d)
+    return {"base": 2 * V * d + n * block + d, "layer": block, "lora": n * lora_block,
+            "hybrid_lora": (n + 1) * lora_block}
+
+
+def bert_counts(c: dict) -> dict:
+    d, I, V, P, n = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["max_position_embeddings"], \
+        c["num_hidden_layers"]
+    block = 4 * (d * d + d) + 2 * d + (d * I + I) + (I * d + d) + 2 * d
+    embeddings = V * d + P * d + 2 * d + 2 * d
+    head = d * d + d + 2 * d + V  # transform, its LayerNorm, decoder bias (decoder weight tied)
+    lora_block = 3 * R * (2 * d)
+    return {"base": embeddings + n * block + head, "layer": block, "lora": n * lora_block,
+            "hybrid_lora": (n + 1) * lora_block}
+
+
+COUNTS = {"t5-tiny": t5_counts, "flan-t5-small": t5_counts, "gpt2-tiny": gpt2_counts,
+          "llama-tiny": llama_counts, "bert-tiny": bert_counts}
+BUILDERS = {"lora": LoRAExtension, "layer": TransformerLayerExtension, "hybrid": HybridExtension}
+
+
+@pytest.mark.parametrize("preset", ["t5-tiny", "gpt2-tiny", "llama-tiny", "bert-tiny"])
+@pytest.mark.parametrize("kind", ["lora", "layer", "hybrid"])
+def test_statistics_match_counts_from_config(preset, kind, device_manager):
+    expected = COUNTS[preset](cfg(preset))
+    extension = BUILDERS[kind](base(preset), ExtensionConfig(lora=LoRASpec(r=R)), device_manager)
+    build(extension, "task")
+    stats = extension.statistics("task").as_dict()
+    lora = {"lora": expected["lora"], "layer": 0, "hybrid": expected["hybrid_lora"]}[kind]
+    layer = 0 if kind == "lora" else expected["layer"]
+    assert stats["base_params"] == expected["base"]
+    assert stats["lora_params"] == lora
+    assert stats["layer_params"] == layer
+    assert stats["total_params"] == expected["base"] + lora + layer
+    assert stats["trainable_params"] == lora + layer
+    assert stats["trainable_pct"] == pytest.approx(100 * (lora + layer) / expected["base"])
+
+
+def test_flan_t5_small_is_the_real_architecture(device_manager):
+    model = base("flan-t5-small")
+    c = model.config
+    assert (c.d_model, c.d_kv, c.d_ff, c.num_layers, c.num_decoder_layers, c.num_heads, c.vocab_size) == \
+        (512, 64, 1024, 8, 8, 6, 32128)
+    assert c.is_gated_act and not c.scale_decoder_outputs  # T5 v1.1: gated-gelu, unscaled decoder output
+    # google/flan-t5-small has 76,961,152 parameters with its own lm_head; transformers >= 5 always ties
+    # T5's lm_head to the shared embedding, which leaves one 32128 x 512 matrix fewer.
+    untied = t5_counts(cfg("flan-t5-small"))["base"]
+    assert untied == 76_961_152
+    expected = untied - (0 if not c.tie_word_embeddings else 32128 * 512)
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def _logits(model, preset, ids):
+    with torch.no_grad():
+        if PRESETS[preset]["family"] == "t5":
+            return model(input_ids=ids, decoder_input_ids=ids[:, :5]).logits
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("preset,stack,position", [
+    ("t5-tiny", "encoder", "end"), ("t5-tiny", "encoder", 1), ("t5-tiny", "decoder", "end"),
+    ("t5-tiny", "decoder", 1), ("gpt2-tiny", None, "end"), ("gpt2-tiny", None, 0),
+    ("llama-tiny", None, "end"), ("llama-tiny", None, 0),
+])
+def test_init_scale_zero_is_an_exact_identity(preset, stack, position, device_manager):
+    model = base(preset)
+    ids = torch.randint(3, 259, (2, 12), generator=torch.Generator().manual_seed(0))
+    expected = _logits(model, preset, ids)
+    layer = LayerSpec(stack=stack, position=position, source=0, init_scale=0.0)
+    extension = TransformerLayerExtension(model, ExtensionConfig(layer=layer), device_manager)
+    extended = extension.create_extended_model("t").eval()
+    assert torch.equal(_logits(extended, preset, ids), expected)
+    # and the base model it was built from is untouched
+    assert torch.equal(_logits(model, preset, ids), expected)
+
+
+@pytest.mark.parametrize("preset,stack", [("t5-tiny", "decoder"), ("gpt2-tiny", None), ("llama-tiny", None)])
+@pytest.mark.parametrize("kind", ["layer", "hybrid"])
+def test_extended_models_generate_with_a_consistent_kv_cache(preset, stack, kind, device_manager):
+    layer = LayerSpec(stack=stack, position=1, init_scale=1.0)  # a full-strength copy changes the output
+    extension = BUILDERS[kind](base(preset), ExtensionConfig(layer=layer, lora=LoRASpec(r=R)), device_manager)
+    model = build(extension, "t").eval()
+    n_blocks = cfg(preset).get("num_decoder_layers") or cfg(preset).get("n_layer") or cfg(preset)["num_hidden_layers"]
+    counts = {"num_decoder_layers", "n_layer", "num_hidden_layers"}
+    config = model.config
+    assert any(getattr(config, key, None) == n_blocks + 1 for key in counts)
+    ids = torch.randint(3, 259, (1, 6), generator=torch.Generator().manual_seed(1))
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        cached = model.generate(input_ids=ids, use_cache=True, **kwargs)
+        uncached = model.generate(input_ids=ids, use_cache=False, **kwargs)
+    assert cached.shape[-1] > (1 if PRESETS[preset]["family"] == "t5" else ids.shape[-1])
+    assert torch.equal(cached, uncached)
+
+
+def test_t5_new_block_never_owns_the_relative_attention_bias(device_manager):
+    extension = TransformerLayerExtension(base("t5-tiny"), ExtensionConfig(layer=LayerSpec(source=0)),
+                                          device_manager)
+    model = extension.create_extended_model("t")
+    owners = [n for n, _ in model.named_parameters() if "relative_attention_bias" in n]
+    assert owners == ["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                      "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+
+
+def test_bert_family_builds_every_kind(device_manager):
+    for kind in BUILDERS:
+        extension = BUILDERS[kind](base("bert-tiny"), ExtensionConfig(lora=LoRASpec(r=R)), device_manager)
+        model = build(extension, "t").eval()
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([[5, 6, 7]]))
+        assert out.logits.shape == (1, 3, 259)
+
+
+def test_lora_tasks_switch_adapters_on_one_model(device_manager):
+    extension = LoRAExtension(base("t5-tiny"), ExtensionConfig(lora=LoRASpec(r=R)), device_manager)
+    first = extension.create_adapter("reverse")
+    second = extension.create_adapter("uppercase")
+    assert first is second
+    with torch.no_grad():  # make the two adapters differ
+        for name, p in second.named_parameters():
+            if "lora_B.uppercase" in name:
+                p.fill_(0.01)
+    ids = torch.tensor([[10, 11, 12]])
+    extension.switch("reverse")
+    a = _logits(second, "t5-tiny", ids)
+    extension.switch("uppercase")
+    b = _logits(second, "t5-tiny", ids)
+    assert not torch.equal(a, b)
+    assert extension.statistics("uppercase").lora_params == t5_counts(cfg("t5-tiny"))["lora"]
+
+
+def test_hybrid_shared_layer_reuses_one_block(device_manager):
+    extension = HybridExtension(base("t5-tiny"), ExtensionConfig(lora=LoRASpec(r=R)), device_manager)
+    a = extension.create_hybrid_model("a", use_shared_layer=True)
+    b = extension.create_hybrid_model("b", use_shared_layer=True)
+    assert a is b and extension.new_blocks["a"][0] is extension.new_blocks["b"][0]
+    assert len(a.get_base_model().encoder.block) == 3
+    separate = extension.create_hybrid_model("c")
+    assert separate is not a
+
+
+# ---- errors that name the key and the fix ----------------------------------------------------
+
+def test_unknown_target_module_lists_the_linear_modules(device_manager):
+    extension = LoRAExtension(base("t5-tiny"), ExtensionConfig(lora=LoRASpec(target_modules=["q", "qkv"])),
+                              device_manager)
+    with pytest.raises(ConfigError) as error:
+        extension.create_adapter("t")
+    message = str(error.value)
+    assert "lora.target_modules" in message and "'qkv'" in message
+    assert "q, v, wi, wo" in message  # the model's Linear module names
+
+
+@pytest.mark.parametrize("layer,key,hint", [
+    (LayerSpec(stack="decoder"), "layer.stack", "encoder"),
+    (LayerSpec(position=7), "layer.position", "0..2"),
+    (LayerSpec(source=5), "layer.source", "0..1"),
+    (LayerSpec(position=0), "layer.position", "1 or more"),
+])
+def test_bad_layer_settings_name_key_and_range(layer, key, hint, device_manager):
+    preset = "gpt2-tiny" if layer.stack == "decoder" and False else "t5-tiny"
+    if key == "layer.stack":
+        preset = "llama-tiny"
+        layer = LayerSpec(stack="encoder")
+    extension = TransformerLayerExtension(base(preset), ExtensionConfig(layer=layer), device_manager)
+    with pytest.raises(ConfigError) as error:
+        extension.create_extended_model("t")
+    assert key in str(error.value) and hint in str(error.value)
