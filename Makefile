@@ -46,7 +46,8 @@ redis-server:
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing redis-server (Debian package)"; \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null && \
+	    command -v redis-server >/dev/null; \
 	else \
 	    echo "make: the tests need the redis-server binary on PATH." >&2; \
 	    echo "      install it (e.g. 'sudo apt-get install redis-server' or 'brew install redis') and re-run." >&2; \
@@ -56,9 +57,12 @@ redis-server:
 lint: install
 	"$(BIN)/ruff" check .
 
+# Both checks run even when the first fails, so one CI log shows every problem.
 test: install redis-server
-	"$(BIN)/ruff" check .
-	$(VENV_PATH) $(TEST_ENV) "$(BIN)/pytest" $(PYTEST_ARGS)
+	@status=0; \
+	echo "ruff check ."; "$(BIN)/ruff" check . || status=1; \
+	echo "pytest $(PYTEST_ARGS)"; $(VENV_PATH) $(TEST_ENV) "$(BIN)/pytest" $(PYTEST_ARGS) || status=1; \
+	exit $$status
 
 demo: install
 	$(VENV_PATH) "$(BIN)/graftq" run examples/quickstart.yaml

@@ -202,12 +202,15 @@ def test_migrate_command_creates_the_schema(tmp_path):
     if argv[0] == "alembic":
         # The image runs it from its WORKDIR, which holds the repository's alembic.ini.
         assert migrate["working_dir"] == dockerfile_workdir()
+        assert (ROOT / "alembic.ini").is_file(), (
+            "`alembic upgrade head` needs alembic.ini at the repository root"
+        )
         run = [sys.executable, "-m", "alembic", *argv[1:]]
     else:
         resolve_graftq_command(argv)
         run = [sys.executable, "-c", "from jobs.cli import main; main()", *argv[1:]]
     result = subprocess.run(run, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
     with sqlite3.connect(database) as connection:
         tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert "alembic_version" in tables
