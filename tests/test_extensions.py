@@ -62,19 +62,19 @@ def gpt2_counts(c: dict) -> dict:
 
 
 def llama_counts(c: dict) -> dict:
-    d, I, V, n = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"]
+    d, inter, V, n = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"]
     hd = d // c["num_attention_heads"]
     q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
-    block = d * q + 2 * d * kv + q * d + 3 * d * I + 2 * d
+    block = d * q + 2 * d * kv + q * d + 3 * d * inter + 2 * d
     lora_block = R * (d + q) + 2 * R * (d + kv) + R * (q + d)
     return {"base": 2 * V * d + n * block + d, "layer": block, "lora": n * lora_block,
             "hybrid_lora": (n + 1) * lora_block}
 
 
 def bert_counts(c: dict) -> dict:
-    d, I, V, P, n = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["max_position_embeddings"], \
+    d, inter, V, P, n = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["max_position_embeddings"], \
         c["num_hidden_layers"]
-    block = 4 * (d * d + d) + 2 * d + (d * I + I) + (I * d + d) + 2 * d
+    block = 4 * (d * d + d) + 2 * d + (d * inter + inter) + (inter * d + d) + 2 * d
     embeddings = V * d + P * d + 2 * d + 2 * d
     head = d * d + d + 2 * d + V  # transform, its LayerNorm, decoder bias (decoder weight tied)
     lora_block = 3 * R * (2 * d)
