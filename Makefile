@@ -64,8 +64,10 @@ test: install redis-server
 	echo "pytest $(PYTEST_ARGS)"; $(VENV_PATH) $(TEST_ENV) "$(BIN)/pytest" $(PYTEST_ARGS) || status=1; \
 	exit $$status
 
+DEMO_BATCH ?= examples/quickstart.yaml
+
 demo: install
-	$(VENV_PATH) "$(BIN)/graftq" run examples/quickstart.yaml
+	$(VENV_PATH) "$(BIN)/graftq" run $(DEMO_BATCH)
 	$(VENV_PATH) "$(BIN)/graftq" results
 
 bench: install
