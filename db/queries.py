@@ -1,0 +1,510 @@
+"""Query functions over the results database.
+
+Every function takes a `Session` and never commits: the caller owns the transaction
+(`with database.begin() as session:`). Writes made on behalf of a running job are
+*fenced*: they name the claim token the worker got from `claim_job` and change nothing
+once another worker has taken the job over, so a worker that lost its claim (it looked
+dead, the job was re-queued) can never overwrite the newer attempt's record.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from db.models import SORTABLE_COLUMNS, Batch, Job, JobStatus, MetricPoint, utcnow
+
+#: The keys of one `graftq results` row, in column order (DESIGN.md).
+RESULT_FIELDS = (
+    "id", "batch_id", "batch", "task", "kind", "extension", "status", "attempts", "base_model",
+    "device", "dtype", "worker", "base_params", "total_params", "trainable_params", "lora_params",
+    "layer_params", "trainable_pct", "adapter_path", "layer_path", "train_loss", "eval_loss", "steps",
+    "tokens_per_second", "train_seconds", "peak_memory_mb", "error", "created_at", "started_at",
+    "finished_at",
+)
+STAT_FIELDS = ("base_params", "total_params", "trainable_params", "lora_params", "layer_params", "trainable_pct")
+METRIC_FIELDS = ("train_loss", "eval_loss", "steps", "tokens_per_second", "train_seconds", "peak_memory_mb")
+
+_IN_CHUNK = 500  # ids per IN (...) clause; SQLite limits bound parameters per statement
+
+
+def new_id() -> str:
+    """A fresh batch or job id: 16 lowercase hex digits (also used in artifact paths)."""
+    return uuid.uuid4().hex[:16]
+
+
+def _chunks(items: Sequence[str], size: int = _IN_CHUNK) -> Iterable[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# --- submission -------------------------------------------------------------------------------
+
+
+def create_batch(
+    session: Session,
+    name: str,
+    jobs: Sequence[Mapping[str, Any]],
+    *,
+    source_path: str | None = None,
+    base_model: str | None = None,
+    max_attempts: int = 3,
+) -> tuple[str, list[str]]:
+    """Insert a batch and its jobs (status `queued`); returns `(batch_id, job_ids)`.
+
+    Each job mapping has `task`, `kind`, `extension`, `base_model`, `requested_device`,
+    `queue` and `spec` (the validated spec as JSON). Ids are generated here.
+    """
+    batch_id = new_id()
+    now = utcnow()
+    session.add(Batch(id=batch_id, name=name, source_path=source_path, base_model=base_model, created_at=now))
+    session.flush()
+    rows = []
+    for position, job in enumerate(jobs):
+        rows.append({
+            "id": new_id(), "batch_id": batch_id, "position": position, "task": job["task"],
+            "kind": job["kind"], "extension": job["extension"], "base_model": job["base_model"],
+            "requested_device": job.get("requested_device", "auto"), "queue": job.get("queue"),
+            "spec": job["spec"], "status": JobStatus.QUEUED.value, "attempts": 0,
+            "max_attempts": max_attempts, "cancel_requested": False, "created_at": now,
+        })
+    if rows:
+        session.execute(insert(Job), rows)
+    return batch_id, [row["id"] for row in rows]
+
+
+def mark_published(session: Session, job_ids: Sequence[str], when: dt.datetime | None = None) -> None:
+    """Record that the messages of `job_ids` were handed to the broker."""
+    when = when or utcnow()
+    for chunk in _chunks(job_ids):
+        session.execute(
+            update(Job).where(Job.id.in_(chunk)).values(published_at=when).execution_options(
+                synchronize_session=False
+            )
+        )
+
+
+def fail_unpublished(session: Session, job_ids: Sequence[str], error: str) -> int:
+    """Mark still-queued jobs whose message never reached the broker as failed; returns how many."""
+    count = 0
+    now = utcnow()
+    for chunk in _chunks(job_ids):
+        result = session.execute(
+            update(Job)
+            .where(Job.id.in_(chunk), Job.status == JobStatus.QUEUED.value)
+            .values(status=JobStatus.FAILED.value, error=error, finished_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        count += result.rowcount
+    return count
+
+
+# --- the worker's side: claim, heartbeat, progress, finish --------------------------------------
+
+
+@dataclass(frozen=True)
+class ClaimState:
+    """What a heartbeat found: whether the claim is still ours, and whether to stop."""
+
+    held: bool
+    cancel_requested: bool
+
+
+def _stale_cutoff(stale_after: float, now: dt.datetime) -> dt.datetime:
+    return now - dt.timedelta(seconds=stale_after)
+
+
+def _is_stale(stale_after: float, now: dt.datetime) -> Any:
+    return or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < _stale_cutoff(stale_after, now))
+
+
+def claim_job(session: Session, job_id: str, worker: str, stale_after: float) -> str | None:
+    """Claim a job for one attempt; returns a fresh claim token, or None when not claimable.
+
+    Claimable: `queued`, or `running` with a heartbeat older than `stale_after` seconds (its
+    worker died), and fewer attempts than its limit. The claim is one conditional UPDATE, so
+    of two workers given the same job exactly one gets a token. Increments `attempts`.
+    """
+    now = utcnow()
+    token = secrets.token_hex(16)
+    result = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.attempts < Job.max_attempts,
+            Job.cancel_requested.is_(False),
+            or_(
+                Job.status == JobStatus.QUEUED.value,
+                and_(Job.status == JobStatus.RUNNING.value, _is_stale(stale_after, now)),
+            ),
+        )
+        .values(
+            status=JobStatus.RUNNING.value, attempts=Job.attempts + 1, claim_token=token, worker=worker,
+            heartbeat_at=now, started_at=now, finished_at=None, error=None, traceback=None,
+            progress_step=None, progress_total=None, progress_loss=None, progress_phase="setup",
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return token if result.rowcount == 1 else None
+
+
+def settle_stale_job(session: Session, job_id: str, stale_after: float) -> str | None:
+    """Finish a job whose worker died and that must not run again; returns its new status.
+
+    A `running` job with a stale heartbeat becomes `cancelled` if a cancel was requested, or
+    `failed` if it has used all its attempts (a job that kills its worker every time must not
+    loop forever). Anything else is left alone and None is returned.
+    """
+    now = utcnow()
+    stale_running = and_(Job.id == job_id, Job.status == JobStatus.RUNNING.value, _is_stale(stale_after, now))
+    cancelled = session.execute(
+        update(Job)
+        .where(stale_running, Job.cancel_requested.is_(True))
+        .values(status=JobStatus.CANCELLED.value, finished_at=now, claim_token=None,
+                error="cancelled on request (its worker had stopped)")
+        .execution_options(synchronize_session=False)
+    )
+    if cancelled.rowcount:
+        return JobStatus.CANCELLED.value
+    failed = session.execute(
+        update(Job)
+        .where(stale_running, Job.attempts >= Job.max_attempts)
+        .values(
+            status=JobStatus.FAILED.value, finished_at=now, claim_token=None,
+            error=(
+                "its worker stopped (killed, crashed or lost its connection) during every attempt; "
+                "gave up after the attempt limit. Check the worker logs; a job that exhausts memory "
+                "or crashes the process needs a smaller batch_size/max_length or another device"
+            ),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return JobStatus.FAILED.value if failed.rowcount else None
+
+
+def find_stale_jobs(session: Session, stale_after: float, limit: int = 1000) -> list[str]:
+    """Ids of `running` jobs whose heartbeat is older than `stale_after` seconds."""
+    now = utcnow()
+    return list(session.scalars(
+        select(Job.id)
+        .where(Job.status == JobStatus.RUNNING.value, _is_stale(stale_after, now))
+        .limit(limit)
+    ))
+
+
+def requeue_stale_job(session: Session, job_id: str, stale_after: float) -> bool:
+    """Put a `running` job whose worker died back to `queued` (to be re-published); True if done.
+
+    `published_at` is cleared: the caller publishes a new message and records it with
+    `mark_published`; if that fails, `unpublished_queued` finds the job again.
+
+    Only for jobs with attempts left and no cancel request: `settle_stale_job` handles the others.
+    """
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id, Job.status == JobStatus.RUNNING.value, _is_stale(stale_after, now),
+            Job.attempts < Job.max_attempts, Job.cancel_requested.is_(False),
+        )
+        .values(status=JobStatus.QUEUED.value, claim_token=None, published_at=None, progress_phase=None)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+def _fenced(job_id: str, token: str) -> Any:
+    return and_(Job.id == job_id, Job.claim_token == token, Job.status == JobStatus.RUNNING.value)
+
+
+def heartbeat(session: Session, job_id: str, token: str) -> ClaimState:
+    """Refresh the claim's heartbeat; says whether the claim is still held and if cancel was asked."""
+    result = session.execute(
+        update(Job).where(_fenced(job_id, token)).values(heartbeat_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    cancel = session.scalar(select(Job.cancel_requested).where(Job.id == job_id))
+    return ClaimState(held=result.rowcount == 1, cancel_requested=bool(cancel))
+
+
+def record_progress(
+    session: Session, job_id: str, token: str, step: int, total: int | None,
+    loss: float | None, phase: str | None = None,
+) -> bool:
+    """Write the running job's progress; returns False when the claim is no longer held."""
+    result = session.execute(
+        update(Job)
+        .where(_fenced(job_id, token))
+        .values(progress_step=step, progress_total=total, progress_loss=loss, progress_phase=phase,
+                heartbeat_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+def finish_job(
+    session: Session,
+    job_id: str,
+    token: str,
+    *,
+    stats: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    device: str | None,
+    dtype: str | None,
+    versions: Mapping[str, Any] | None,
+    job_dir: str | None,
+    adapter_path: str | None = None,
+    layer_path: str | None = None,
+    loss_curve: Iterable[tuple[int, str, float]] = (),
+) -> bool:
+    """Record a succeeded job (statistics, metrics, paths, loss curve) if the claim is held.
+
+    Returns False, writing nothing, when another attempt owns the job now.
+    """
+    now = utcnow()
+    values: dict[str, Any] = {key: stats.get(key) for key in STAT_FIELDS}
+    values.update({key: metrics.get(key) for key in METRIC_FIELDS})
+    values.update(
+        status=JobStatus.SUCCEEDED.value, device=device, dtype=dtype,
+        versions=dict(versions) if versions is not None else None, job_dir=job_dir,
+        adapter_path=adapter_path, layer_path=layer_path, finished_at=now, heartbeat_at=now,
+        error=None, traceback=None, progress_phase="done",
+    )
+    result = session.execute(
+        update(Job).where(_fenced(job_id, token)).values(**values).execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return False
+    points = [
+        {"job_id": job_id, "step": int(step), "split": str(split), "loss": float(loss)}
+        for step, split, loss in loss_curve
+    ]
+    if points:
+        session.execute(MetricPoint.__table__.delete().where(MetricPoint.job_id == job_id))
+        session.execute(insert(MetricPoint), points)
+    return True
+
+
+def fail_job(
+    session: Session,
+    job_id: str,
+    token: str | None,
+    error: str,
+    traceback: str | None = None,
+    *,
+    status: JobStatus = JobStatus.FAILED,
+    device: str | None = None,
+) -> bool:
+    """Finish a job as `failed` (or `cancelled`) with a message; True if written.
+
+    With a token the write is fenced by the claim; without one it applies to any job not
+    finished yet (used where no worker holds the job).
+    """
+    now = utcnow()
+    where = (
+        _fenced(job_id, token)
+        if token is not None
+        else and_(Job.id == job_id, Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
+    )
+    values: dict[str, Any] = {"status": status.value, "error": error, "traceback": traceback,
+                              "finished_at": now, "progress_phase": None}
+    if device is not None:
+        values["device"] = device
+    result = session.execute(update(Job).where(where).values(**values).execution_options(synchronize_session=False))
+    return result.rowcount == 1
+
+
+def release_job(session: Session, job_id: str, token: str, error: str) -> bool:
+    """Give a claimed job back to the queue after a transient failure; True if released.
+
+    The attempt stays counted, so retries end at the job's attempt limit.
+    """
+    result = session.execute(
+        update(Job)
+        .where(_fenced(job_id, token), Job.attempts < Job.max_attempts)
+        .values(status=JobStatus.QUEUED.value, claim_token=None, error=error, progress_phase=None,
+                published_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+# --- reading and cancelling ----------------------------------------------------------------------
+
+
+def get_job(session: Session, job_id: str) -> Job | None:
+    return session.get(Job, job_id)
+
+
+def get_batch(session: Session, batch_id: str) -> Batch | None:
+    return session.get(Batch, batch_id)
+
+
+def resolve_id(session: Session, prefix: str, *, batch: bool = False) -> str | None:
+    """The one job (or batch) id that starts with `prefix` (at least 4 characters), else None."""
+    model = Batch if batch else Job
+    exact = session.get(model, prefix)
+    if exact is not None:
+        return exact.id
+    if len(prefix) < 4:
+        return None
+    matches = list(session.scalars(select(model.id).where(model.id.startswith(prefix, autoescape=True)).limit(2)))
+    return matches[0] if len(matches) == 1 else None
+
+
+def loss_curve(session: Session, job_id: str) -> list[tuple[int, str, float]]:
+    rows = session.execute(
+        select(MetricPoint.step, MetricPoint.split, MetricPoint.loss)
+        .where(MetricPoint.job_id == job_id).order_by(MetricPoint.split, MetricPoint.step)
+    )
+    return [(step, split, loss) for step, split, loss in rows]
+
+
+def batch_job_ids(session: Session, batch_id: str) -> list[str]:
+    return list(session.scalars(select(Job.id).where(Job.batch_id == batch_id).order_by(Job.position)))
+
+
+def request_cancel(session: Session, job_ids: Sequence[str]) -> dict[str, str]:
+    """Cancel jobs: a queued job is `cancelled` at once (it will never start); a running job
+    gets `cancel_requested` and stops at its next step. Returns id -> what happened:
+    `cancelled`, `cancelling`, `already <status>` or `not found`.
+    """
+    now = utcnow()
+    outcome: dict[str, str] = {}
+    for chunk in _chunks(list(job_ids)):
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(chunk), Job.status == JobStatus.QUEUED.value)
+            .values(status=JobStatus.CANCELLED.value, cancel_requested=True, finished_at=now,
+                    error="cancelled on request before it started")
+            .execution_options(synchronize_session=False)
+        )
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(chunk), Job.status == JobStatus.RUNNING.value)
+            .values(cancel_requested=True)
+            .execution_options(synchronize_session=False)
+        )
+        found = dict(session.execute(select(Job.id, Job.status).where(Job.id.in_(chunk))).all())
+        for job_id in chunk:
+            status = found.get(job_id)
+            if status is None:
+                outcome[job_id] = "not found"
+            elif status == JobStatus.RUNNING.value:
+                outcome[job_id] = "cancelling"
+            elif status == JobStatus.CANCELLED.value:
+                outcome[job_id] = "cancelled"
+            else:
+                outcome[job_id] = f"already {status}"
+    return outcome
+
+
+def _result_row(job: Job, batch_name: str) -> dict[str, Any]:
+    row = {key: getattr(job, key) for key in RESULT_FIELDS if key != "batch"}
+    row["batch"] = batch_name
+    return {key: row[key] for key in RESULT_FIELDS}
+
+
+def results(
+    session: Session,
+    *,
+    batch: str | None = None,
+    task: str | None = None,
+    extension: str | None = None,
+    status: str | None = None,
+    limit: int | None = None,
+    sort: str = "created_at",
+    descending: bool = False,
+) -> list[dict[str, Any]]:
+    """Result rows (dicts with `RESULT_FIELDS`) filtered and sorted; nulls sort last.
+
+    `batch` matches a batch id or a batch name. Raises ValueError for a sort field that
+    is not in `SORTABLE_COLUMNS`.
+    """
+    if sort not in SORTABLE_COLUMNS:
+        raise ValueError(f"cannot sort by {sort!r}; choose one of {', '.join(SORTABLE_COLUMNS)}")
+    column = getattr(Job, sort)
+    base = select(Job, Batch.name).join(Batch, Job.batch_id == Batch.id)
+    if batch is not None:
+        base = base.where(or_(Job.batch_id == batch, Batch.name == batch))
+    if task is not None:
+        base = base.where(Job.task == task)
+    if extension is not None:
+        base = base.where(Job.extension == extension)
+    if status is not None:
+        base = base.where(Job.status == status)
+    order = column.desc() if descending else column.asc()
+    tie = Job.id.desc() if descending else Job.id.asc()
+    # Two range scans instead of `ORDER BY col IS NULL, col`, which no index can serve:
+    # the non-null values in index order, then (if the limit is not reached) the nulls.
+    rows = list(session.execute(base.where(column.is_not(None)).order_by(order, tie).limit(limit)))
+    if limit is None or len(rows) < limit:
+        remaining = None if limit is None else limit - len(rows)
+        rows += list(session.execute(base.where(column.is_(None)).order_by(tie).limit(remaining)))
+    return [_result_row(job, name) for job, name in rows]
+
+
+@dataclass
+class BatchStatus:
+    """Counts by status of one batch."""
+
+    batch_id: str
+    name: str
+    created_at: dt.datetime
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def finished(self) -> int:
+        return sum(self.counts.get(s.value, 0) for s in JobStatus if s.finished)
+
+
+def status_counts(session: Session, batch_id: str | None = None, *, last: int = 20) -> list[BatchStatus]:
+    """Per-batch job counts by status: one batch, or the `last` most recent batches (newest first)."""
+    batches = select(Batch).order_by(Batch.created_at.desc()).limit(last)
+    if batch_id is not None:
+        batches = select(Batch).where(Batch.id == batch_id)
+    found = {b.id: BatchStatus(b.id, b.name, b.created_at) for b in session.scalars(batches)}
+    if found:
+        counts = session.execute(
+            select(Job.batch_id, Job.status, func.count())
+            .where(Job.batch_id.in_(list(found)))
+            .group_by(Job.batch_id, Job.status)
+        )
+        for bid, status, count in counts:
+            found[bid].counts[status] = count
+    return sorted(found.values(), key=lambda b: b.created_at, reverse=True)
+
+
+def running_jobs(session: Session, batch_id: str | None = None) -> list[Job]:
+    """Jobs now `running` (oldest start first), with their progress columns."""
+    query = select(Job).where(Job.status == JobStatus.RUNNING.value).order_by(Job.started_at)
+    if batch_id is not None:
+        query = query.where(Job.batch_id == batch_id)
+    return list(session.scalars(query))
+
+
+def jobs_of_batch(session: Session, batch_id: str) -> list[Job]:
+    return list(session.scalars(select(Job).where(Job.batch_id == batch_id).order_by(Job.position)))
+
+
+def unpublished_queued(session: Session, older_than: float, limit: int = 1000) -> list[Job]:
+    """Broker jobs still `queued` with no published message, created over `older_than` s ago.
+
+    Jobs run in-process by `graftq run` have no queue and are never returned.
+    """
+    cutoff = utcnow() - dt.timedelta(seconds=older_than)
+    return list(session.scalars(
+        select(Job).where(Job.status == JobStatus.QUEUED.value, Job.published_at.is_(None),
+                          Job.queue.is_not(None), Job.created_at < cutoff).limit(limit)
+    ))

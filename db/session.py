@@ -1,0 +1,183 @@
+"""Engines and sessions: one engine per process per URL, reset after a fork.
+
+    database = get_database(url)
+    with database.begin() as session:       # a write transaction (BEGIN IMMEDIATE on SQLite)
+        claim_job(session, job_id, ...)
+    with database.read() as session:        # a read transaction (plain BEGIN on SQLite)
+        rows = results(session, ...)
+
+SQLite: WAL journal, a 30 s busy timeout, and write transactions that take the write lock
+up front (`BEGIN IMMEDIATE`), so that two writers queue on the busy timeout instead of one
+of them failing with "database is locked" when it upgrades a read lock. A new SQLite file
+is brought to the Alembic head automatically; PostgreSQL is migrated with
+`graftq db upgrade` (or `alembic upgrade head`), and an outdated one is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import DEFAULT_DATABASE_URL
+from db.errors import DatabaseError, SchemaOutdated
+
+__all__ = ["DEFAULT_DATABASE_URL", "Database", "get_database"]
+
+#: The newest Alembic revision. A test checks it against the migration scripts; comparing
+#: the `alembic_version` row with this constant keeps alembic out of every CLI start.
+SCHEMA_HEAD = "0001"
+
+SQLITE_BUSY_TIMEOUT_S = 30.0
+_READ_ONLY = "graftq_read_only"
+
+
+class Database:
+    """An engine and its session factories. Build it with `get_database(url)`."""
+
+    def __init__(self, url: str, engine: Engine):
+        self.url = url
+        self.engine = engine
+        self.sessions = sessionmaker(engine, expire_on_commit=False)
+        self.read_sessions = sessionmaker(
+            engine.execution_options(**{_READ_ONLY: True}), expire_on_commit=False
+        )
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.engine.dialect.name == "sqlite"
+
+    def begin(self) -> contextlib.AbstractContextManager[Session]:
+        """A write transaction: commits when the block ends, rolls back on an exception."""
+        return self.sessions.begin()
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Session]:
+        """A read-only transaction (never commits anything)."""
+        with self.read_sessions() as session:
+            yield session
+            session.rollback()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+_databases: dict[str, Database] = {}
+_lock = threading.Lock()
+
+
+def _reset_after_fork() -> None:
+    # The child must not reuse the parent's pooled connections (shared sockets / file locks).
+    # close=False drops them without closing what the parent still uses.
+    for database in _databases.values():
+        database.engine.dispose(close=False)
+    _databases.clear()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL, or None for another backend or an in-memory database."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    return Path(parsed.database)
+
+
+def create_database_engine(url: str, **engine_options: Any) -> Engine:
+    """A new engine for `url` with graftq's connection settings (no schema check)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True, **engine_options)
+
+    path = sqlite_path(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}, **engine_options
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy emit BEGIN itself (below) instead of pysqlite's implicit, deferred one.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+        if path is not None:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        read_only = connection.get_execution_options().get(_READ_ONLY, False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+    return engine
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The revision in `alembic_version`, or None for a database without one.
+
+    Raises the driver's error (wrapped by SQLAlchemy) when the database cannot be reached.
+    """
+    with engine.connect() as connection:
+        connection = connection.execution_options(**{_READ_ONLY: True})
+        try:
+            return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        except DBAPIError:  # no alembic_version table: an empty database
+            return None
+
+
+def get_database(url: str, *, upgrade: bool = True) -> Database:
+    """The process's `Database` for `url`, created on first use.
+
+    A SQLite database below the schema head is upgraded in place (alembic is imported only
+    then). Raises `SchemaOutdated` for another backend that is not at the head, and
+    `DatabaseError` when the database cannot be reached.
+    """
+    with _lock:
+        database = _databases.get(url)
+        if database is not None:
+            return database
+        engine = create_database_engine(url)
+        database = Database(url, engine)
+        if upgrade:
+            _ensure_schema(database)
+        _databases[url] = database
+        return database
+
+
+def _ensure_schema(database: Database) -> None:
+    try:
+        revision = current_revision(database.engine)
+    except DBAPIError as error:  # pragma: no cover - connection refused etc.
+        raise DatabaseError(f"cannot open the database {database.engine.url!r}: {error.orig}") from error
+    if revision == SCHEMA_HEAD:
+        return
+    if not database.is_sqlite:
+        raise SchemaOutdated(
+            f"the database {database.engine.url!r} is at schema revision {revision or 'none'}, this graftq "
+            f"needs {SCHEMA_HEAD}: run `graftq db upgrade` (or `alembic upgrade head`)"
+        )
+    from db.migrate import upgrade_to_head
+
+    upgrade_to_head(database.url, database.engine)
+
+
+def clear_cache() -> None:
+    """Dispose every cached engine (tests, or a long-lived process that switches URL)."""
+    with _lock:
+        for database in _databases.values():
+            database.engine.dispose()
+        _databases.clear()

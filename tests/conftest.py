@@ -1,0 +1,176 @@
+"""Shared fixtures: a real redis-server the tests own, SQLite files, PostgreSQL when reachable.
+
+Tests never reach a model hub (HF_HUB_OFFLINE) and never use the developer's Redis on
+6379: `redis_server` starts its own on a free port and can be stopped and restarted by
+fault-injection tests.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# Settings a developer exported must not leak into the tests' databases or broker.
+for _var in ("GRAFTQ_DATABASE_URL", "GRAFTQ_BROKER_URL", "GRAFTQ_ARTIFACTS_DIR", "GRAFTQ_QUEUE",
+             "GRAFTQ_STALE_AFTER", "GRAFTQ_HEARTBEAT_INTERVAL", "GRAFTQ_MAX_ATTEMPTS",
+             "GRAFTQ_VISIBILITY_TIMEOUT"):
+    os.environ.pop(_var, None)
+
+QUEUE_KEYS = ("graftq", "graftq.gpu", "graftq.cpu")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A redis-server process owned by the test session: `.url`, `.stop()`, `.start()`."""
+
+    def __init__(self, directory: Path, port: int | None = None, binary: str | None = None):
+        self.directory = directory
+        self.port = port or free_port()
+        self.binary = binary or shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.extra_args: list[str] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self):  # noqa: ANN201 - redis.Redis, imported lazily
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.port, db=0, socket_timeout=5)
+
+    def start(self, *, appendonly: bool = False, timeout: float = 10.0) -> None:
+        if self.process is not None and self.process.poll() is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "yes" if appendonly else "no", "--dir", str(self.directory), *self.extra_args]
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with status {self.process.returncode}: {argv}")
+            if self.ping():
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not answer PING on port {self.port} within {timeout} s")
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self, *, kill: bool = False) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.kill() if kill else self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def queue_lengths(self) -> dict[str, int]:
+        client = self.client()
+        return {key: client.llen(key) for key in QUEUE_KEYS}
+
+    def flush(self) -> None:
+        self.client().flushall()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server of this test session (empty queues are the test's business: see `redis_url`)."""
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not Path(binary).exists():
+        pytest.skip("redis-server is not installed (apt-get install redis-server); queue tests need it")
+    server = RedisServer(tmp_path_factory.mktemp("redis"), binary=binary)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(kill=True)
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session's Redis, running and emptied for this test."""
+    redis_server.start()
+    redis_server.flush()
+    return redis_server.url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'graftq.db'}"
+
+
+@pytest.fixture
+def artifacts_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "artifacts"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def graftq_env(sqlite_url: str, artifacts_dir: Path) -> dict[str, str]:
+    """Environment for `graftq` subprocesses: this test's database and artifacts, repo importable."""
+    env = dict(os.environ)
+    env.update(GRAFTQ_DATABASE_URL=sqlite_url, GRAFTQ_ARTIFACTS_DIR=str(artifacts_dir))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    """A tiny JSONL training set: reverse three letters."""
+    import json
+
+    path = tmp_path / "data" / "reverse.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    words = ["abc", "xyz", "cat", "dog", "sun", "map", "red", "fox", "owl", "bee", "ink", "jar"]
+    path.write_text("".join(json.dumps({"input": w, "target": w[::-1]}) + "\n" for w in words * 3))
+    return path
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """A PostgreSQL URL (GRAFTQ_TEST_POSTGRES_URL); the test is skipped, with why, when unreachable."""
+    url = os.environ.get("GRAFTQ_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    try:
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(url, connect_args={"connect_timeout": 3})
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        engine.dispose()
+    except Exception as error:  # any failure to connect means: no server for this run
+        pytest.skip(f"PostgreSQL not reachable at {url} (set GRAFTQ_TEST_POSTGRES_URL): {error}".splitlines()[0])
+    return url
+
+
+def graftq_argv(*args: str) -> list[str]:
+    """argv that runs the graftq CLI from this checkout, installed or not."""
+    return [sys.executable, "-m", "jobs.cli", *args]

@@ -1,0 +1,102 @@
+"""The schema comes only from Alembic revisions, and they match the models."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import uuid
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import create_engine, text
+
+from db.migrate import head_revision, upgrade_to_head
+from db.models import Base
+from db.session import SCHEMA_HEAD, clear_cache, create_database_engine, current_revision, get_database
+from tests.conftest import ROOT
+
+
+def _diff(engine) -> list:
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        return compare_metadata(context, Base.metadata)
+
+
+def test_schema_head_constant_matches_the_migration_scripts():
+    # db.session compares the alembic_version row with this constant to skip importing alembic.
+    assert SCHEMA_HEAD == head_revision()
+
+
+def test_upgrade_head_on_an_empty_sqlite_file_matches_the_models(tmp_path):
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    engine = create_database_engine(url)
+    assert current_revision(engine) is None
+    upgrade_to_head(url, engine)
+    assert current_revision(engine) == SCHEMA_HEAD
+    assert _diff(engine) == []
+    engine.dispose()
+
+
+def test_a_new_sqlite_database_is_created_at_head_automatically(tmp_path):
+    path = tmp_path / "nested" / "dir" / "graftq.db"  # the parent directories do not exist yet
+    database = get_database(f"sqlite:///{path}")
+    try:
+        assert path.is_file()
+        with sqlite3.connect(path) as connection:
+            assert connection.execute("SELECT version_num FROM alembic_version").fetchone() == (SCHEMA_HEAD,)
+            assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    finally:
+        database.dispose()
+        clear_cache()
+
+
+def test_opening_an_up_to_date_database_does_not_import_alembic(tmp_path):
+    url = f"sqlite:///{tmp_path / 'g.db'}"
+    get_database(url)
+    clear_cache()
+    code = (
+        "import sys; from db.session import get_database; get_database(sys.argv[1]); "
+        "print('alembic' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code, url], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def test_alembic_command_line_upgrades_the_database_named_by_the_environment(tmp_path):
+    # What the docker-compose migrate service runs, from the repository root.
+    path = tmp_path / "compose.db"
+    env = {"GRAFTQ_DATABASE_URL": f"sqlite:///{path}", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    engine = create_engine(f"sqlite:///{path}")
+    assert current_revision(engine) == SCHEMA_HEAD
+    assert _diff(engine) == []
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_upgrade_head_on_postgresql_matches_the_models(postgres_url):
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    name = f"graftq_test_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    url = admin.url.set(database=name).render_as_string(hide_password=False)
+    try:
+        with pytest.raises(Exception, match="graftq db upgrade"):
+            get_database(url)  # PostgreSQL is never migrated behind the operator's back
+        clear_cache()
+        engine = create_database_engine(url)
+        upgrade_to_head(url, engine)
+        assert current_revision(engine) == SCHEMA_HEAD
+        assert _diff(engine) == []
+        engine.dispose()
+        assert get_database(url).engine.dialect.name == "postgresql"
+    finally:
+        clear_cache()
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

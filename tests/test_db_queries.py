@@ -1,0 +1,303 @@
+"""Claims, heartbeats, fenced writes, cancel, results: against real SQLite files (and PostgreSQL)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import multiprocessing
+import random
+import time
+
+import pytest
+from sqlalchemy import insert, update
+
+from db.models import Job, JobStatus, utcnow
+from db.queries import (
+    RESULT_FIELDS,
+    claim_job,
+    create_batch,
+    fail_job,
+    find_stale_jobs,
+    finish_job,
+    get_job,
+    heartbeat,
+    loss_curve,
+    record_progress,
+    release_job,
+    request_cancel,
+    requeue_stale_job,
+    results,
+    settle_stale_job,
+    status_counts,
+)
+from db.session import clear_cache, get_database
+
+
+def _jobs(n: int, **overrides):
+    rows = []
+    for i in range(n):
+        row = {"task": f"t{i % 3}", "kind": "train", "extension": ("lora", "layer", "hybrid")[i % 3],
+               "base_model": "random:t5-tiny", "requested_device": "auto", "queue": "graftq",
+               "spec": {"task": f"t{i % 3}"}}
+        row.update(overrides)
+        rows.append(row)
+    return rows
+
+
+@pytest.fixture
+def database(sqlite_url):
+    database = get_database(sqlite_url)
+    yield database
+    clear_cache()
+
+
+@pytest.fixture
+def one_job(database):
+    with database.begin() as session:
+        batch_id, [job_id] = create_batch(session, "b", _jobs(1), max_attempts=2)
+    return batch_id, job_id
+
+
+def _age_heartbeat(database, job_id, seconds):
+    with database.begin() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(
+            heartbeat_at=utcnow() - dt.timedelta(seconds=seconds)))
+
+
+def test_only_one_of_two_workers_claims_a_queued_job(database, one_job):
+    _, job_id = one_job
+    with database.begin() as session:
+        first = claim_job(session, job_id, "w1", stale_after=60)
+    with database.begin() as session:
+        second = claim_job(session, job_id, "w2", stale_after=60)
+    assert first is not None and second is None
+    with database.read() as session:
+        job = get_job(session, job_id)
+        assert (job.status, job.attempts, job.worker) == ("running", 1, "w1")
+
+
+def test_a_stale_claim_is_taken_over_and_the_old_worker_is_fenced_out(database, one_job):
+    _, job_id = one_job
+    with database.begin() as session:
+        old = claim_job(session, job_id, "w1", stale_after=60)
+    _age_heartbeat(database, job_id, 120)
+    with database.begin() as session:
+        new = claim_job(session, job_id, "w2", stale_after=60)
+    assert new is not None and new != old
+    with database.begin() as session:
+        assert heartbeat(session, job_id, old).held is False
+        assert record_progress(session, job_id, old, 3, 10, 1.0) is False
+        assert not finish_job(session, job_id, old, stats={"base_params": 1}, metrics={}, device="cpu",
+                              dtype="float32", versions={}, job_dir="/nope")
+        assert heartbeat(session, job_id, new).held is True
+    with database.read() as session:
+        job = get_job(session, job_id)
+        assert (job.status, job.attempts, job.worker, job.base_params) == ("running", 2, "w2", None)
+
+
+def test_a_job_that_keeps_killing_its_worker_ends_failed_at_the_attempt_limit(database, one_job):
+    _, job_id = one_job  # max_attempts=2
+    for worker in ("w1", "w2"):
+        with database.begin() as session:
+            assert claim_job(session, job_id, worker, stale_after=60)
+        _age_heartbeat(database, job_id, 120)
+    with database.begin() as session:
+        assert claim_job(session, job_id, "w3", stale_after=60) is None
+        assert settle_stale_job(session, job_id, stale_after=60) == "failed"
+    with database.read() as session:
+        job = get_job(session, job_id)
+        assert job.status == "failed" and job.attempts == 2 and "attempt" in job.error
+
+
+def test_finish_records_statistics_metrics_paths_and_the_loss_curve(database, one_job):
+    _, job_id = one_job
+    with database.begin() as session:
+        token = claim_job(session, job_id, "w1", stale_after=60)
+        assert record_progress(session, job_id, token, 5, 10, 2.5, "train")
+    with database.begin() as session:
+        assert finish_job(
+            session, job_id, token,
+            stats={"base_params": 1000, "total_params": 1100, "trainable_params": 100, "lora_params": 100,
+                   "layer_params": 0, "trainable_pct": 10.0},
+            metrics={"train_loss": 1.5, "eval_loss": 1.7, "steps": 10, "tokens_per_second": 99.0,
+                     "train_seconds": 2.0, "peak_memory_mb": 12.0},
+            device="cpu", dtype="float32", versions={"torch": "x"}, job_dir="/a/b",
+            adapter_path="/a/b/adapter", loss_curve=[(1, "train", 3.0), (10, "train", 1.5), (10, "eval", 1.7)],
+        )
+    with database.read() as session:
+        job = get_job(session, job_id)
+        assert job.status == "succeeded" and job.finished_at is not None and job.finished_at.tzinfo is not None
+        assert (job.trainable_params, job.train_loss, job.adapter_path, job.layer_path) == (100, 1.5, "/a/b/adapter", None)
+        assert loss_curve(session, job_id) == [(10, "eval", 1.7), (1, "train", 3.0), (10, "train", 1.5)]
+
+
+def test_cancel_stops_a_queued_job_at_once_and_flags_a_running_one(database):
+    with database.begin() as session:
+        _, (queued, running, done) = create_batch(session, "b", _jobs(3))
+        token = claim_job(session, running, "w", stale_after=60)
+        other = claim_job(session, done, "w", stale_after=60)
+        fail_job(session, done, other, "boom")
+    with database.begin() as session:
+        outcome = request_cancel(session, [queued, running, done, "nope"])
+    assert outcome == {queued: "cancelled", running: "cancelling", done: "already failed", "nope": "not found"}
+    with database.begin() as session:
+        assert claim_job(session, queued, "w2", stale_after=60) is None  # a cancelled job never starts
+        assert heartbeat(session, running, token).cancel_requested is True
+
+
+def test_a_transient_failure_releases_the_job_until_the_attempt_limit(database, one_job):
+    _, job_id = one_job  # max_attempts=2
+    with database.begin() as session:
+        token = claim_job(session, job_id, "w", stale_after=60)
+        assert release_job(session, job_id, token, "redis went away")
+        token = claim_job(session, job_id, "w", stale_after=60)
+        assert token is not None
+        assert release_job(session, job_id, token, "again") is False  # attempts exhausted: caller fails it
+
+
+def test_the_reaper_requeues_a_stale_job_with_attempts_left(database, one_job):
+    _, job_id = one_job
+    with database.begin() as session:
+        claim_job(session, job_id, "w", stale_after=60)
+    with database.read() as session:
+        assert not find_stale_jobs(session, 60)
+    _age_heartbeat(database, job_id, 120)
+    with database.begin() as session:
+        assert find_stale_jobs(session, 60) == [job_id]
+        assert requeue_stale_job(session, job_id, 60)
+    with database.read() as session:
+        job = get_job(session, job_id)
+        assert (job.status, job.claim_token, job.attempts) == ("queued", None, 1)
+
+
+def test_results_filter_and_sort_with_missing_values_last(database):
+    with database.begin() as session:
+        batch_id, ids = create_batch(session, "sorting", _jobs(6))
+        for job_id, loss in zip(ids, [3.0, None, 1.0, 2.0, None, 0.5]):
+            token = claim_job(session, job_id, "w", stale_after=60)
+            if loss is not None:
+                finish_job(session, job_id, token, stats={}, metrics={"train_loss": loss}, device="cpu",
+                           dtype="float32", versions={}, job_dir="/x")
+    with database.read() as session:
+        ascending = results(session, batch="sorting", sort="train_loss")
+        assert [r["train_loss"] for r in ascending] == [0.5, 1.0, 2.0, 3.0, None, None]
+        descending = results(session, batch=batch_id, sort="train_loss", descending=True, limit=5)
+        assert [r["train_loss"] for r in descending] == [3.0, 2.0, 1.0, 0.5, None]
+        assert all(r["extension"] == "layer" for r in results(session, extension="layer"))
+        assert len(results(session, status="running")) == 2
+        assert list(ascending[0]) == list(RESULT_FIELDS) and ascending[0]["batch"] == "sorting"
+        with pytest.raises(ValueError, match="cannot sort"):
+            results(session, sort="spec")
+        [counts] = status_counts(session, batch_id)
+        assert counts.counts == {"succeeded": 4, "running": 2} and counts.total == 6
+
+
+@pytest.mark.slow
+def test_results_on_100k_jobs_sort_and_limit_in_under_half_a_second(database):
+    rng = random.Random(0)
+    with database.begin() as session:
+        batch_id, _ = create_batch(session, "big", [])
+        now = utcnow()
+        for start in range(0, 100_000, 10_000):
+            session.execute(insert(Job), [
+                {"id": f"{i:016x}", "batch_id": batch_id, "position": i, "task": f"task{i % 50}", "kind": "train",
+                 "extension": ("lora", "layer", "hybrid")[i % 3], "base_model": "random:t5-tiny",
+                 "requested_device": "auto", "spec": {}, "status": "succeeded", "attempts": 1, "max_attempts": 3,
+                 "cancel_requested": False, "created_at": now,
+                 "train_loss": None if i % 10 == 0 else rng.random(), "eval_loss": rng.random()}
+                for i in range(start, start + 10_000)
+            ])
+    for sort, descending in (("train_loss", False), ("eval_loss", True), ("created_at", True)):
+        started = time.perf_counter()
+        with database.read() as session:
+            rows = results(session, sort=sort, descending=descending, limit=20)
+        elapsed = time.perf_counter() - started
+        assert len(rows) == 20
+        assert elapsed < 0.5, f"results --sort {sort} --limit 20 took {elapsed:.2f} s on 100k jobs"
+    with database.read() as session:
+        values = [r["train_loss"] for r in results(session, sort="train_loss", limit=20)]
+    assert values == sorted(values) and None not in values
+
+
+def _hammer(url: str, job_ids: list[str], worker: str, errors) -> None:  # runs in a child process
+    from db.session import get_database
+
+    database = get_database(url)
+    try:
+        for job_id in job_ids:
+            with database.begin() as session:
+                token = claim_job(session, job_id, worker, stale_after=60)
+            for step in range(1, 11):
+                with database.begin() as session:
+                    record_progress(session, job_id, token, step, 10, 1.0 / step)
+                with database.begin() as session:
+                    heartbeat(session, job_id, token)
+            with database.begin() as session:
+                finish_job(session, job_id, token, stats={}, metrics={"steps": 10}, device="cpu", dtype="f32",
+                           versions={}, job_dir="/x")
+    except Exception as error:  # reported to the parent
+        errors.put(f"{worker}: {error}")
+
+
+@pytest.mark.slow
+def test_eight_processes_writing_one_sqlite_file_lose_nothing(database, sqlite_url):
+    with database.begin() as session:
+        _, ids = create_batch(session, "contention", _jobs(40))
+    errors = multiprocessing.get_context("fork").Queue()
+    processes = [
+        multiprocessing.get_context("fork").Process(target=_hammer, args=(sqlite_url, ids[i::8], f"w{i}", errors))
+        for i in range(8)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    problems = []
+    while not errors.empty():
+        problems.append(errors.get())
+    assert problems == []  # no "database is locked"
+    with database.read() as session:
+        [counts] = status_counts(session)
+        assert counts.counts == {"succeeded": 40}
+        assert {r["steps"] for r in results(session)} == {10}
+
+
+@pytest.mark.postgres
+def test_claims_and_fenced_writes_on_postgresql(postgres_url):
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    from db.migrate import upgrade_to_head
+    from db.session import create_database_engine
+
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    name = f"graftq_test_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    url = admin.url.set(database=name).render_as_string(hide_password=False)
+    try:
+        engine = create_database_engine(url)
+        upgrade_to_head(url, engine)
+        engine.dispose()
+        database = get_database(url)
+        with database.begin() as session:
+            _, [job_id] = create_batch(session, "pg", _jobs(1))
+        with database.begin() as session:
+            token = claim_job(session, job_id, "w1", stale_after=60)
+            assert claim_job(session, job_id, "w2", stale_after=60) is None
+        with database.begin() as session:
+            assert finish_job(session, job_id, token, stats={"trainable_params": 5}, metrics={"train_loss": 1.0},
+                              device="cpu", dtype="float32", versions={}, job_dir="/x")
+        with database.read() as session:
+            [row] = results(session, batch="pg")
+            assert row["status"] == "succeeded" and row["trainable_params"] == 5
+            assert row["finished_at"].tzinfo is not None
+    finally:
+        clear_cache()
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def test_job_status_values_are_the_documented_ones():
+    assert [s.value for s in JobStatus] == ["queued", "running", "succeeded", "failed", "cancelled"]
