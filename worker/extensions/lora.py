@@ -77,7 +77,8 @@ def save_adapter(model: PeftModel, directory: Path, adapter_name: str = "default
     """Save one adapter in PEFT format directly in `directory` (adapter_config.json + safetensors)."""
     directory = Path(directory)
     staging = directory.with_name(directory.name + ".peft")
-    model.save_pretrained(str(staging), selected_adapters=[adapter_name], safe_serialization=True)
+    model.save_pretrained(str(staging), selected_adapters=[adapter_name], safe_serialization=True,
+                          save_embedding_layers=False)  # never look the base model up on a hub
     # PEFT puts every adapter but "default" in a sub-directory named after it.
     produced = staging / adapter_name if (staging / adapter_name / "adapter_config.json").exists() else staging
     shutil.move(str(produced), str(directory))
