@@ -101,7 +101,7 @@ class TrainSpec(_Spec):
               "against the batch file's directory."),
     ]
     max_steps: Annotated[
-        int | None, Field(gt=0, description="Number of optimizer steps; wins over `epochs` when both are set.")
+        int | None, Field(gt=0, description="Number of optimizer steps; wins over `epochs` when both are set; 100 when neither is.")
     ] = None
     epochs: Annotated[
         float | None, Field(gt=0, description="Passes over the training split, used when max_steps is not set.")
@@ -226,3 +226,27 @@ EXTENSION_SECTIONS: dict[ExtensionKind, tuple[str, ...]] = {
 }
 
 SECTION_SPECS: dict[str, type[_Spec]] = {"lora": LoRASpec, "layer": LayerSpec, "train": TrainSpec}
+
+
+def _default_text(field) -> str:
+    if field.is_required():
+        return "required"
+    default = field.default
+    if default is None:
+        return "see text"
+    if isinstance(default, StrEnum):
+        return f"`{default.value}`"
+    if isinstance(default, _Spec):
+        return "see section"
+    return f"`{default}`"
+
+
+def batch_reference_markdown() -> str:
+    """The batch-file key reference (README), generated from the specs' field help text."""
+    sections = [("job", JobSpec, ""), ("lora", LoRASpec, "lora."), ("layer", LayerSpec, "layer."),
+                ("train", TrainSpec, "train.")]
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for _, model, prefix in sections:
+        for name, field in model.model_fields.items():
+            lines.append(f"| `{prefix}{name}` | {_default_text(field)} | {field.description} |")
+    return "\n".join(lines) + "\n"
