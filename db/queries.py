@@ -379,6 +379,7 @@ def request_cancel(session: Session, job_ids: Sequence[str]) -> dict[str, str]:
     now = utcnow()
     outcome: dict[str, str] = {}
     for chunk in _chunks(list(job_ids)):
+        before = dict(session.execute(select(Job.id, Job.status).where(Job.id.in_(chunk))).all())
         session.execute(
             update(Job)
             .where(Job.id.in_(chunk), Job.status == JobStatus.QUEUED.value)
@@ -392,15 +393,14 @@ def request_cancel(session: Session, job_ids: Sequence[str]) -> dict[str, str]:
             .values(cancel_requested=True)
             .execution_options(synchronize_session=False)
         )
-        found = dict(session.execute(select(Job.id, Job.status).where(Job.id.in_(chunk))).all())
         for job_id in chunk:
-            status = found.get(job_id)
+            status = before.get(job_id)
             if status is None:
                 outcome[job_id] = "not found"
+            elif status == JobStatus.QUEUED.value:
+                outcome[job_id] = "cancelled"
             elif status == JobStatus.RUNNING.value:
                 outcome[job_id] = "cancelling"
-            elif status == JobStatus.CANCELLED.value:
-                outcome[job_id] = "cancelled"
             else:
                 outcome[job_id] = f"already {status}"
     return outcome

@@ -61,10 +61,13 @@ class Database:
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Session]:
-        """A read-only transaction (never commits anything)."""
+        """A read-only transaction (never commits anything).
+
+        Objects loaded in it stay readable after the block (the session is closed, not
+        rolled back, so their loaded attributes are not expired).
+        """
         with self.read_sessions() as session:
             yield session
-            session.rollback()
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+from typing import Any
+
 from pydantic import ValidationError
 
 
@@ -16,17 +19,77 @@ class SpecError(GraftqError):
         super().__init__(message)
         self.problems = problems or [message]
 
+    def __str__(self) -> str:
+        if self.problems == [self.args[0]]:
+            return self.args[0]
+        return "\n".join([f"{self.args[0]}:", *(f"  {line}" for line in self.problems)])
+
+
+class BrokerUnavailable(GraftqError):
+    """The message broker cannot be reached; nothing was enqueued (the message says what was kept)."""
+
+
+# Parts of a pydantic error location that name a union member rather than a key.
+_TYPE_TAGS = {"int", "str", "float", "bool", "list", "dict", "none", "is-instance"}
+# Error types whose message reads better with the offending value shown.
+_SHOW_INPUT = ("_type", "_parsing", "enum", "literal_error", "greater_than", "less_than",
+               "too_long", "too_short", "model_type")
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(
+        part for part in loc
+        if not (isinstance(part, str) and (part in _TYPE_TAGS or "[" in part))
+    )
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed at `loc` (a section such as `lora`), for did-you-mean suggestions."""
+    from jobs.spec import SECTION_SPECS, JobSpec
+
+    model: Any = JobSpec if len(loc) <= 1 else SECTION_SPECS.get(str(loc[0]))
+    return list(model.model_fields) if model is not None else []
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
 
 def describe_validation_error(error: ValidationError, where: str = "") -> list[str]:
-    """Turn a pydantic ValidationError into lines `<where>key `a.b`: message`."""
-    lines = []
+    """Turn a pydantic ValidationError into lines `<where>: key `a.b`: message (got X)`.
+
+    Union members' errors for one key are joined into one line; unknown keys get a
+    did-you-mean suggestion from the spec's field names.
+    """
+    grouped: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(job)"
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            message = "unknown key; remove it or check its spelling (see `graftq submit --help-keys`)"
-        elif item["type"] == "missing":
+        grouped.setdefault(_clean_loc(tuple(item["loc"])), []).append(item)
+
+    lines = []
+    prefix = f"{where}: " if where else ""
+    for loc, items in grouped.items():
+        key = ".".join(str(part) for part in loc) or "(job)"
+        first = items[0]
+        if first["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc)
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f"did you mean `{close[0]}`?" if close else f"allowed keys: {', '.join(allowed)}"
+            message = f"unknown key; remove it or fix its spelling ({hint})"
+        elif first["type"] == "missing":
             message = "required key is missing"
-        prefix = f"{where}: " if where else ""
+        elif first["type"] == "model_type":
+            message = f"must be a mapping of {loc[-1]} settings (got {_shown(first.get('input'))})"
+        else:
+            messages = []
+            for item in items:
+                text = item["msg"].removeprefix("Value error, ")
+                if text not in messages:
+                    messages.append(text)
+            message = " or ".join(messages) if len(messages) > 1 else messages[0]
+            if any(first["type"].endswith(t) or first["type"] == t for t in _SHOW_INPUT) and "input" in first:
+                shown = _shown(first["input"])
+                if shown not in message:
+                    message += f" (got {shown})"
         lines.append(f"{prefix}key `{key}`: {message}")
     return lines

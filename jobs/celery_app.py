@@ -1,0 +1,68 @@
+"""The one Celery app of graftq, torch-free, configured from settings.
+
+The submitting side sends tasks by name (`app.send_task(RUN_JOB_TASK, ...)`) and never
+imports worker code; `worker/tasks.py` defines the task on this same app, and the worker
+processes run `celery -A worker.tasks:app worker ...`.
+
+Routing: a job whose spec asks for a GPU (`device: cuda...`) goes to `graftq.gpu`, one that
+asks for the CPU to `graftq.cpu`, any other to `graftq`. A GPU worker consumes
+`graftq.gpu,graftq`, a CPU worker `graftq.cpu,graftq`, so a GPU job never lands on a
+CPU-only worker.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from jobs.settings import Settings
+
+RUN_JOB_TASK = "graftq.run_job"
+
+app = Celery("graftq", set_as_current=False)
+_settings: Settings | None = None
+
+
+def configure(settings: Settings) -> Celery:
+    """Apply `settings` to the app (broker, queues, timeouts); returns the app."""
+    global _settings
+    _settings = settings
+    app.conf.update(
+        broker_url=settings.broker_url,
+        # The results database is the record of every job; no result backend.
+        result_backend=None,
+        task_ignore_result=True,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        event_serializer="json",
+        # At-least-once delivery: acknowledge after the task returns, redeliver when the worker
+        # process dies. Duplicates are dropped by the claim in the database (RELIABILITY.md 1).
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={"visibility_timeout": int(settings.visibility_timeout)},
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=5,
+        task_default_queue=settings.queue,
+        task_queues=[Queue(name, routing_key=name) for name in settings.queues],
+        task_create_missing_queues=True,
+        task_track_started=False,
+        # For flower (docker-compose): workers publish task events.
+        worker_send_task_events=True,
+        worker_hijack_root_logger=False,
+        enable_utc=True,
+        timezone="UTC",
+    )
+    return app
+
+
+def current_settings() -> Settings:
+    """The settings the app was last configured with (from the environment by default)."""
+    if _settings is None:
+        configure(Settings.from_env())
+    assert _settings is not None
+    return _settings
+
+
+configure(Settings.from_env())

@@ -1,0 +1,228 @@
+"""`graftq run`: execute a batch in this process through the Celery task code, no broker.
+
+The jobs are recorded like submitted ones (with no queue: no worker's reaper re-publishes
+them), then each runs through `run_job_task.apply(...)`, the task's own code path (claim,
+heartbeat, pipeline, fenced outcome), one after another. A live display shows jobs
+done/total, the running job's step, loss and ETA (rich on a terminal; plain lines
+otherwise); a summary table follows.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from jobs.batch import Batch
+from jobs.settings import Settings
+
+if TYPE_CHECKING:
+    from db.session import Database
+
+PLAIN_PROGRESS_INTERVAL = 10.0
+
+
+def _fmt_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(max(0.0, seconds)))
+    minutes, secs = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class _Tracker:
+    """What the display shows, read from the database (the task writes progress there)."""
+
+    def __init__(self, database: Database, job_ids: list[str], tasks: list[str], extensions: list[str]):
+        self.database = database
+        self.job_ids = job_ids
+        self.labels = [f"{t} ({e})" for t, e in zip(tasks, extensions)]
+        self.current: int | None = None
+        self.current_started = 0.0
+        self.durations: list[float] = []
+        self.finished: dict[str, int] = {}
+
+    def progress(self) -> dict[str, Any] | None:
+        if self.current is None:
+            return None
+        from db.queries import get_job
+
+        with self.database.read() as session:
+            job = get_job(session, self.job_ids[self.current])
+            if job is None:
+                return None
+            return {"step": job.progress_step, "total": job.progress_total, "loss": job.progress_loss,
+                    "phase": job.progress_phase}
+
+    def line(self) -> str:
+        done = sum(self.finished.values())
+        total = len(self.job_ids)
+        parts = [f"jobs {done}/{total} done"]
+        failed = self.finished.get("failed", 0) + self.finished.get("cancelled", 0)
+        if failed:
+            parts.append(f"{failed} failed/cancelled")
+        if self.current is not None:
+            elapsed = time.monotonic() - self.current_started
+            progress = self.progress() or {}
+            step, steps, loss = progress.get("step"), progress.get("total"), progress.get("loss")
+            job = f"job {self.current + 1}/{total} {self.labels[self.current]}: {progress.get('phase') or 'setup'}"
+            job_eta: float | None = None
+            if step and steps:
+                job += f" step {step}/{steps}"
+                job_eta = elapsed / step * max(0, steps - step)
+            if loss is not None:
+                job += f" loss {loss:.4g}"
+            if job_eta is not None:
+                job += f" eta {_fmt_seconds(job_eta)}"
+            parts.append(job)
+            remaining = total - done - 1
+            if self.durations and remaining >= 0 and job_eta is not None:
+                mean = sum(self.durations) / len(self.durations)
+                parts.append(f"batch eta {_fmt_seconds(job_eta + remaining * mean)}")
+        return " | ".join(parts)
+
+
+class _PlainDisplay:
+    """Lines for logs and pipes: one per job start/end, progress every few seconds."""
+
+    def __init__(self, tracker: _Tracker):
+        self.tracker = tracker
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> _PlainDisplay:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+    def _loop(self) -> None:
+        last = ""
+        while not self._stop.wait(PLAIN_PROGRESS_INTERVAL):
+            try:
+                line = self.tracker.line()
+            except Exception:  # the display must never break the run
+                continue
+            if line != last:
+                click.echo(f"  {line}")
+                last = line
+
+    def print(self, text: str) -> None:
+        click.echo(text)
+
+
+class _RichDisplay:
+    def __init__(self, tracker: _Tracker):
+        from rich.console import Console
+        from rich.live import Live
+
+        self.tracker = tracker
+        self.console = Console()
+        self.live = Live(self, console=self.console, refresh_per_second=2, transient=True)
+
+    def __rich__(self) -> str:
+        try:
+            return self.tracker.line()
+        except Exception:
+            return "..."
+
+    def __enter__(self) -> _RichDisplay:
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.live.__exit__(*exc)
+
+    def print(self, text: str) -> None:
+        self.live.console.print(text, highlight=False, markup=False)
+
+
+def run_batch(batch: Batch, settings: Settings, database: Database, *, interactive: bool | None = None) -> bool:
+    """Record `batch` and run its jobs here; returns True if every job succeeded."""
+    from db.models import JobStatus
+    from db.queries import fail_job, get_job, request_cancel
+    from jobs.celery_app import configure
+    from jobs.submit import record_batch
+
+    submitted = record_batch(database, batch, settings, broker=False)
+    click.echo(f"batch {submitted.batch_id} ({batch.name}): {len(submitted.job_ids)} jobs, running here; "
+               f"artifacts under {settings.artifacts_dir / submitted.batch_id}")
+    configure(settings)  # the task reads the database/artifacts settings from the app
+    from worker.tasks import run_job_task
+
+    tracker = _Tracker(database, submitted.job_ids, [s.task for s in batch.jobs],
+                       [s.extension.value for s in batch.jobs])
+    interactive = sys.stdout.isatty() if interactive is None else interactive
+    display: Any = _RichDisplay(tracker) if interactive else _PlainDisplay(tracker)
+    total = len(submitted.job_ids)
+    interrupted = False
+    with display:
+        for index, job_id in enumerate(submitted.job_ids):
+            tracker.current, tracker.current_started = index, time.monotonic()
+            if not interactive:
+                display.print(f"[{index + 1}/{total}] job {job_id} {tracker.labels[index]}: started")
+            try:
+                result = run_job_task.apply(args=[job_id], task_id=job_id)
+            except KeyboardInterrupt:
+                interrupted = True
+                with database.begin() as session:
+                    fail_job(session, job_id, None, "interrupted (Ctrl-C in graftq run)",
+                             status=JobStatus.CANCELLED)
+                    request_cancel(session, submitted.job_ids[index + 1:])
+                display.print(f"[{index + 1}/{total}] interrupted: this job and the rest are cancelled")
+                break
+            tracker.durations.append(time.monotonic() - tracker.current_started)
+            with database.begin() as session:
+                job = get_job(session, job_id)
+                assert job is not None
+                if job.status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
+                    # The task itself broke (e.g. the database went away mid-write): say so.
+                    fail_job(session, job_id, None, f"the task did not record an outcome: {result.result!r}",
+                             getattr(result, "traceback", None))
+                status, error = job.status, job.error
+            tracker.finished[status] = tracker.finished.get(status, 0) + 1
+            detail = f": {error.splitlines()[0][:200]}" if error and status != JobStatus.SUCCEEDED.value else ""
+            display.print(f"[{index + 1}/{total}] job {job_id} {tracker.labels[index]}: {status} in "
+                          f"{_fmt_seconds(tracker.durations[-1])}{detail}")
+        tracker.current = None
+
+    _print_summary(database, submitted.job_ids)
+    if interrupted:
+        return False
+    return tracker.finished.get(JobStatus.SUCCEEDED.value, 0) == total
+
+
+def _print_summary(database: Database, job_ids: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from db.queries import get_job
+
+    table = Table(title="summary", title_justify="left")
+    for column in ("job", "task", "extension", "kind", "status", "trainable", "train_loss", "eval_loss",
+                   "steps", "seconds", "artifacts / error"):
+        table.add_column(column)
+    with database.read() as session:
+        for job_id in job_ids:
+            job = get_job(session, job_id)
+            if job is None:
+                continue
+            where = job.job_dir if job.status == "succeeded" else (job.error or "").splitlines()[0][:80] if job.error else ""
+            table.add_row(
+                job.id, job.task, job.extension, job.kind, job.status,
+                f"{job.trainable_params:,} ({job.trainable_pct:.3g}%)" if job.trainable_params is not None
+                and job.trainable_pct is not None else "-",
+                "-" if job.train_loss is None else f"{job.train_loss:.4g}",
+                "-" if job.eval_loss is None else f"{job.eval_loss:.4g}",
+                "-" if job.steps is None else str(job.steps),
+                "-" if job.train_seconds is None else f"{job.train_seconds:.1f}",
+                where or "-",
+            )
+    console = Console(width=None if sys.stdout.isatty() else 250, highlight=False)
+    console.print(table)

@@ -1,0 +1,232 @@
+"""The `graftq` CLI: help, submit (real Redis), results/show/status/cancel, import hygiene."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import subprocess
+import textwrap
+
+import pytest
+from click.testing import CliRunner
+
+from db.queries import RESULT_FIELDS
+from db.session import clear_cache, get_database
+from jobs.cli import cli, iter_commands
+from tests.conftest import ROOT, free_port, graftq_argv
+
+BATCH = """
+    batch: cli-test
+    base_model: random:t5-tiny
+    defaults:
+      train: {dataset: data/reverse.jsonl, max_steps: 2, batch_size: 4}
+    jobs:
+      - {task: reverse, extension: lora}
+      - {task: reverse, extension: layer, device: cpu}
+      - {task: reverse, extension: hybrid, device: "cuda:0"}
+      - {task: stats, kind: create, extension: hybrid}
+"""
+
+
+@pytest.fixture
+def batch_file(tmp_path, dataset):
+    path = tmp_path / "batch.yaml"
+    path.write_text(textwrap.dedent(BATCH))
+    return path
+
+
+@pytest.fixture
+def invoke(sqlite_url, artifacts_dir):
+    runner = CliRunner()
+
+    def run(*args: str, broker: str | None = None):
+        options = ["--database-url", sqlite_url, "--artifacts-dir", str(artifacts_dir)]
+        if broker:
+            options += ["--broker-url", broker]
+        return runner.invoke(cli, [*options, *args], catch_exceptions=False)
+
+    yield run
+    clear_cache()
+
+
+@pytest.mark.parametrize("path", [(), *iter_commands()], ids=lambda p: " ".join(p) or "graftq")
+def test_every_command_has_help(path):
+    result = CliRunner().invoke(cli, [*path, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage: " in result.output and "--help" in result.output
+
+
+def test_submit_help_keys_describes_the_batch_file(invoke):
+    result = invoke("submit", "--help-keys")
+    assert result.exit_code == 0
+    for key in ("task", "extension", "target_modules", "init_scale", "max_steps", "eval_fraction"):
+        assert key in result.output
+
+
+def test_submit_records_queued_jobs_and_routes_them_by_device(invoke, batch_file, redis_url, redis_server, sqlite_url):
+    result = invoke("submit", str(batch_file), broker=redis_url)
+    assert result.exit_code == 0, result.output
+    batch_id = result.stdout.strip().splitlines()[-1]
+    assert len(batch_id) == 16
+    # auto -> graftq, cpu -> graftq.cpu, cuda:0 -> graftq.gpu (a CPU-only worker never takes it)
+    assert redis_server.queue_lengths() == {"graftq": 2, "graftq.gpu": 1, "graftq.cpu": 1}
+    message = json.loads(redis_server.client().lindex("graftq.gpu", 0))
+    assert message["content-type"] == "application/json" and message["headers"]["task"] == "graftq.run_job"
+    database = get_database(sqlite_url)
+    from db.queries import jobs_of_batch
+
+    with database.read() as session:
+        jobs = jobs_of_batch(session, batch_id)
+        assert [j.status for j in jobs] == ["queued"] * 4
+        assert all(j.published_at is not None for j in jobs)
+        assert [j.queue for j in jobs] == ["graftq", "graftq.cpu", "graftq.gpu", "graftq"]
+        body = json.loads(base64.b64decode(message["body"]))  # kombu's Redis transport base64-encodes bodies
+        assert body[0] == [jobs[2].id]  # the message carries only the job id
+
+    status = invoke("status", batch_id)
+    assert status.exit_code == 0 and "cli-test" in status.output and "4" in status.output
+
+    cancelled = invoke("cancel", jobs[0].id, jobs[1].id[:8])
+    assert cancelled.exit_code == 0
+    assert f"{jobs[0].id}: cancelled" in cancelled.output and f"{jobs[1].id}: cancelled" in cancelled.output
+    rest = invoke("cancel", "--batch", batch_id)
+    assert "2 cancelled" in rest.output and "2 already cancelled" in rest.output
+    rows = json.loads(invoke("results", "--batch", "cli-test", "--format", "json").output)
+    assert {row["status"] for row in rows} == {"cancelled"}
+
+
+def test_submit_with_the_broker_down_fails_clearly_and_records_nothing(invoke, batch_file, tmp_path):
+    down = f"redis://127.0.0.1:{free_port()}/0"
+    result = CliRunner().invoke(cli, ["--database-url", f"sqlite:///{tmp_path / 'g.db'}", "--broker-url", down,
+                                      "submit", str(batch_file)])
+    assert result.exit_code == 1
+    assert "cannot reach the broker" in result.output and "Nothing was recorded" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "g.db").exists()  # checked before the database was even opened
+
+
+def test_dry_run_prints_the_expanded_jobs_and_writes_nothing(batch_file, tmp_path, dataset):
+    url = f"sqlite:///{tmp_path / 'never.db'}"
+    result = CliRunner().invoke(cli, ["--database-url", url, "--broker-url", "redis://127.0.0.1:1/0",
+                                      "submit", "--dry-run", str(batch_file)])
+    assert result.exit_code == 0, result.output
+    assert "4 jobs" in result.output and "queue=graftq.gpu" in result.output
+    assert str(dataset.resolve()) in result.output  # paths are shown resolved
+    assert not (tmp_path / "never.db").exists()
+
+
+def _finished_batch(sqlite_url):
+    """A batch recorded straight through the query functions (no model needed): 3 jobs."""
+    from db.queries import claim_job, create_batch, fail_job, finish_job
+
+    database = get_database(sqlite_url)
+    rows = [{"task": t, "kind": "train", "extension": e, "base_model": "random:t5-tiny", "queue": "graftq",
+             "spec": {"task": t}} for t, e in (("a", "lora"), ("b", "layer"), ("c", "hybrid"))]
+    with database.begin() as session:
+        batch_id, ids = create_batch(session, "finished", rows)
+        for job_id, loss in zip(ids[:2], (2.0, 1.0)):
+            token = claim_job(session, job_id, "w", 60)
+            finish_job(session, job_id, token, stats={"base_params": 100, "trainable_params": 10,
+                                                      "trainable_pct": 10.0},
+                       metrics={"train_loss": loss, "steps": 2}, device="cpu", dtype="float32",
+                       versions={"torch": "2"}, job_dir=f"/art/{job_id}", adapter_path=f"/art/{job_id}/adapter",
+                       loss_curve=[(1, "train", loss + 1), (2, "train", loss)])
+        token = claim_job(session, ids[2], "w", 60)
+        fail_job(session, ids[2], token, "ConfigError: unknown target module 'qq'", "Traceback...\nConfigError")
+    return batch_id, ids
+
+
+def test_results_json_has_the_documented_keys_and_sorts(invoke, sqlite_url):
+    batch_id, ids = _finished_batch(sqlite_url)
+    rows = json.loads(invoke("results", "--format", "json", "--sort", "train_loss").output)
+    assert [list(row) for row in rows] == [list(RESULT_FIELDS)] * 3
+    assert [row["id"] for row in rows] == [ids[1], ids[0], ids[2]]  # 1.0, 2.0, then the failed job (null)
+    assert rows[0]["batch"] == "finished" and rows[0]["batch_id"] == batch_id
+    assert rows[2]["error"].startswith("ConfigError") and rows[2]["train_loss"] is None
+    assert rows[0]["created_at"].endswith("+00:00")
+    newest_first = json.loads(invoke("results", "--format", "json", "--sort", "-train_loss", "--limit", "1").output)
+    assert [row["id"] for row in newest_first] == [ids[0]]
+    only_failed = json.loads(invoke("results", "--format", "json", "--status", "failed").output)
+    assert [row["id"] for row in only_failed] == [ids[2]]
+
+
+def test_results_csv_has_the_same_columns(invoke, sqlite_url):
+    _finished_batch(sqlite_url)
+    output = invoke("results", "--format", "csv", "--extension", "lora").output
+    reader = csv.DictReader(io.StringIO(output))
+    assert reader.fieldnames == list(RESULT_FIELDS)
+    [row] = list(reader)
+    assert row["extension"] == "lora" and row["train_loss"] == "2.0" and row["layer_path"] == ""
+
+
+def test_results_table_and_bad_options(invoke, sqlite_url):
+    _finished_batch(sqlite_url)
+    table = invoke("results")
+    assert table.exit_code == 0 and "succeeded" in table.output and "failed" in table.output
+    bad = CliRunner().invoke(cli, ["--database-url", sqlite_url, "results", "--sort", "colour"])
+    assert bad.exit_code == 2 and "cannot sort by 'colour'" in bad.output
+    assert "Traceback" not in bad.output
+
+
+def test_show_prints_one_job_in_full(invoke, sqlite_url):
+    _, ids = _finished_batch(sqlite_url)
+    text = invoke("show", ids[2]).output
+    assert "unknown target module" in text and "Traceback..." in text and "spec:" in text
+    full = json.loads(invoke("show", ids[0], "--format", "json").output)
+    assert full["adapter_path"] == f"/art/{ids[0]}/adapter" and full["versions"] == {"torch": "2"}
+    assert [p["loss"] for p in full["loss_curve"]] == [3.0, 2.0]
+    missing = CliRunner().invoke(cli, ["--database-url", sqlite_url, "show", "nosuchjob"])
+    assert missing.exit_code == 2 and "no job with id 'nosuchjob'" in missing.output
+
+
+def test_cancel_needs_ids_or_a_batch(invoke):
+    result = CliRunner().invoke(cli, ["cancel"])
+    assert result.exit_code == 2 and "give job ids or --batch" in result.output
+
+
+def test_db_upgrade_creates_and_then_keeps_the_schema(tmp_path):
+    url = f"sqlite:///{tmp_path / 'up.db'}"
+    first = CliRunner().invoke(cli, ["--database-url", url, "db", "upgrade"])
+    assert first.exit_code == 0 and "upgraded from revision none" in first.output
+    clear_cache()
+    second = CliRunner().invoke(cli, ["--database-url", url, "db", "upgrade"])
+    assert "already at schema revision" in second.output
+    clear_cache()
+
+
+def test_an_unusable_database_url_is_a_clear_error():
+    result = CliRunner().invoke(cli, ["--database-url", "nosuchdriver://x/y", "results"])
+    assert result.exit_code == 1 and "cannot open the database" in result.output
+
+
+PROBE = """
+import json, sys
+from jobs.cli import main
+try:
+    main()
+except SystemExit:
+    pass
+heavy = [m for m in ("torch", "transformers", "peft", "celery", "kombu") if m in sys.modules]
+sys.stderr.write("GRAFTQ_MODULES=" + json.dumps(heavy) + "\\n")
+"""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["submit", "--dry-run", "BATCH"], ["results"], ["status"],
+                                  ["show", "--help"]], ids=" ".join)
+def test_light_commands_never_import_torch_or_celery(args, batch_file, graftq_env):
+    args = [str(batch_file) if a == "BATCH" else a for a in args]
+    result = subprocess.run(["python", "-c", PROBE, *args], cwd=ROOT, env=graftq_env, capture_output=True,
+                            text=True, timeout=120, executable=graftq_argv()[0])
+    assert result.returncode == 0, result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("GRAFTQ_MODULES=")]
+    assert json.loads(line.split("=", 1)[1]) == []
+
+
+def test_the_module_entry_point_runs(graftq_env):
+    result = subprocess.run(graftq_argv("--help"), cwd=ROOT, env=graftq_env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and "graftq" in result.stdout
+    for command in ("run", "submit", "worker", "status", "results", "show", "cancel", "db"):
+        assert command in result.stdout

@@ -1,0 +1,283 @@
+"""The Celery task: `graftq.run_job(job_id)`. Thin: claim, run the pipeline, record.
+
+Worker processes run `celery -A worker.tasks:app worker ...` (see worker/launcher.py);
+`graftq run` executes the same task in-process with `run_job_task.apply(args=[job_id])`.
+
+Exactly-once execution is built on the database row, not on the broker (RELIABILITY.md):
+
+1. claim the row with a conditional UPDATE (queued, or running with a stale heartbeat,
+   and attempts left); a delivery that cannot claim (finished, or running with a live
+   heartbeat elsewhere) is acknowledged without running: that drops duplicates;
+2. a heartbeat thread keeps the claim alive and notices cancel requests and a lost claim;
+3. every write about the job names the claim token, so a worker that lost its claim
+   writes nothing;
+4. deterministic failures (`JobError`, any other exception) end the job `failed` and are
+   never retried; only `TransientError` and lost database connections are retried, and
+   the attempt counter in the database bounds them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from celery.utils.log import get_task_logger
+from sqlalchemy.exc import OperationalError
+
+from db.models import JobStatus
+from db.queries import (
+    ClaimState,
+    claim_job,
+    fail_job,
+    finish_job,
+    get_job,
+    heartbeat,
+    record_progress,
+    release_job,
+    settle_stale_job,
+)
+from db.session import Database, get_database
+from jobs.celery_app import RUN_JOB_TASK, app, current_settings
+from jobs.settings import Settings
+from worker.errors import JobCancelled, JobError, TransientError
+
+__all__ = ["app", "execute_job", "run_job_task"]
+
+log = get_task_logger(__name__)
+T = TypeVar("T")
+
+#: Seconds between progress writes to the database (the last step is always written).
+PROGRESS_WRITE_INTERVAL = 1.0
+#: Phrases of CUDA errors after which the process's CUDA context is unusable.
+STICKY_CUDA_ERRORS = ("device-side assert", "illegal memory access", "unspecified launch failure",
+                      "CUDA error: misaligned address", "uncorrectable ECC error")
+
+
+@app.task(name=RUN_JOB_TASK, bind=True, acks_late=True, ignore_result=True, max_retries=None)
+def run_job_task(self: Any, job_id: str) -> str:
+    """Run one job by id; returns the job's final status (or `skipped`)."""
+    worker = self.request.hostname or f"local@{socket.gethostname()}"
+    try:
+        return execute_job(job_id, current_settings(), worker=f"{worker}:{os.getpid()}",
+                           eager=bool(self.request.is_eager))
+    except _Retry as retry:
+        countdown = min(60.0, 2.0 ** max(0, retry.attempt))
+        log.warning("job %s: transient failure, retrying in %.0f s: %s", job_id, countdown, retry.error)
+        raise self.retry(exc=retry.error, countdown=countdown, max_retries=None) from None
+
+
+class _Retry(Exception):
+    def __init__(self, error: BaseException, attempt: int):
+        super().__init__(str(error))
+        self.error = error
+        self.attempt = attempt
+
+
+def _with_db_retries(action: Callable[[], T], tries: int = 4) -> T:
+    """Run a short DB transaction, retrying a lost connection a few times with back-off."""
+    for attempt in range(tries):
+        try:
+            return action()
+        except OperationalError as error:  # connection lost, server restarting, lock timeout
+            if attempt == tries - 1:
+                raise
+            log.warning("database error (try %d of %d): %s", attempt + 1, tries, error)
+            time.sleep(0.5 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+class _Heartbeat(threading.Thread):
+    """Keeps the claim alive; records whether cancel was requested or the claim was lost."""
+
+    def __init__(self, database: Database, job_id: str, token: str, interval: float):
+        super().__init__(name=f"graftq-heartbeat-{job_id}", daemon=True)
+        self.database = database
+        self.job_id = job_id
+        self.token = token
+        self.interval = interval
+        # Cancel requests are looked for more often than the heartbeat is written.
+        self.tick = min(interval, 1.0)
+        self.cancel_requested = False
+        self.claim_lost = False
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.tick):
+            try:
+                with self.database.begin() as session:
+                    state: ClaimState = heartbeat(session, self.job_id, self.token)
+            except Exception as error:  # keep beating; a stale heartbeat is the consequence
+                log.warning("job %s: heartbeat failed: %s", self.job_id, error)
+                continue
+            self.cancel_requested = state.cancel_requested
+            if not state.held:
+                self.claim_lost = True
+                log.warning("job %s: claim lost (taken over or finished elsewhere); stopping", self.job_id)
+                return
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=5)
+
+
+class _ProgressWriter:
+    """`JobContext.on_progress`: writes progress to the row, at most once a second."""
+
+    def __init__(self, database: Database, job_id: str, token: str, beat: _Heartbeat):
+        self.database = database
+        self.job_id = job_id
+        self.token = token
+        self.beat = beat
+        self.last_write = 0.0
+        self.last_phase: str | None = None
+
+    def __call__(self, progress: Any) -> None:
+        now = time.monotonic()
+        final = progress.total_steps and progress.step >= progress.total_steps
+        if now - self.last_write < PROGRESS_WRITE_INTERVAL and progress.phase == self.last_phase and not final:
+            return
+        self.last_write, self.last_phase = now, progress.phase
+        loss = None if progress.loss is None else float(progress.loss)
+        try:
+            with self.database.begin() as session:
+                held = record_progress(session, self.job_id, self.token, int(progress.step),
+                                       progress.total_steps, loss, progress.phase)
+        except Exception as error:  # progress is best effort; the heartbeat thread reports real trouble
+            log.warning("job %s: progress not recorded: %s", self.job_id, error)
+            return
+        if not held:
+            self.beat.claim_lost = True
+
+
+def _describe_unclaimable(database: Database, job_id: str, settings: Settings) -> str:
+    with database.begin() as session:
+        settled = settle_stale_job(session, job_id, settings.stale_after)
+        job = get_job(session, job_id)
+        if job is None:
+            return "no such job in the database"
+        if settled:
+            return f"its worker died; now {settled} ({job.error})"
+        if job.status == JobStatus.RUNNING.value:
+            return f"running on {job.worker} with a live heartbeat (a duplicate delivery)"
+        if job.status == JobStatus.QUEUED.value and job.attempts >= job.max_attempts:
+            fail_job(session, job_id, None, f"gave up after {job.attempts} attempts")
+            return "attempt limit reached; marked failed"
+        return f"already {job.status}"
+
+
+def execute_job(job_id: str, settings: Settings, *, worker: str, eager: bool = False) -> str:
+    """Claim and run one job, record its outcome; returns the final status or `skipped`.
+
+    Raises `_Retry` for a transient failure when the job has attempts left.
+    """
+    database = get_database(settings.database_url)
+
+    def claim() -> str | None:
+        with database.begin() as session:
+            return claim_job(session, job_id, worker, settings.stale_after)
+
+    try:
+        token = _with_db_retries(claim)
+    except OperationalError as error:
+        raise _Retry(error, 0) from error
+    if token is None:
+        reason = _with_db_retries(lambda: _describe_unclaimable(database, job_id, settings))
+        log.info("job %s not run: %s", job_id, reason)
+        return "skipped"
+
+    with database.read() as session:
+        job = get_job(session, job_id)
+        assert job is not None
+        batch_id, spec_json, attempts = job.batch_id, job.spec, job.attempts
+    log.info("job %s (batch %s) claimed by %s, attempt %d", job_id, batch_id, worker, attempts)
+
+    def finish(fn: Callable[..., bool], *args: Any, **kwargs: Any) -> bool:
+        def write() -> bool:
+            with database.begin() as session:
+                return fn(session, job_id, token, *args, **kwargs)
+
+        written = _with_db_retries(write)
+        if not written:
+            log.warning("job %s: claim lost before the outcome was recorded; outcome discarded", job_id)
+        return written
+
+    from pydantic import ValidationError
+
+    from jobs.errors import describe_validation_error
+    from jobs.spec import JobSpec
+
+    try:
+        spec = JobSpec.model_validate(spec_json)
+    except ValidationError as error:
+        problems = "; ".join(describe_validation_error(error, where=f"job {job_id}"))
+        finish(fail_job, f"the stored job spec is not valid for this graftq version: {problems}")
+        return JobStatus.FAILED.value
+
+    beat = _Heartbeat(database, job_id, token, settings.heartbeat_interval)
+    beat.start()
+    try:
+        from worker import pipeline
+
+        context = pipeline.JobContext(
+            job_id=job_id,
+            batch_id=batch_id,
+            spec=spec,
+            artifacts_root=settings.artifacts_dir,
+            on_progress=_ProgressWriter(database, job_id, token, beat),
+            should_cancel=lambda: beat.cancel_requested or beat.claim_lost,
+            checkpoint_dir=settings.artifacts_dir / ".checkpoints" / batch_id / job_id,
+        )
+        outcome = pipeline.run_job(context)
+    except JobCancelled:
+        beat.stop()
+        if beat.claim_lost:
+            log.warning("job %s stopped: its claim was lost", job_id)
+            return "skipped"
+        finish(fail_job, "cancelled on request", None, status=JobStatus.CANCELLED)
+        log.info("job %s cancelled", job_id)
+        return JobStatus.CANCELLED.value
+    except JobError as error:
+        beat.stop()
+        finish(fail_job, str(error) or type(error).__name__, traceback.format_exc())
+        log.error("job %s failed: %s", job_id, error)
+        return JobStatus.FAILED.value
+    except (TransientError, OperationalError) as error:
+        beat.stop()
+        released = finish(release_job, f"transient failure, will retry: {error}")
+        if released:
+            raise _Retry(error, attempts) from error
+        finish(fail_job, f"transient failure and no attempts left: {error}", traceback.format_exc())
+        return JobStatus.FAILED.value
+    except Exception as error:
+        beat.stop()
+        message = f"{type(error).__name__}: {error}"
+        finish(fail_job, message, traceback.format_exc())
+        log.exception("job %s failed", job_id)
+        if not eager and any(phrase in str(error) for phrase in STICKY_CUDA_ERRORS):
+            # The CUDA context of this process is broken: exit after this task (warm shutdown)
+            # so that `graftq worker` starts a fresh process for the next job.
+            log.error("sticky CUDA error: this worker process stops and is replaced")
+            os.kill(os.getpid(), signal.SIGTERM)
+        return JobStatus.FAILED.value
+    beat.stop()
+
+    finish(
+        finish_job,
+        stats=outcome.stats,
+        metrics=outcome.metrics,
+        device=outcome.device,
+        dtype=outcome.dtype,
+        versions=outcome.versions,
+        job_dir=str(outcome.job_dir),
+        adapter_path=None if outcome.adapter_path is None else str(outcome.adapter_path),
+        layer_path=None if outcome.layer_path is None else str(outcome.layer_path),
+        loss_curve=outcome.loss_curve,
+    )
+    log.info("job %s succeeded", job_id)
+    return JobStatus.SUCCEEDED.value
