@@ -1,0 +1,269 @@
+"""The queue end to end: `graftq submit` to a real redis-server, `graftq worker --gpus none` as a
+real subprocess, tiny `random:t5-tiny` jobs, and the embedded `graftq run`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from db.queries import RESULT_FIELDS, get_job, jobs_of_batch
+from db.session import clear_cache, get_database
+from jobs.cli import cli
+from tests.conftest import ROOT, graftq_argv
+
+pytestmark = pytest.mark.slow
+
+SIX_JOBS = """
+    batch: e2e
+    base_model: random:t5-tiny
+    defaults:
+      lora: {r: 4, alpha: 8}
+      layer: {init_scale: 0.01}
+      train: {dataset: data/reverse.jsonl, max_steps: 3, batch_size: 4, eval_fraction: 0.2, checkpoint_every: 0}
+    jobs:
+      - {task: reverse, extension: lora}
+      - {task: reverse, extension: layer}
+      - {task: reverse, extension: hybrid}
+      - {task: stats, kind: create, extension: lora}
+      - {task: stats, kind: create, extension: layer, layer: {stack: decoder}}
+      - {task: stats, kind: create, extension: hybrid}
+"""
+
+
+class Pool:
+    """A test's own Redis queues, SQLite file, artifacts dir and one CPU `graftq worker`."""
+
+    def __init__(self, root: Path, redis_server):
+        self.root = root
+        self.redis = redis_server
+        self.database_url = f"sqlite:///{root / 'graftq.db'}"
+        self.artifacts = root / "artifacts"
+        self.env = dict(os.environ)
+        self.env.update(GRAFTQ_DATABASE_URL=self.database_url, GRAFTQ_BROKER_URL=redis_server.url,
+                        GRAFTQ_ARTIFACTS_DIR=str(self.artifacts), GRAFTQ_HEARTBEAT_INTERVAL="1",
+                        GRAFTQ_STALE_AFTER="10", PYTHONPATH=str(ROOT))
+        self.log_path = root / "worker.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start_worker(self) -> None:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(graftq_argv("worker", "--gpus", "none", "--reap-interval", "2"),
+                                        cwd=self.root, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+
+    def stop_worker(self, timeout: float = 60) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+
+    def log_tail(self, lines: int = 60) -> str:
+        if not self.log_path.exists():
+            return "(no worker log)"
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def cli(self, *args: str):
+        return CliRunner().invoke(cli, ["--database-url", self.database_url, "--broker-url", self.redis.url,
+                                        "--artifacts-dir", str(self.artifacts), *args], catch_exceptions=False)
+
+    def submit(self, batch_path: Path) -> str:
+        result = self.cli("submit", str(batch_path))
+        assert result.exit_code == 0, result.output
+        return result.stdout.strip().splitlines()[-1]
+
+    def wait_for(self, what: str, predicate: Callable[[], bool], timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            assert self.process is None or self.process.poll() is None, (
+                f"the worker exited while waiting for {what}:\n{self.log_tail()}")
+            time.sleep(0.5)
+        raise AssertionError(f"timed out waiting for {what}\nworker log:\n{self.log_tail()}")
+
+    def jobs(self, batch_id: str):
+        with get_database(self.database_url).read() as session:
+            return jobs_of_batch(session, batch_id)
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory, redis_server):
+    root = tmp_path_factory.mktemp("pool")
+    redis_server.start()
+    redis_server.flush()
+    data = root / "data"
+    data.mkdir()
+    words = ["abc", "xyz", "cat", "dog", "sun", "map", "red", "fox", "owl", "bee", "ink", "jar"]
+    (data / "reverse.jsonl").write_text("".join(json.dumps({"input": w, "target": w[::-1]}) + "\n" for w in words * 3))
+    pool = Pool(root, redis_server)
+    pool.start_worker()
+    yield pool
+    if pool.process is not None and pool.process.poll() is None:
+        pool.stop_worker()
+    clear_cache()
+
+
+def _write(root: Path, name: str, body: str) -> Path:
+    path = root / name
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def test_a_submitted_batch_runs_on_a_cpu_worker_and_records_everything(pool):
+    body = SIX_JOBS + '      - {task: needs-gpu, kind: create, extension: lora, device: "cuda:0"}\n'
+    batch_id = pool.submit(_write(pool.root, "six.yaml", body))
+    pool.wait_for("the six CPU-able jobs to finish",
+                  lambda: all(j.status in ("succeeded", "failed", "cancelled") for j in pool.jobs(batch_id)[:6]))
+    jobs = pool.jobs(batch_id)
+    for job in jobs[:6]:
+        assert job.status == "succeeded", f"{job.task}/{job.extension}: {job.error}\n{job.traceback}"
+        assert job.attempts == 1 and job.worker.startswith("graftq-cpu@") and job.device == "cpu"
+        assert job.dtype == "float32" and job.versions and {"torch", "transformers", "peft"} <= set(job.versions)
+        assert job.base_params > 0 and job.total_params > job.base_params
+        assert job.trainable_pct == pytest.approx(job.trainable_params / job.base_params * 100)
+        job_dir = Path(job.job_dir)
+        assert job_dir == pool.artifacts / batch_id / job.id and (job_dir / "job.json").is_file()
+        if job.extension in ("lora", "hybrid"):
+            assert job.lora_params > 0
+        if job.extension in ("layer", "hybrid"):
+            assert job.layer_params > 0
+        if job.extension == "lora":
+            assert job.adapter_path == str(job_dir / "adapter") and job.layer_path is None
+            assert (job_dir / "adapter" / "adapter_config.json").is_file()
+            assert (job_dir / "adapter" / "adapter_model.safetensors").is_file()
+        if job.extension == "layer":
+            assert job.layer_path == str(job_dir / "layer") and job.adapter_path is None
+            assert list((job_dir / "layer").glob("*.safetensors"))
+        if job.kind == "train":
+            assert job.steps == 3 and job.train_loss is not None and job.eval_loss is not None
+        else:
+            assert job.train_loss is None
+    # The GPU job waits in graftq.gpu: a CPU-only worker never takes it.
+    gpu_job = jobs[6]
+    assert gpu_job.status == "queued" and pool.redis.queue_lengths()["graftq.gpu"] == 1
+
+    rows = json.loads(pool.cli("results", "--batch", batch_id, "--format", "json", "--status", "succeeded").output)
+    assert len(rows) == 6 and all(list(row) == list(RESULT_FIELDS) for row in rows)
+    assert {row["extension"] for row in rows} == {"lora", "layer", "hybrid"}
+    table = list(csv.DictReader(io.StringIO(pool.cli("results", "--batch", "e2e", "--format", "csv").output)))
+    assert len(table) == 7 and {r["status"] for r in table} == {"succeeded", "queued"}
+    trained = [r for r in rows if r["kind"] == "train"]
+    assert all(r["train_loss"] is not None and r["steps"] == 3 for r in trained)
+
+    shown = pool.cli("show", jobs[0].id)
+    assert "loss curve:" in shown.output and "adapter_path" in shown.output
+    cancelled = pool.cli("cancel", gpu_job.id)
+    assert f"{gpu_job.id}: cancelled" in cancelled.output
+
+    # A duplicate delivery of a finished job is acknowledged without running it again.
+    from jobs.celery_app import RUN_JOB_TASK, configure
+    from jobs.settings import Settings
+
+    app = configure(Settings(database_url=pool.database_url, broker_url=pool.redis.url))
+    finished_at = jobs[3].finished_at
+    app.send_task(RUN_JOB_TASK, args=[jobs[3].id], queue="graftq")
+    pool.wait_for("the duplicate message to be consumed", lambda: pool.redis.queue_lengths()["graftq"] == 0, 60)
+    time.sleep(2)
+    with get_database(pool.database_url).read() as session:
+        again = get_job(session, jobs[3].id)
+        assert (again.attempts, again.finished_at, again.status) == (1, finished_at, "succeeded")
+
+
+def test_a_running_job_is_cancelled_at_its_next_step(pool):
+    batch_id = pool.submit(_write(pool.root, "long.yaml", """
+        base_model: random:t5-tiny
+        jobs:
+          - {task: long, extension: lora, device: cpu,
+             train: {dataset: data/reverse.jsonl, max_steps: 5000, batch_size: 2, checkpoint_every: 0}}
+    """))
+    [job] = pool.jobs(batch_id)
+    pool.wait_for("the long job to be training",
+                  lambda: (j := pool.jobs(batch_id)[0]).status == "running" and (j.progress_step or 0) > 0)
+    result = pool.cli("cancel", job.id)
+    assert f"{job.id}: cancelling" in result.output
+    requested = time.monotonic()
+    pool.wait_for("the running job to stop", lambda: pool.jobs(batch_id)[0].status == "cancelled", 60)
+    assert time.monotonic() - requested < 30
+    [job] = pool.jobs(batch_id)
+    assert job.progress_step < 5000 and job.train_loss is None
+    assert not (pool.artifacts / batch_id / job.id).exists()  # nothing half-written is left behind
+
+
+def test_the_worker_stops_on_sigterm(pool):
+    assert pool.process is not None and pool.process.poll() is None
+    assert pool.stop_worker(timeout=60) == 0
+    pool.process = None
+
+
+# --- graftq run: the embedded worker --------------------------------------------------------------
+
+
+EMBEDDED = """
+    batch: embedded
+    base_model: random:t5-tiny
+    defaults:
+      train: {dataset: data/reverse.jsonl, max_steps: 2, batch_size: 4, checkpoint_every: 0}
+    jobs:
+      - {task: reverse, extension: lora}
+      - {task: stats, kind: create, extension: layer}
+      - {task: reverse, extension: hybrid, lora: {r: 2}}
+"""
+
+
+def test_graftq_run_executes_every_job_in_process(tmp_path, dataset, sqlite_url, artifacts_dir):
+    path = _write(tmp_path, "embedded.yaml", EMBEDDED)
+    result = CliRunner().invoke(cli, ["--database-url", sqlite_url, "--artifacts-dir", str(artifacts_dir),
+                                      "--broker-url", "redis://127.0.0.1:1/0",  # never contacted
+                                      "run", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "[3/3]" in result.output and "succeeded" in result.output and "summary" in result.output
+    rows = json.loads(CliRunner().invoke(cli, ["--database-url", sqlite_url, "results", "--format", "json"]).output)
+    assert [r["status"] for r in rows] == ["succeeded"] * 3
+    assert all(Path(r["adapter_path"] or r["layer_path"]).is_dir() for r in rows)
+    assert all(str(artifacts_dir) in (r["adapter_path"] or r["layer_path"]) for r in rows)
+    clear_cache()
+
+
+def test_graftq_run_exits_non_zero_when_a_job_fails_and_still_runs_the_others(tmp_path, dataset, sqlite_url,
+                                                                               artifacts_dir):
+    path = _write(tmp_path, "failing.yaml", """
+        base_model: random:t5-tiny
+        jobs:
+          - {task: bad, kind: create, extension: lora, lora: {target_modules: [no_such_module]}}
+          - {task: good, kind: create, extension: layer}
+    """)
+    result = CliRunner().invoke(cli, ["--database-url", sqlite_url, "--artifacts-dir", str(artifacts_dir),
+                                      "run", str(path)])
+    assert result.exit_code == 1, result.output
+    assert "no_such_module" in result.output
+    rows = json.loads(CliRunner().invoke(cli, ["--database-url", sqlite_url, "results", "--format", "json",
+                                               "--sort", "task"]).output)
+    assert [(r["task"], r["status"]) for r in rows] == [("bad", "failed"), ("good", "succeeded")]
+    assert rows[0]["attempts"] == 1  # a deterministic failure is never retried
+    clear_cache()
+
+
+def test_graftq_run_as_a_real_process(tmp_path, dataset, graftq_env):
+    path = _write(tmp_path, "embedded.yaml", EMBEDDED)
+    result = subprocess.run(graftq_argv("run", str(path)), cwd=tmp_path, env=graftq_env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("succeeded") >= 6  # one line per job + one summary row per job
+    assert "Traceback" not in result.stderr
+    rows = subprocess.run(graftq_argv("results", "--format", "json"), cwd=tmp_path, env=graftq_env,
+                          capture_output=True, text=True, timeout=60)
+    assert [r["status"] for r in json.loads(rows.stdout)] == ["succeeded"] * 3
