@@ -230,3 +230,36 @@ def test_the_module_entry_point_runs(graftq_env):
     assert result.returncode == 0 and "graftq" in result.stdout
     for command in ("run", "submit", "worker", "status", "results", "show", "cancel", "db"):
         assert command in result.stdout
+
+
+def test_a_broker_that_dies_midway_leaves_no_queued_row_without_a_message(invoke, batch_file, redis_url,
+                                                                           redis_server, sqlite_url, monkeypatch):
+    import jobs.submit
+    from jobs.celery_app import app
+
+    monkeypatch.setattr(jobs.submit, "PUBLISH_CHUNK", 2)
+    real_send_task = app.send_task
+    sent = []
+
+    def send_task_then_kill_the_broker(*args, **kwargs):
+        sent.append(args)
+        if len(sent) == 3:  # while the second chunk of messages is being sent
+            redis_server.stop(kill=True)
+        return real_send_task(*args, **kwargs)
+
+    monkeypatch.setattr(app, "send_task", send_task_then_kill_the_broker)
+    try:
+        result = invoke("submit", str(batch_file), broker=redis_url)
+    finally:
+        redis_server.start()
+    assert result.exit_code == 1, result.output
+    assert "failed after 2 of 4 jobs" in result.output and "marked failed" in result.output
+    from db.queries import jobs_of_batch, status_counts
+
+    with get_database(sqlite_url).read() as session:
+        [batch] = status_counts(session)
+        jobs = jobs_of_batch(session, batch.batch_id)
+    # The two jobs whose message went out stay queued; the two that were never sent are failed.
+    assert [(j.status, j.published_at is not None) for j in jobs] == [
+        ("queued", True), ("queued", True), ("failed", False), ("failed", False)]
+    assert all("not enqueued" in j.error for j in jobs[2:])

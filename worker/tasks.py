@@ -231,7 +231,8 @@ def execute_job(job_id: str, settings: Settings, *, worker: str, eager: bool = F
             artifacts_root=settings.artifacts_dir,
             on_progress=_ProgressWriter(database, job_id, token, beat),
             should_cancel=lambda: beat.cancel_requested or beat.claim_lost,
-            checkpoint_dir=settings.artifacts_dir / ".checkpoints" / batch_id / job_id,
+            # None: the pipeline's own place (stable per job, so a retried attempt resumes there).
+            checkpoint_dir=None,
         )
         outcome = pipeline.run_job(context)
     except JobCancelled:
