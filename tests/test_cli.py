@@ -263,3 +263,26 @@ def test_a_broker_that_dies_midway_leaves_no_queued_row_without_a_message(invoke
     assert [(j.status, j.published_at is not None) for j in jobs] == [
         ("queued", True), ("queued", True), ("failed", False), ("failed", False)]
     assert all("not enqueued" in j.error for j in jobs[2:])
+
+
+def test_status_shows_running_jobs_progress_and_watch_ends_when_all_finished(invoke, sqlite_url):
+    from db.queries import claim_job, record_progress, request_cancel
+
+    batch_id, ids = _finished_batch(sqlite_url)
+    from db.queries import create_batch
+
+    database = get_database(sqlite_url)
+    with database.begin() as session:
+        other, [running] = create_batch(session, "busy", [{"task": "long", "kind": "train", "extension": "lora",
+                                                          "base_model": "random:t5-tiny", "queue": "graftq",
+                                                          "spec": {}}])
+        token = claim_job(session, running, "graftq-gpu0@host:1", 60)
+        record_progress(session, running, token, 5, 10, 1.25, "train")
+    output = invoke("status").output
+    assert "busy" in output and "finished" in output
+    assert running in output and "5/10" in output and "1.25" in output and "graftq-gpu0@host:1" in output
+    with database.begin() as session:
+        request_cancel(session, [running])
+    watched = invoke("status", batch_id, "--watch", "--interval", "0.1")  # nothing unfinished: returns at once
+    assert watched.exit_code == 0 and "finished" in watched.output and "busy" not in watched.output
+    assert invoke("status", "nosuchbatch").exit_code == 2

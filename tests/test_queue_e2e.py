@@ -23,8 +23,6 @@ from db.session import clear_cache, get_database
 from jobs.cli import cli
 from tests.conftest import ROOT, graftq_argv
 
-pytestmark = pytest.mark.slow
-
 SIX_JOBS = """
     batch: e2e
     base_model: random:t5-tiny
@@ -123,6 +121,7 @@ def _write(root: Path, name: str, body: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_a_submitted_batch_runs_on_a_cpu_worker_and_records_everything(pool):
     body = SIX_JOBS + '      - {task: needs-gpu, kind: create, extension: lora, device: "cuda:0"}\n'
     batch_id = pool.submit(_write(pool.root, "six.yaml", body))
@@ -183,6 +182,7 @@ def test_a_submitted_batch_runs_on_a_cpu_worker_and_records_everything(pool):
         assert (again.attempts, again.finished_at, again.status) == (1, finished_at, "succeeded")
 
 
+@pytest.mark.slow
 def test_a_running_job_is_cancelled_at_its_next_step(pool):
     batch_id = pool.submit(_write(pool.root, "long.yaml", """
         base_model: random:t5-tiny
@@ -203,6 +203,7 @@ def test_a_running_job_is_cancelled_at_its_next_step(pool):
     assert not (pool.artifacts / batch_id / job.id).exists()  # nothing half-written is left behind
 
 
+@pytest.mark.slow
 def test_the_worker_stops_on_sigterm(pool):
     assert pool.process is not None and pool.process.poll() is None
     assert pool.stop_worker(timeout=60) == 0
@@ -224,6 +225,7 @@ EMBEDDED = """
 """
 
 
+@pytest.mark.slow
 def test_graftq_run_executes_every_job_in_process(tmp_path, dataset, sqlite_url, artifacts_dir):
     path = _write(tmp_path, "embedded.yaml", EMBEDDED)
     result = CliRunner().invoke(cli, ["--database-url", sqlite_url, "--artifacts-dir", str(artifacts_dir),
@@ -238,6 +240,7 @@ def test_graftq_run_executes_every_job_in_process(tmp_path, dataset, sqlite_url,
     clear_cache()
 
 
+@pytest.mark.slow
 def test_graftq_run_exits_non_zero_when_a_job_fails_and_still_runs_the_others(tmp_path, dataset, sqlite_url,
                                                                                artifacts_dir):
     path = _write(tmp_path, "failing.yaml", """
@@ -257,6 +260,7 @@ def test_graftq_run_exits_non_zero_when_a_job_fails_and_still_runs_the_others(tm
     clear_cache()
 
 
+@pytest.mark.slow
 def test_graftq_run_as_a_real_process(tmp_path, dataset, graftq_env):
     path = _write(tmp_path, "embedded.yaml", EMBEDDED)
     result = subprocess.run(graftq_argv("run", str(path)), cwd=tmp_path, env=graftq_env, capture_output=True,
@@ -267,3 +271,68 @@ def test_graftq_run_as_a_real_process(tmp_path, dataset, graftq_env):
     rows = subprocess.run(graftq_argv("results", "--format", "json"), cwd=tmp_path, env=graftq_env,
                           capture_output=True, text=True, timeout=60)
     assert [r["status"] for r in json.loads(rows.stdout)] == ["succeeded"] * 3
+
+
+# --- the task's claim logic, without a model: what a duplicate or a dead job's delivery does -----
+
+
+def _recorded_job(sqlite_url, spec=None, max_attempts=3):
+    from db.queries import create_batch
+
+    database = get_database(sqlite_url)
+    with database.begin() as session:
+        _, [job_id] = create_batch(session, "task-test", [{
+            "task": "t", "kind": "create", "extension": "lora", "base_model": "random:t5-tiny", "queue": "graftq",
+            "spec": spec or {"task": "t", "kind": "create", "extension": "lora", "base_model": "random:t5-tiny"},
+        }], max_attempts=max_attempts)
+    return database, job_id
+
+
+def test_a_second_delivery_of_a_job_running_elsewhere_is_dropped(sqlite_url, artifacts_dir):
+    from db.queries import claim_job
+    from jobs.settings import Settings
+    from worker.tasks import execute_job
+
+    database, job_id = _recorded_job(sqlite_url)
+    with database.begin() as session:
+        claim_job(session, job_id, "first-worker", stale_after=60)
+    settings = Settings(database_url=sqlite_url, artifacts_dir=artifacts_dir)
+    assert execute_job(job_id, settings, worker="second-worker") == "skipped"
+    with database.read() as session:
+        job = get_job(session, job_id)
+        assert (job.status, job.worker, job.attempts) == ("running", "first-worker", 1)
+    clear_cache()
+
+
+def test_a_delivery_for_a_dead_job_out_of_attempts_fails_it_instead_of_running_it(sqlite_url, artifacts_dir):
+    import datetime as dt
+
+    from sqlalchemy import update
+
+    from db.models import Job, utcnow
+    from db.queries import claim_job
+    from jobs.settings import Settings
+    from worker.tasks import execute_job
+
+    database, job_id = _recorded_job(sqlite_url, max_attempts=1)
+    with database.begin() as session:
+        claim_job(session, job_id, "crashed-worker", stale_after=60)
+        session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow() - dt.timedelta(hours=1)))
+    assert execute_job(job_id, Settings(database_url=sqlite_url, artifacts_dir=artifacts_dir), worker="w") == "skipped"
+    with database.read() as session:
+        job = get_job(session, job_id)
+        assert job.status == "failed" and job.attempts == 1 and "attempt" in job.error
+    clear_cache()
+
+
+def test_a_stored_spec_that_no_longer_validates_fails_the_job_with_the_key(sqlite_url, artifacts_dir):
+    from jobs.settings import Settings
+    from worker.tasks import execute_job
+
+    bad = {"task": "t", "kind": "create", "extension": "lora", "base_model": "random:t5-tiny", "lora": {"r": 0}}
+    database, job_id = _recorded_job(sqlite_url, spec=bad)
+    assert execute_job(job_id, Settings(database_url=sqlite_url, artifacts_dir=artifacts_dir), worker="w") == "failed"
+    with database.read() as session:
+        job = get_job(session, job_id)
+        assert job.status == "failed" and "key `lora.r`" in job.error
+    clear_cache()
