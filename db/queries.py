@@ -160,7 +160,8 @@ def settle_stale_job(session: Session, job_id: str, stale_after: float) -> str |
 
     A `running` job with a stale heartbeat becomes `cancelled` if a cancel was requested, or
     `failed` if it has used all its attempts (a job that kills its worker every time must not
-    loop forever). Anything else is left alone and None is returned.
+    loop forever) or was run in-process by `graftq run` (no queue to re-deliver it). Anything
+    else is left alone and None is returned.
     """
     now = utcnow()
     stale_running = and_(Job.id == job_id, Job.status == JobStatus.RUNNING.value, _is_stale(stale_after, now))
@@ -186,7 +187,17 @@ def settle_stale_job(session: Session, job_id: str, stale_after: float) -> str |
         )
         .execution_options(synchronize_session=False)
     )
-    return JobStatus.FAILED.value if failed.rowcount else None
+    if failed.rowcount:
+        return JobStatus.FAILED.value
+    # A job of `graftq run` (no queue) has no message to re-deliver: its process is gone.
+    orphaned = session.execute(
+        update(Job)
+        .where(stale_running, Job.queue.is_(None))
+        .values(status=JobStatus.FAILED.value, finished_at=now, claim_token=None,
+                error="the `graftq run` process running it stopped before the job finished; run the batch again")
+        .execution_options(synchronize_session=False)
+    )
+    return JobStatus.FAILED.value if orphaned.rowcount else None
 
 
 def find_stale_jobs(session: Session, stale_after: float, limit: int = 1000) -> list[str]:
@@ -212,7 +223,7 @@ def requeue_stale_job(session: Session, job_id: str, stale_after: float) -> bool
         update(Job)
         .where(
             Job.id == job_id, Job.status == JobStatus.RUNNING.value, _is_stale(stale_after, now),
-            Job.attempts < Job.max_attempts, Job.cancel_requested.is_(False),
+            Job.attempts < Job.max_attempts, Job.cancel_requested.is_(False), Job.queue.is_not(None),
         )
         .values(status=JobStatus.QUEUED.value, claim_token=None, published_at=None, progress_phase=None)
         .execution_options(synchronize_session=False)

@@ -301,3 +301,15 @@ def test_claims_and_fenced_writes_on_postgresql(postgres_url):
 
 def test_job_status_values_are_the_documented_ones():
     assert [s.value for s in JobStatus] == ["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+def test_a_dead_graftq_run_job_is_failed_not_requeued(database):
+    with database.begin() as session:
+        _, [job_id] = create_batch(session, "embedded", _jobs(1, queue=None))
+        claim_job(session, job_id, "local", stale_after=60)
+    _age_heartbeat(database, job_id, 120)
+    with database.begin() as session:
+        assert requeue_stale_job(session, job_id, 60) is False  # no queue would ever deliver it
+        assert settle_stale_job(session, job_id, 60) == "failed"
+    with database.read() as session:
+        assert "graftq run" in get_job(session, job_id).error

@@ -268,7 +268,7 @@ def execute_job(job_id: str, settings: Settings, *, worker: str, eager: bool = F
         return JobStatus.FAILED.value
     beat.stop()
 
-    finish(
+    written = finish(
         finish_job,
         stats=outcome.stats,
         metrics=outcome.metrics,
@@ -280,5 +280,7 @@ def execute_job(job_id: str, settings: Settings, *, worker: str, eager: bool = F
         layer_path=None if outcome.layer_path is None else str(outcome.layer_path),
         loss_curve=outcome.loss_curve,
     )
+    if not written:
+        return "skipped"
     log.info("job %s succeeded", job_id)
     return JobStatus.SUCCEEDED.value
