@@ -203,6 +203,35 @@ def test_a_running_job_is_cancelled_at_its_next_step(pool):
     assert not (pool.artifacts / batch_id / job.id).exists()  # nothing half-written is left behind
 
 
+class _Payload:
+    """Unpickling this runs a shell command: what a pickle-accepting worker would execute."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.slow
+def test_a_pickled_message_is_refused_and_its_payload_never_runs(pool):
+    from kombu import Connection
+
+    marker = pool.root / "payload-ran"
+    with Connection(pool.redis.url) as connection:
+        producer = connection.Producer()
+        producer.publish(
+            _Payload(marker), serializer="pickle", routing_key="graftq", exchange="",
+            headers={"task": "graftq.run_job", "id": "pickled-1", "lang": "py", "argsrepr": "", "kwargsrepr": ""},
+        )
+    pool.wait_for("the pickled message to be taken off the queue",
+                  lambda: pool.redis.queue_lengths()["graftq"] == 0, 60)
+    time.sleep(1)
+    assert not marker.exists()
+    assert pool.process is not None and pool.process.poll() is None  # the worker is still serving
+    assert "Refusing to deserialize untrusted content of type pickle" in pool.log_tail(300)
+
+
 @pytest.mark.slow
 def test_the_worker_stops_on_sigterm(pool):
     assert pool.process is not None and pool.process.poll() is None
