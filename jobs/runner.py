@@ -204,25 +204,37 @@ def _print_summary(database: Database, job_ids: list[str]) -> None:
 
     from db.queries import get_job
 
+    console = Console(width=None if sys.stdout.isatty() else 250, highlight=False)
+    # A narrow terminal gets the columns that matter most rather than unreadable ones.
+    wide = console.width >= 130
+    columns = ["job", "task", "extension", "kind", "status", "trainable", "train_loss", "eval_loss", "steps",
+               "seconds", "saved / error"]
+    if not wide:
+        columns = ["job", "task", "extension", "status", "train_loss", "saved / error"]
     table = Table(title="summary", title_justify="left")
-    for column in ("job", "task", "extension", "kind", "status", "trainable", "train_loss", "eval_loss",
-                   "steps", "seconds", "artifacts / error"):
-        table.add_column(column)
+    for column in columns:
+        # Artifacts live under <artifacts>/<batch>/<job>/ (printed above); here only what was saved.
+        table.add_column(column, no_wrap=column in {"job", "status"},
+                         overflow="fold" if column == "saved / error" else "ellipsis")
     with database.read() as session:
         for job_id in job_ids:
             job = get_job(session, job_id)
             if job is None:
                 continue
-            where = job.job_dir if job.status == "succeeded" else (job.error or "").splitlines()[0][:80] if job.error else ""
-            table.add_row(
-                job.id, job.task, job.extension, job.kind, job.status,
-                f"{job.trainable_params:,} ({job.trainable_pct:.3g}%)" if job.trainable_params is not None
-                and job.trainable_pct is not None else "-",
-                "-" if job.train_loss is None else f"{job.train_loss:.4g}",
-                "-" if job.eval_loss is None else f"{job.eval_loss:.4g}",
-                "-" if job.steps is None else str(job.steps),
-                "-" if job.train_seconds is None else f"{job.train_seconds:.1f}",
-                where or "-",
-            )
-    console = Console(width=None if sys.stdout.isatty() else 250, highlight=False)
+            if job.status == "succeeded":
+                saved = [name for name, path in (("adapter", job.adapter_path), ("layer", job.layer_path)) if path]
+                where = "+".join(saved) or "job.json"
+            else:
+                where = (job.error or "").splitlines()[0][:120] if job.error else "-"
+            values = {
+                "job": job.id, "task": job.task, "extension": job.extension, "kind": job.kind, "status": job.status,
+                "trainable": f"{job.trainable_params:,} ({job.trainable_pct:.3g}%)"
+                if job.trainable_params is not None and job.trainable_pct is not None else "-",
+                "train_loss": "-" if job.train_loss is None else f"{job.train_loss:.4g}",
+                "eval_loss": "-" if job.eval_loss is None else f"{job.eval_loss:.4g}",
+                "steps": "-" if job.steps is None else str(job.steps),
+                "seconds": "-" if job.train_seconds is None else f"{job.train_seconds:.1f}",
+                "saved / error": where,
+            }
+            table.add_row(*(values[c] for c in columns))
     console.print(table)
