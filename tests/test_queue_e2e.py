@@ -203,6 +203,30 @@ def test_a_running_job_is_cancelled_at_its_next_step(pool):
     assert not (pool.artifacts / batch_id / job.id).exists()  # nothing half-written is left behind
 
 
+@pytest.mark.slow
+@pytest.mark.faults
+def test_a_job_whose_worker_process_is_killed_is_recovered_and_runs_to_success(pool):
+    batch_id = pool.submit(_write(pool.root, "killed.yaml", """
+        base_model: random:t5-tiny
+        jobs:
+          - {task: survivor, extension: lora, device: cpu,
+             train: {dataset: data/reverse.jsonl, max_steps: 400, batch_size: 2, checkpoint_every: 0}}
+    """))
+    pool.wait_for("the job to be training",
+                  lambda: (j := pool.jobs(batch_id)[0]).status == "running" and (j.progress_step or 0) > 0)
+    [job] = pool.jobs(batch_id)
+    worker_pid = int(job.worker.rsplit(":", 1)[1])  # "graftq-cpu@host:<pid>" of the Celery process
+    os.kill(worker_pid, signal.SIGKILL)
+    killed = time.monotonic()
+    # The launcher restarts the process; its reaper sees the stale heartbeat (GRAFTQ_STALE_AFTER=10)
+    # and re-queues the job long before the broker's visibility timeout (1 h) would.
+    pool.wait_for("the killed job to succeed", lambda: pool.jobs(batch_id)[0].status == "succeeded", 180)
+    [job] = pool.jobs(batch_id)
+    assert job.attempts == 2 and int(job.worker.rsplit(":", 1)[1]) != worker_pid
+    assert time.monotonic() - killed < 120
+    assert "restarting it" in pool.log_tail(400) and "re-queued" in pool.log_tail(400)
+
+
 class _Payload:
     """Unpickling this runs a shell command: what a pickle-accepting worker would execute."""
 
