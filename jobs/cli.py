@@ -70,9 +70,10 @@ class State:
 
     @functools.cached_property
     def celery(self) -> Celery:
+        settings = self.settings  # a bad GRAFTQ_* value is a usage error before Celery is loaded
         from jobs.celery_app import configure
 
-        return configure(self.settings)
+        return configure(settings)
 
 
 def _state(ctx: click.Context) -> State:
@@ -87,6 +88,18 @@ def _load(path: Path) -> Batch:
         return load_batch(path)
     except SpecError as error:
         raise click.ClickException(str(error)) from None
+
+
+def _require_worker_extra(command: str) -> None:
+    """Refuse early, with the fix, when the ML packages the jobs need are not installed."""
+    import importlib.util
+
+    missing = [name for name in ("torch", "transformers", "peft") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise click.ClickException(
+            f"`graftq {command}` runs jobs and needs {', '.join(missing)}: install the worker extra "
+            "(pip install 'graftq[worker]'); `graftq submit` sends jobs to workers without them"
+        )
 
 
 def _handle_db_errors(func: F) -> F:
@@ -198,6 +211,7 @@ def run(ctx: click.Context, batch_file: Path) -> None:
 
     state = _state(ctx)
     batch = _load(batch_file)
+    _require_worker_extra("run")
     ok = run_batch(batch, state.settings, state.database)
     ctx.exit(0 if ok else 1)
 
@@ -231,6 +245,7 @@ def worker(ctx: click.Context, gpus: str, queues: str | None, loglevel: str, rea
         selection = parse_gpus(gpus)
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--gpus") from None
+    _require_worker_extra("worker")
     try:
         code = serve(state.settings, selection, queues=queues, loglevel=loglevel.upper(),
                      reap_interval=reap_interval, max_restarts=max_restarts)

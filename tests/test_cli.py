@@ -286,3 +286,9 @@ def test_status_shows_running_jobs_progress_and_watch_ends_when_all_finished(inv
     watched = invoke("status", batch_id, "--watch", "--interval", "0.1")  # nothing unfinished: returns at once
     assert watched.exit_code == 0 and "finished" in watched.output and "busy" not in watched.output
     assert invoke("status", "nosuchbatch").exit_code == 2
+
+
+def test_a_bad_setting_in_the_environment_is_a_usage_error(batch_file, monkeypatch):
+    monkeypatch.setenv("GRAFTQ_STALE_AFTER", "soon")
+    result = CliRunner().invoke(cli, ["submit", str(batch_file)])
+    assert result.exit_code == 2 and "GRAFTQ_STALE_AFTER='soon' is not a number" in result.output
