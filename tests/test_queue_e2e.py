@@ -389,3 +389,72 @@ def test_a_stored_spec_that_no_longer_validates_fails_the_job_with_the_key(sqlit
         job = get_job(session, job_id)
         assert job.status == "failed" and "key `lora.r`" in job.error
     clear_cache()
+
+
+# --- how the task maps the pipeline's exceptions (the pipeline itself is replaced here: these tests
+# --- are about the task's bookkeeping, which runs for real against SQLite and Celery's eager apply)
+
+
+@pytest.fixture
+def task_settings(sqlite_url, artifacts_dir):
+    from jobs.celery_app import configure
+    from jobs.settings import Settings
+
+    settings = Settings(database_url=sqlite_url, artifacts_dir=artifacts_dir, heartbeat_interval=1, stale_after=5)
+    configure(settings)
+    yield settings
+    configure(Settings())
+    clear_cache()
+
+
+def _raise(error):
+    def run_job(ctx):
+        raise error
+
+    return run_job
+
+
+def test_a_transient_failure_is_retried_until_the_attempt_limit(task_settings, sqlite_url, monkeypatch):
+    from worker import pipeline
+    from worker.errors import TransientError
+    from worker.tasks import run_job_task
+
+    calls = []
+
+    def flaky(ctx):
+        calls.append(ctx.job_id)
+        raise TransientError("lost the connection to redis")
+
+    monkeypatch.setattr(pipeline, "run_job", flaky)
+    database, job_id = _recorded_job(sqlite_url, max_attempts=2)
+    run_job_task.apply(args=[job_id])
+    with database.read() as session:
+        job = get_job(session, job_id)
+    assert len(calls) == 2 and job.attempts == 2
+    assert job.status == "failed" and "no attempts left" in job.error
+
+
+@pytest.mark.parametrize("error, status, message", [
+    ("JobError", "failed", "unknown target module"),
+    ("JobCancelled", "cancelled", "cancelled on request"),
+    ("RuntimeError", "failed", "RuntimeError: CUDA error: device-side assert triggered"),
+])
+def test_pipeline_exceptions_end_the_job_once_with_the_message(task_settings, sqlite_url, monkeypatch, error,
+                                                               status, message):
+    from worker import errors, pipeline
+    from worker.tasks import run_job_task
+
+    exception = {
+        "JobError": errors.ConfigError("unknown target module 'qq'; the model's Linear modules are: q, k"),
+        "JobCancelled": errors.JobCancelled("cancelled between steps"),
+        "RuntimeError": RuntimeError("CUDA error: device-side assert triggered"),
+    }[error]
+    monkeypatch.setattr(pipeline, "run_job", _raise(exception))
+    database, job_id = _recorded_job(sqlite_url)
+    run_job_task.apply(args=[job_id])  # eager: a sticky CUDA error must not stop this process
+    with database.read() as session:
+        job = get_job(session, job_id)
+    assert (job.status, job.attempts) == (status, 1)
+    assert message in job.error
+    if status == "failed":
+        assert "Traceback" in job.traceback
