@@ -96,3 +96,23 @@ def test_the_reaper_fails_a_job_that_used_up_its_attempts(sqlite_url, redis_url,
         assert job.status == "failed" and "attempt" in job.error
     assert redis_server.queue_lengths()["graftq"] == 0
     clear_cache()
+
+
+def test_the_reaper_publishes_queued_jobs_whose_message_was_never_sent(sqlite_url, redis_url, redis_server):
+    settings = Settings(database_url=sqlite_url, broker_url=redis_url)
+    database = get_database(sqlite_url)
+    row = {"task": "t", "kind": "create", "extension": "lora", "base_model": "random:t5-tiny", "spec": {}}
+    with database.begin() as session:
+        # An old broker job whose submit died before publishing, a fresh one (a submit may still be
+        # publishing it) and a `graftq run` job (no queue: never published).
+        _, (orphan, fresh, local) = create_batch(session, "orphans", [{**row, "queue": "graftq"},
+                                                                       {**row, "queue": "graftq"},
+                                                                       {**row, "queue": None}])
+        session.execute(update(Job).where(Job.id.in_([orphan, local])).values(
+            created_at=utcnow() - dt.timedelta(hours=1)))
+    assert reap_once(settings)["republished"] == 1
+    assert redis_server.queue_lengths()["graftq"] == 1
+    with database.read() as session:
+        assert get_job(session, orphan).published_at is not None
+        assert get_job(session, fresh).published_at is None and get_job(session, local).published_at is None
+    clear_cache()

@@ -158,6 +158,7 @@ def reap_once(settings: Settings) -> dict[str, int]:
 
     database = get_database(settings.database_url)
     counts = {"requeued": 0, "settled": 0, "republished": 0}
+    to_publish: list[tuple[str, str]] = []
     with database.read() as session:
         stale = find_stale_jobs(session, settings.stale_after)
     for job_id in stale:
@@ -170,13 +171,19 @@ def reap_once(settings: Settings) -> dict[str, int]:
             if requeue_stale_job(session, job_id, settings.stale_after):
                 counts["requeued"] += 1
                 job = get_job(session, job_id)
-                log.warning("job %s: its worker died (no heartbeat for %.0f s); re-queued after attempt %s",
-                            job_id, settings.stale_after, job.attempts if job else "?")
+                assert job is not None and job.queue is not None
+                to_publish.append((job_id, job.queue))
+                log.warning("job %s: its worker died (no heartbeat for %.0f s); re-queued after attempt %d",
+                            job_id, settings.stale_after, job.attempts)
+    # Queued broker jobs without a recorded message: a submit or an earlier re-queue that died
+    # before publishing. The grace period keeps a submit that is still publishing out of it.
     with database.read() as session:
-        orphans = [(job.id, job.queue) for job in unpublished_queued(session, 0 if stale else UNPUBLISHED_GRACE_SECONDS)]
-    if orphans:
+        requeued = {job_id for job_id, _ in to_publish}
+        to_publish += [(job.id, job.queue) for job in unpublished_queued(session, UNPUBLISHED_GRACE_SECONDS)
+                       if job.id not in requeued and job.queue is not None]
+    if to_publish:
         app = configure(settings)
-        sent = publish_jobs(app, [job_id for job_id, _ in orphans], [queue for _, queue in orphans])
+        sent = publish_jobs(app, [job_id for job_id, _ in to_publish], [queue for _, queue in to_publish])
         with database.begin() as session:
             mark_published(session, sent)
         counts["republished"] = len(sent)
