@@ -136,6 +136,7 @@ def parse_batch(data: Any, source: Path | None = None) -> Batch:
 
     base_dir = source.parent if source is not None else Path.cwd()
     dataset_checks: dict[Path, str | None] = {}
+    resolved: dict[str, str] = {}  # the same dataset string usually comes from `defaults`
     specs: list[JobSpec] = []
     for index, raw in enumerate(raw_jobs):
         label = _job_label(index, raw)
@@ -147,11 +148,11 @@ def parse_batch(data: Any, source: Path | None = None) -> Batch:
             merged.setdefault("base_model", base_model)
         train = merged.get("train")
         if isinstance(train, Mapping) and isinstance(train.get("dataset"), str):
-            dataset = Path(train["dataset"]).expanduser()
-            if not dataset.is_absolute():
-                dataset = base_dir / dataset
-            dataset = dataset.resolve()
-            merged["train"] = {**train, "dataset": str(dataset)}
+            raw_dataset = train["dataset"]
+            if raw_dataset not in resolved:
+                dataset = Path(raw_dataset).expanduser()
+                resolved[raw_dataset] = str((dataset if dataset.is_absolute() else base_dir / dataset).resolve())
+            merged["train"] = {**train, "dataset": resolved[raw_dataset]}
         try:
             spec = JobSpec.model_validate(merged)
         except ValidationError as error:
@@ -181,8 +182,10 @@ def load_batch(path: Path) -> Batch:
         raise SpecError(f"batch file {str(path)!r} does not exist") from None
     except (OSError, UnicodeDecodeError) as error:
         raise SpecError(f"batch file {str(path)!r} cannot be read: {error}") from None
+    # libyaml's loader when PyYAML was built with it: ~3x faster on batches of thousands of jobs.
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader
     except yaml.YAMLError as error:
         raise SpecError(f"batch file {str(path)!r} is not valid YAML: {error}") from None
     return parse_batch(data, source=path)
