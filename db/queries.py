@@ -340,8 +340,10 @@ def release_job(session: Session, job_id: str, token: str, error: str) -> bool:
     result = session.execute(
         update(Job)
         .where(_fenced(job_id, token), Job.attempts < Job.max_attempts)
+        # published_at is cleared: the retry message may fail to go out (the broker is often
+        # why the failure was transient); the reaper then re-publishes the job.
         .values(status=JobStatus.QUEUED.value, claim_token=None, error=error, progress_phase=None,
-                published_at=utcnow())
+                published_at=None)
         .execution_options(synchronize_session=False)
     )
     return result.rowcount == 1
