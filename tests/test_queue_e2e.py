@@ -55,9 +55,9 @@ class Pool:
         self.log_path = root / "worker.log"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start_worker(self) -> None:
+    def start_worker(self, gpus: str = "none") -> None:
         log = self.log_path.open("ab")
-        self.process = subprocess.Popen(graftq_argv("worker", "--gpus", "none", "--reap-interval", "2"),
+        self.process = subprocess.Popen(graftq_argv("worker", "--gpus", gpus, "--reap-interval", "2"),
                                         cwd=self.root, env=self.env, stdout=log, stderr=subprocess.STDOUT)
 
     def stop_worker(self, timeout: float = 60) -> int:
@@ -458,3 +458,32 @@ def test_pipeline_exceptions_end_the_job_once_with_the_message(task_settings, sq
     assert message in job.error
     if status == "failed":
         assert "Traceback" in job.traceback
+
+
+@pytest.mark.slow
+@pytest.mark.gpu
+def test_a_gpu_job_runs_on_a_pinned_gpu_worker(tmp_path, dataset, redis_server):
+    from worker.launcher import detect_gpus
+
+    if not detect_gpus():
+        pytest.skip("no NVIDIA GPU here (nvidia-smi -L lists none)")
+    redis_server.start()
+    redis_server.flush()
+    pool = Pool(tmp_path, redis_server)
+    pool.start_worker(gpus="all")
+    try:
+        batch_id = pool.submit(_write(tmp_path, "gpu.yaml", """
+            base_model: random:t5-tiny
+            jobs:
+              - {task: on-gpu, extension: hybrid, device: cuda,
+                 train: {dataset: data/reverse.jsonl, max_steps: 3, batch_size: 4, checkpoint_every: 0}}
+              - {task: anywhere, kind: create, extension: lora}
+        """))
+        pool.wait_for("the GPU jobs", lambda: all(j.status in ("succeeded", "failed") for j in pool.jobs(batch_id)))
+        for job in pool.jobs(batch_id):
+            assert job.status == "succeeded", job.error
+            assert job.device.startswith("cuda") and job.worker.startswith("graftq-gpu0@")
+            assert job.peak_memory_mb is not None and job.peak_memory_mb > 0
+    finally:
+        assert pool.stop_worker() == 0
+        clear_cache()
