@@ -236,7 +236,8 @@ def worker(ctx: click.Context, gpus: str, queues: str | None, loglevel: str, rea
     """Serve the broker: one Celery worker process per GPU (one job at a time each), or a CPU worker.
 
     On SIGTERM/SIGINT every process shuts down warmly (it finishes its running job first);
-    a second signal stops them at once. A process that exits unexpectedly is restarted.
+    a second signal stops them at once (their jobs are re-queued later, like a dead worker's).
+    A process that exits unexpectedly is restarted.
     """
     from worker.launcher import LauncherError, parse_gpus, serve
 

@@ -257,10 +257,24 @@ def test_a_pickled_message_is_refused_and_its_payload_never_runs(pool):
 
 
 @pytest.mark.slow
-def test_the_worker_stops_on_sigterm(pool):
-    assert pool.process is not None and pool.process.poll() is None
-    assert pool.stop_worker(timeout=60) == 0
+def test_sigterm_lets_the_running_job_finish_and_a_second_one_stops_at_once(pool):
+    batch_id = pool.submit(_write(pool.root, "shutdown.yaml", """
+        base_model: random:t5-tiny
+        jobs:
+          - {task: interrupted, extension: lora, device: cpu,
+             train: {dataset: data/reverse.jsonl, max_steps: 5000, batch_size: 2, checkpoint_every: 0}}
+    """))
+    pool.wait_for("the job to be training",
+                  lambda: (j := pool.jobs(batch_id)[0]).status == "running" and (j.progress_step or 0) > 0)
+    assert pool.process is not None
+    pool.process.send_signal(signal.SIGTERM)
+    time.sleep(3)
+    assert pool.process.poll() is None  # warm shutdown: the running job goes on
+    pool.process.send_signal(signal.SIGTERM)
+    assert pool.process.wait(timeout=30) == 0
     pool.process = None
+    [job] = pool.jobs(batch_id)
+    assert job.status == "running" and job.progress_step < 5000  # the reaper of the next worker recovers it
 
 
 # --- graftq run: the embedded worker --------------------------------------------------------------

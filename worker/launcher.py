@@ -7,7 +7,8 @@ one job at a time per GPU, and the parent never touches CUDA (GPUs are listed wi
 
 The parent
 - forwards SIGTERM/SIGINT to the children (warm shutdown: running jobs finish; a second
-  signal makes Celery stop at once) and exits when they have exited;
+  signal kills them, and their jobs are recovered like a dead worker's) and exits when
+  they have exited;
 - restarts a child that exits on its own (a sticky CUDA error ends the process on
   purpose), giving up after `max_restarts` quick exits in a row;
 - runs the reaper: jobs whose heartbeat went stale (their worker was killed) are
@@ -225,7 +226,14 @@ def serve(
                  worker.env["CUDA_VISIBLE_DEVICES"])
 
     def forward(signum: int, _frame: object) -> None:
-        if not stopping.is_set():
+        if stopping.is_set():
+            # A second signal stops the running jobs now. Not Celery's cold shutdown (SIGQUIT): with
+            # the solo pool it raises inside the running task, which would record the job as failed.
+            # Killed, the job keeps its claim and unacknowledged message and is recovered (re-queued
+            # by the reaper) like the job of any dead worker.
+            log.info("%s again: killing the workers now", signal.Signals(signum).name)
+            signum = signal.SIGKILL
+        else:
             log.info("%s: stopping the workers (warm shutdown; running jobs finish first)",
                      signal.Signals(signum).name)
         stopping.set()
