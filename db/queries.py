@@ -521,3 +521,15 @@ def unpublished_queued(session: Session, older_than: float, limit: int = 1000) -
         select(Job).where(Job.status == JobStatus.QUEUED.value, Job.published_at.is_(None),
                           Job.queue.is_not(None), Job.created_at < cutoff).limit(limit)
     ))
+
+
+def queued_published_before(session: Session, older_than: float, limit: int = 10_000) -> list[Job]:
+    """Broker jobs still `queued` whose message was published over `older_than` seconds ago.
+
+    The reaper compares them with the messages the broker holds, to re-publish lost ones.
+    """
+    cutoff = utcnow() - dt.timedelta(seconds=older_than)
+    return list(session.scalars(
+        select(Job).where(Job.status == JobStatus.QUEUED.value, Job.queue.is_not(None),
+                          Job.published_at.is_not(None), Job.published_at < cutoff).limit(limit)
+    ))

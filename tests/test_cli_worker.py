@@ -71,13 +71,13 @@ def test_the_reaper_requeues_and_republishes_a_dead_workers_job(sqlite_url, redi
         claim_job(session, dead, "w2", 20)
         session.execute(update(Job).where(Job.id == dead).values(heartbeat_at=utcnow() - dt.timedelta(seconds=60)))
     counts = reap_once(settings)
-    assert counts == {"requeued": 1, "settled": 0, "republished": 1}
+    assert counts == {"requeued": 1, "settled": 0, "republished": 1, "lost": 0}
     assert redis_server.queue_lengths()["graftq.cpu"] == 1
     with database.read() as session:
         assert get_job(session, alive).status == "running"
         job = get_job(session, dead)
         assert (job.status, job.attempts, job.published_at is not None) == ("queued", 1, True)
-    assert reap_once(settings) == {"requeued": 0, "settled": 0, "republished": 0}  # nothing twice
+    assert reap_once(settings) == {"requeued": 0, "settled": 0, "republished": 0, "lost": 0}  # nothing twice
     clear_cache()
 
 
@@ -115,4 +115,40 @@ def test_the_reaper_publishes_queued_jobs_whose_message_was_never_sent(sqlite_ur
     with database.read() as session:
         assert get_job(session, orphan).published_at is not None
         assert get_job(session, fresh).published_at is None and get_job(session, local).published_at is None
+    clear_cache()
+
+
+def test_the_reaper_republishes_queued_jobs_whose_messages_a_broker_restart_lost(
+        sqlite_url, redis_url, redis_server, tmp_path, dataset):
+    import textwrap
+
+    from db.queries import jobs_of_batch
+
+    batch = tmp_path / "b.yaml"
+    batch.write_text(textwrap.dedent("""
+        base_model: random:t5-tiny
+        jobs:
+          - {task: a, kind: create, extension: lora}
+          - {task: b, kind: create, extension: layer, device: cpu}
+          - {task: c, kind: create, extension: hybrid}
+    """))
+    result = CliRunner().invoke(cli, ["--database-url", sqlite_url, "--broker-url", redis_url, "submit", str(batch)])
+    assert result.exit_code == 0, result.output
+    batch_id = result.stdout.strip().splitlines()[-1]
+    settings = Settings(database_url=sqlite_url, broker_url=redis_url)
+    database = get_database(sqlite_url)
+    with database.begin() as session:  # published two minutes ago, still waiting in the queue
+        session.execute(update(Job).values(published_at=utcnow() - dt.timedelta(minutes=2)))
+    assert reap_once(settings)["lost"] == 0  # every message is still there: nothing published twice
+    assert redis_server.queue_lengths() == {"graftq": 2, "graftq.gpu": 0, "graftq.cpu": 1}
+
+    redis_server.stop(kill=True)  # no persistence: the queues are gone
+    redis_server.start()
+    assert redis_server.queue_lengths() == {"graftq": 0, "graftq.gpu": 0, "graftq.cpu": 0}
+    counts = reap_once(settings)
+    assert counts["lost"] == 3 and counts["republished"] == 3
+    assert redis_server.queue_lengths() == {"graftq": 2, "graftq.gpu": 0, "graftq.cpu": 1}
+    with database.read() as session:
+        jobs = jobs_of_batch(session, batch_id)
+        assert all(job.status == "queued" and job.published_at > utcnow() - dt.timedelta(minutes=1) for job in jobs)
     clear_cache()

@@ -19,6 +19,7 @@ The parent
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -38,6 +39,13 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 QUICK_EXIT_SECONDS = 60.0
 #: Queued broker jobs without a recorded publish older than this are re-published.
 UNPUBLISHED_GRACE_SECONDS = 300.0
+#: Queued jobs published longer ago than this are checked against the broker's contents.
+LOST_MESSAGE_GRACE_SECONDS = 60.0
+#: kombu's Redis transport: priority queues are `<queue>\x06\x16<priority>`; `unacked` holds
+#: delivered, unacknowledged messages (running, or held by a worker for a retry countdown).
+_REDIS_PRIORITY_SEP = "\x06\x16"
+_REDIS_PRIORITY_STEPS = (3, 6, 9)
+_REDIS_UNACKED = "unacked"
 
 
 class LauncherError(Exception):
@@ -143,12 +151,40 @@ def plan_workers(
     return planned
 
 
+def broker_job_ids(settings: Settings) -> set[str] | None:
+    """Ids of the jobs that have a message in the broker (waiting or unacknowledged).
+
+    Redis only (None for another broker): reads the graftq queues and kombu's `unacked`
+    hash. Messages carry the job id as their task id.
+    """
+    if not settings.broker_url.startswith(("redis://", "rediss://")):
+        return None
+    import redis
+
+    client = redis.Redis.from_url(settings.broker_url, socket_timeout=30)
+    try:
+        raw_messages = []
+        for queue in settings.queues:
+            for key in (queue, *(f"{queue}{_REDIS_PRIORITY_SEP}{p}" for p in _REDIS_PRIORITY_STEPS)):
+                raw_messages += client.lrange(key, 0, -1)
+        unacked = [json.loads(value)[0] for value in client.hvals(_REDIS_UNACKED)]
+    finally:
+        client.close()
+    ids: set[str] = set()
+    for message in [*(json.loads(raw) for raw in raw_messages), *unacked]:
+        task_id = message.get("headers", {}).get("id") if isinstance(message, dict) else None
+        if task_id:
+            ids.add(task_id)
+    return ids
+
+
 def reap_once(settings: Settings) -> dict[str, int]:
     """Re-queue (and re-publish) or fail the jobs whose worker died; returns counts by action."""
     from db.queries import (
         find_stale_jobs,
         get_job,
         mark_published,
+        queued_published_before,
         requeue_stale_job,
         settle_stale_job,
         unpublished_queued,
@@ -158,7 +194,7 @@ def reap_once(settings: Settings) -> dict[str, int]:
     from jobs.submit import publish_jobs
 
     database = get_database(settings.database_url)
-    counts = {"requeued": 0, "settled": 0, "republished": 0}
+    counts = {"requeued": 0, "settled": 0, "republished": 0, "lost": 0}
     to_publish: list[tuple[str, str]] = []
     with database.read() as session:
         stale = find_stale_jobs(session, settings.stale_after)
@@ -182,6 +218,21 @@ def reap_once(settings: Settings) -> dict[str, int]:
         requeued = {job_id for job_id, _ in to_publish}
         to_publish += [(job.id, job.queue) for job in unpublished_queued(session, UNPUBLISHED_GRACE_SECONDS)
                        if job.id not in requeued and job.queue is not None]
+        waiting = [(job.id, job.queue) for job in queued_published_before(session, LOST_MESSAGE_GRACE_SECONDS)
+                   if job.queue is not None]
+    # The database is the record (RELIABILITY.md 5): a queued job whose message the broker lost
+    # (restarted without persistence, or lost its last second of AOF) is published again. A
+    # duplicate, should a worker take the message in the instant of the check, is harmless: the
+    # claim lets only one run.
+    if waiting:
+        present = broker_job_ids(settings)
+        if present is not None:
+            lost = [(job_id, queue) for job_id, queue in waiting if job_id not in present]
+            if lost:
+                log.warning("%d queued job(s) have no message on the broker (lost in a broker restart?); "
+                            "publishing them again", len(lost))
+            counts["lost"] = len(lost)
+            to_publish += lost
     if to_publish:
         app = configure(settings)
         sent = publish_jobs(app, [job_id for job_id, _ in to_publish], [queue for _, queue in to_publish])
