@@ -178,8 +178,12 @@ def broker_job_ids(settings: Settings) -> set[str] | None:
     return ids
 
 
-def reap_once(settings: Settings) -> dict[str, int]:
-    """Re-queue (and re-publish) or fail the jobs whose worker died; returns counts by action."""
+def reap_once(settings: Settings, *, check_lost: bool = True) -> dict[str, int]:
+    """Recover jobs; returns counts by action (requeued, settled, republished, lost).
+
+    Re-queues (and re-publishes) or fails the jobs whose worker died, publishes queued jobs
+    that never got a message, and with `check_lost` those whose message the broker lost.
+    """
     from db.queries import (
         find_stale_jobs,
         get_job,
@@ -224,7 +228,7 @@ def reap_once(settings: Settings) -> dict[str, int]:
     # (restarted without persistence, or lost its last second of AOF) is published again. A
     # duplicate, should a worker take the message in the instant of the check, is harmless: the
     # claim lets only one run.
-    if waiting:
+    if waiting and check_lost:
         present = broker_job_ids(settings)
         if present is not None:
             lost = [(job_id, queue) for job_id, queue in waiting if job_id not in present]
@@ -243,6 +247,10 @@ def reap_once(settings: Settings) -> dict[str, int]:
     return counts
 
 
+#: Seconds between comparisons of the queued jobs with the broker's contents (reads every message).
+LOST_CHECK_INTERVAL = 300.0
+
+
 class _Reaper(threading.Thread):
     def __init__(self, settings: Settings, interval: float):
         super().__init__(name="graftq-reaper", daemon=True)
@@ -251,11 +259,16 @@ class _Reaper(threading.Thread):
         self.stop_event = threading.Event()
 
     def run(self) -> None:
+        last_lost_check = time.monotonic()
         while not self.stop_event.wait(self.interval):
+            check_lost = time.monotonic() - last_lost_check >= LOST_CHECK_INTERVAL
             try:
-                reap_once(self.settings)
+                reap_once(self.settings, check_lost=check_lost)
             except Exception as error:  # the broker or the database is away; try again later
                 log.warning("reaper: %s", error)
+                continue
+            if check_lost:
+                last_lost_check = time.monotonic()
 
 
 def serve(
