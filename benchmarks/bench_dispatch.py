@@ -1,0 +1,166 @@
+"""Dispatch overhead: 200 `create` jobs through Redis and one worker vs the same jobs in a loop.
+
+Queue side: a private redis-server, a SQLite file, and `graftq worker --gpus none` started
+the way a user starts it. One warm-up batch (one job of each extension kind) makes the worker
+import everything and cache the base model. Then `graftq submit` sends 200 create jobs on
+random:t5-tiny (lora, layer and hybrid in turn) and the clock runs from the start of the
+submit command until the last job's `finished_at` in the database.
+
+Reference: the same 200 job specs run by calling `worker.pipeline.run_job` in a loop in this
+process (also warmed up), once before and once after the queue run; their mean is the
+reference.
+
+Per-job overhead: the worker's pipeline calls are timed from inside the worker (see
+`_shim/sitecustomize.py`), so everything else the worker does for a job is graftq's dispatch:
+  fetch + claim = previous job recorded (its `finished_at`) -> this job claimed (`started_at`),
+  start         = claimed -> pipeline starts (spec read, heartbeat thread, context),
+  record        = pipeline returned -> `finished_at` (outcome, stats, loss curve written),
+and the per-job overhead is their sum (for the first job, submit start -> claim replaces
+fetch + claim).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+from _common import (
+    BENCH_DIR,
+    Check,
+    Result,
+    Worker,
+    graftq_env,
+    main,
+    percentile,
+    redis_server,
+    sqlite_url,
+    submit,
+    wait_for_batch,
+    workspace,
+    write_batch,
+)
+
+NAME = "dispatch"
+TARGET_RATIO = 1.2
+KINDS = ["lora", "layer", "hybrid"]
+PRESET = "random:t5-tiny"
+
+
+def job_entries(count: int, prefix: str) -> list[dict]:
+    return [{"task": f"{prefix}{index:04d}", "kind": "create", "extension": KINDS[index % len(KINDS)],
+             "device": "cpu"} for index in range(count)]
+
+
+def reference_loop(entries: list[dict], root: Path) -> list[float]:
+    """Run the jobs by calling the pipeline function directly; per-job seconds."""
+    from jobs.spec import JobSpec
+    from worker.pipeline import JobContext, run_job
+
+    seconds = []
+    for index, entry in enumerate(entries):
+        spec = JobSpec(base_model=PRESET, **entry)
+        started = time.perf_counter()
+        run_job(JobContext(job_id=f"ref{index:04d}", batch_id=f"ref{int(started * 1000)}", spec=spec,
+                           artifacts_root=root))
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def job_rows(database_url: str, batch_id: str) -> list[dict]:
+    from sqlalchemy import select
+
+    from db.models import Job
+    from db.session import get_database
+
+    with get_database(database_url).read() as session:
+        jobs = session.scalars(select(Job).where(Job.batch_id == batch_id).order_by(Job.started_at)).all()
+        return [{"id": job.id, "status": job.status, "published_at": job.published_at,
+                 "started_at": job.started_at, "finished_at": job.finished_at} for job in jobs]
+
+
+def run(quick: bool) -> Result:
+    count = 40 if quick else 200
+    result = Result(NAME, f"{count} create jobs on {PRESET} through Redis + one `graftq worker` vs the "
+                          "pipeline function in a loop")
+    with workspace("dispatch") as tmp, redis_server(tmp) as redis:
+        database_url = sqlite_url(tmp)
+        timings = tmp / "pipeline-timings.jsonl"
+        env = graftq_env(GRAFTQ_DATABASE_URL=database_url, GRAFTQ_BROKER_URL=redis.url,
+                         GRAFTQ_ARTIFACTS_DIR=str(tmp / "artifacts"), GRAFTQ_BENCH_TIMINGS=str(timings))
+        env["PYTHONPATH"] = f"{BENCH_DIR / '_shim'}:{env['PYTHONPATH']}"
+        entries = job_entries(count, "t")
+
+        # Reference, first half (warm-up included) while no worker runs.
+        reference_loop(job_entries(3, "w"), tmp / "ref-artifacts")
+        reference_before = reference_loop(entries, tmp / "ref-artifacts")
+
+        worker = Worker(env, tmp / "worker.log")
+        worker.start()
+        try:
+            warm = write_batch(tmp / "warmup.yaml", "warmup", job_entries(3, "w"), PRESET)
+            _, warm_id = submit(env, warm)
+            wait_for_batch(database_url, warm_id, 3, timeout=300, worker=worker)
+            timings.unlink(missing_ok=True)
+
+            batch_file = write_batch(tmp / "batch.yaml", "dispatch", entries, PRESET)
+            t0 = time.time()
+            submit_seconds, batch_id = submit(env, batch_file)
+            wait_for_batch(database_url, batch_id, count, timeout=900, worker=worker, poll=0.5)
+        finally:
+            worker.stop()
+        reference_after = reference_loop(entries, tmp / "ref-artifacts")
+
+        rows = job_rows(database_url, batch_id)
+        pipeline = {}
+        for line in timings.read_text().splitlines():
+            record = json.loads(line)
+            pipeline[record["job_id"]] = record
+        failed = [row["id"] for row in rows if row["status"] != "succeeded"]
+        if failed:
+            raise RuntimeError(f"{len(failed)} jobs did not succeed, e.g. {failed[0]}: {worker.tail()}")
+
+    end = max(row["finished_at"].timestamp() for row in rows)
+    queue_total = end - t0
+    reference_total = (sum(reference_before) + sum(reference_after)) / 2
+    fetch_claim, start, record, overhead, pipeline_seconds = [], [], [], [], []
+    previous_finished = t0
+    for row in rows:  # in claim order
+        timing = pipeline[row["id"]]
+        claimed, finished = row["started_at"].timestamp(), row["finished_at"].timestamp()
+        fetch_claim.append(claimed - previous_finished)
+        start.append(timing["start"] - claimed)
+        record.append(finished - timing["end"])
+        pipeline_seconds.append(timing["end"] - timing["start"])
+        overhead.append(fetch_claim[-1] + start[-1] + record[-1])
+        previous_finished = finished
+    ms = 1000.0
+    ratio = queue_total / reference_total
+    result.figures.update({
+        "jobs": count,
+        "submit_command_s": submit_seconds,
+        "queue_total_s (submit start -> last finished_at)": queue_total,
+        "queue_first_claim_to_last_finish_s": end - rows[0]["started_at"].timestamp(),
+        "reference_total_s (before, after)": [sum(reference_before), sum(reference_after)],
+        "pipeline_s_per_job_on_worker_median": statistics.median(pipeline_seconds),
+        "pipeline_s_per_job_in_reference_median": statistics.median(reference_before + reference_after),
+        "overhead_ms_per_job_p50": percentile(overhead, 50) * ms,
+        "overhead_ms_per_job_p95": percentile(overhead, 95) * ms,
+        "overhead_ms_per_job_max": max(overhead) * ms,
+        "fetch_claim_ms_p50/p95": [percentile(fetch_claim[1:], 50) * ms, percentile(fetch_claim[1:], 95) * ms],
+        "start_ms_p50/p95": [percentile(start, 50) * ms, percentile(start, 95) * ms],
+        "record_ms_p50/p95": [percentile(record, 50) * ms, percentile(record, 95) * ms],
+        "first_job_wait_s (submit start -> claim)": fetch_claim[0],
+    })
+    result.checks.append(Check(
+        f"total time for {count} jobs through Redis + worker vs pipeline loop", value=queue_total,
+        reference=reference_total, ratio=ratio, unit="s", target=f"ratio <= {TARGET_RATIO}",
+        passed=ratio <= TARGET_RATIO))
+    result.notes.append("queue total includes the `graftq submit` command; the worker runs the jobs while "
+                        "the benchmark polls the database every 0.5 s")
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(NAME, run))

@@ -1,0 +1,80 @@
+"""Run graftq's benchmarks (GitHub issue 6): `python benchmarks/run_all.py [--quick] [--only NAME] [--json PATH]`.
+
+Each benchmark runs in its own Python process (its imports and memory colour no other figure),
+prints its figures, the ratio to a reference measured in the same run on the same machine,
+and PASS/FAIL against its target. This script prints a summary, writes every result as JSON
+to `--json PATH` when given, and exits 1 when a target is missed or a benchmark broke.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _common import machine  # noqa: E402
+
+#: Engine-only benchmarks first, then those that start Redis, a database and workers.
+BENCHMARKS = ["training_speed", "model_reuse", "memory_growth", "cli_start", "submission", "dispatch",
+              "results_query"]
+TIMEOUT_S = {"quick": 600, "full": 1200}
+
+
+def run_one(name: str, quick: bool) -> dict:
+    with tempfile.TemporaryDirectory(prefix="graftq-bench-") as tmp:
+        out = Path(tmp) / "result.json"
+        argv = [sys.executable, str(HERE / f"bench_{name}.py"), "--json", str(out)] + (["--quick"] if quick else [])
+        started = time.perf_counter()
+        try:
+            completed = subprocess.run(argv, timeout=TIMEOUT_S["quick" if quick else "full"])
+            code = completed.returncode
+        except subprocess.TimeoutExpired:
+            code = None
+        if out.exists():
+            return json.loads(out.read_text())
+        return {"name": name, "passed": False, "checks": [], "seconds": time.perf_counter() - started,
+                "error": "timed out" if code is None else f"exited with {code} without a result"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="reduced sizes: a smoke run (about 2 minutes)")
+    parser.add_argument("--only", action="append", choices=BENCHMARKS, metavar="NAME",
+                        help=f"run only this benchmark (repeatable): {', '.join(BENCHMARKS)}")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write the summary as JSON to PATH")
+    args = parser.parse_args(argv)
+    names = args.only or BENCHMARKS
+    started = time.perf_counter()
+    results = []
+    for name in names:
+        print(f"\n>>> {name}{' (quick)' if args.quick else ''}", flush=True)
+        results.append(run_one(name, args.quick))
+    total = time.perf_counter() - started
+    print("\n==================== summary ====================")
+    for result in results:
+        print(f"{'PASS' if result['passed'] else 'FAIL'}  {result['name']:<15} ({result['seconds']:.0f} s)")
+        for check in result.get("checks", []):
+            ratio = f", ratio {check['ratio']:.3f}" if check.get("ratio") is not None else ""
+            print(f"      {'ok  ' if check['passed'] else 'MISS'} {check['what']}: {check['value']:.4g} "
+                  f"{check['unit']}{ratio} (target {check['target']})")
+        if result.get("error"):
+            print(f"      ERROR {result['error']}")
+    passed = all(result["passed"] for result in results)
+    print(f"{'all targets met' if passed else 'some targets missed'} in {total:.0f} s")
+    summary = {"quick": args.quick, "seconds": total, "passed": passed, "machine": machine(),
+               "results": results}
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2, default=str))
+        print(f"summary written to {args.json}")
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
