@@ -1,0 +1,199 @@
+"""Every command the README shows is run here (or, for docker/make, checked where it can be).
+
+The README is the user's contract: a command added to it without a test here fails
+`test_every_readme_command_is_exercised`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import graftq_argv
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+# command (as the README shows it) -> the test below that runs it
+EXERCISED = {
+    "make demo": "test_make_targets_run_what_the_readme_says",
+    "make test": "test_make_targets_run_what_the_readme_says",
+    "make bench": "test_make_targets_run_what_the_readme_says",
+    "graftq run examples/quickstart.yaml": "test_single_machine_commands",
+    "graftq results --task reverse --sort eval_loss --format csv": "test_single_machine_commands",
+    "graftq show JOB_ID": "test_single_machine_commands",
+    # validated structurally (and with `docker compose config` where a compose tool exists)
+    "docker compose up -d --scale worker=4": "tests/test_deployment.py",
+    "graftq db upgrade": "test_pool_commands",
+    "graftq worker --gpus all": "test_pool_commands",
+    "export GRAFTQ_BROKER_URL=redis://:PASSWORD@gpu-host:6379/0": "test_pool_commands",
+    "export GRAFTQ_DATABASE_URL=postgresql+psycopg://graftq:PASSWORD@gpu-host:5432/graftq": "test_pool_commands",
+    "graftq submit examples/quickstart.yaml --dry-run": "test_pool_commands",
+    "graftq submit examples/quickstart.yaml": "test_pool_commands",
+    "graftq status --watch": "test_pool_commands",
+    "graftq results --batch quickstart --format json": "test_pool_commands",
+    "graftq cancel --batch BATCH_ID": "test_pool_commands",
+}
+QUICKSTART_JOBS = 7
+
+
+def blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, re.S)
+
+
+def shell_commands() -> list[str]:
+    return [line.strip() for block in blocks("bash") for line in block.splitlines()
+            if line.strip() and not line.strip().startswith("#")]
+
+
+def test_every_readme_command_is_exercised():
+    assert sorted(set(shell_commands())) == sorted(EXERCISED)
+    for test in set(EXERCISED.values()):
+        assert test.startswith("tests/") and (ROOT / test).exists() or test in globals(), test
+
+
+def test_batch_reference_is_generated_from_the_specs():
+    from jobs.spec import batch_reference_markdown
+
+    section = README.split("<!-- batch-reference:start -->\n", 1)[1].split("<!-- batch-reference:end -->", 1)[0]
+    assert section == batch_reference_markdown(), "regenerate with jobs.spec.batch_reference_markdown()"
+
+
+def test_readme_batch_example_is_a_valid_batch(tmp_path):
+    from jobs.batch import load_batch
+
+    example = next(block for block in blocks("yaml") if block.startswith("batch:"))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "reverse.jsonl").write_text((ROOT / "examples/data/reverse.jsonl").read_text())
+    (tmp_path / "batch.yaml").write_text(example)
+    batch = load_batch(tmp_path / "batch.yaml")
+    assert [(job.task, job.extension.value, job.kind.value) for job in batch.jobs] == [
+        ("reverse", "lora", "train"), ("reverse", "layer", "train"), ("reverse", "hybrid", "train"),
+        ("stats-only", "hybrid", "create")]
+
+
+def test_command_table_lists_exactly_the_cli_commands():
+    from jobs.cli import cli
+
+    table = re.findall(r"^\| `graftq (\w+)", README, re.M)
+    assert sorted(table) == sorted(cli.commands)
+
+
+def test_result_fields_listed_match_the_json_output_contract():
+    from jobs.cli import cli  # noqa: F401 - the CLI module defines the fields it prints
+
+    listed = re.findall(r"`(\w+)`", README.split("--format json` prints an array", 1)[1].split("Job statuses", 1)[0])
+    design = re.findall(r"`(\w+)`", (ROOT.parent / "shared" / "DESIGN.md").read_text().split(
+        "each element has at least these", 1)[1].split("CSV has the same", 1)[0]) \
+        if (ROOT.parent / "shared" / "DESIGN.md").exists() else listed
+    assert [field for field in listed if field != "csv"] == [field for field in design if field != "keys"]
+
+
+def test_make_targets_run_what_the_readme_says():
+    def dry_run(target: str) -> str:
+        return subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+    assert re.search(r"graftq\"? run examples/quickstart\.yaml", dry_run("demo"))
+    assert re.search(r"graftq\"? results", dry_run("demo"))
+    test = dry_run("test")
+    assert "ruff\" check ." in test and "pytest" in test
+    assert "benchmarks/run_all.py" in dry_run("bench")
+    help_text = subprocess.run([sys.executable, "benchmarks/run_all.py", "--help"], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout
+    assert "--quick" in help_text
+    assert "make test" in (ROOT / ".ci/run").read_text()
+
+
+def _graftq(env: dict, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(graftq_argv(*args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert result.returncode == 0, f"graftq {' '.join(args)}: {result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.mark.slow
+def test_single_machine_commands(graftq_env, sqlite_url, artifacts_dir):
+    """The quickstart, exactly as the README shows it, then the README's queries on its results."""
+    _graftq(graftq_env, "run", "examples/quickstart.yaml")
+
+    rows = list(csv.DictReader(io.StringIO(
+        _graftq(graftq_env, "results", "--task", "reverse", "--sort", "eval_loss", "--format", "csv").stdout)))
+    assert sorted(row["extension"] for row in rows) == ["hybrid", "layer", "lora"]
+    losses = [float(row["eval_loss"]) for row in rows]
+    assert losses == sorted(losses) and all(row["status"] == "succeeded" for row in rows)
+
+    shown = _graftq(graftq_env, "show", rows[0]["id"]).stdout
+    assert rows[0]["id"] in shown and str(artifacts_dir) in shown and "eval_loss" in shown
+
+    database = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"))
+    best, curve = (database.execute(query).fetchall() for query in blocks("sql"))
+    assert {(task, extension) for task, extension, _, _ in best} == {
+        ("reverse", "lora"), ("reverse", "layer"), ("reverse", "hybrid"), ("uppercase", "lora"),
+        ("sort_digits", "hybrid")}
+    assert all(count == 1 for *_, count in best)
+    # an eval point before training and one after, for each of the 5 training jobs
+    assert len(curve) == 10 and {step for *_, step, _ in curve} == {0, 300}
+
+    namespace: dict = {}
+    exec(compile(blocks("python")[0], "README.md", "exec"), namespace)  # the From Python example
+    assert namespace["extension"].statistics("reverse").trainable_params > 0
+    assert Path(namespace["adapter_dir"], "adapter_config.json").exists()
+
+
+@pytest.mark.slow
+def test_pool_commands(graftq_env, redis_url, redis_server, sqlite_url):
+    """submit --dry-run, db upgrade, submit, a real `graftq worker --gpus all`, cancel, status, results."""
+    env = dict(graftq_env, GRAFTQ_BROKER_URL=redis_url, GRAFTQ_DATABASE_URL=sqlite_url,
+               GRAFTQ_HEARTBEAT_INTERVAL="1")
+
+    dry = _graftq(env, "submit", "examples/quickstart.yaml", "--dry-run").stdout
+    assert dry.count("reverse") >= 3 and not Path(sqlite_url.removeprefix("sqlite:///")).exists()
+    assert sum(redis_server.queue_lengths().values()) == 0
+
+    _graftq(env, "db", "upgrade")
+    submitted = _graftq(env, "submit", "examples/quickstart.yaml").stdout
+    batch_id = re.search(r"\b([0-9a-f]{16})\b", submitted).group(1)
+    assert sum(redis_server.queue_lengths().values()) == QUICKSTART_JOBS
+
+    worker = subprocess.Popen(graftq_argv("worker", "--gpus", "all"), cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            statuses = [job["status"] for job in json.loads(_graftq(
+                env, "results", "--batch", "quickstart", "--format", "json").stdout)]
+            if "succeeded" in statuses:
+                break
+            assert worker.poll() is None, worker.stdout.read()
+            time.sleep(1)
+        else:
+            pytest.fail("the worker finished no job in 4 minutes")
+        _graftq(env, "cancel", "--batch", batch_id)
+        status = _graftq(env, "status", "--watch", timeout=120).stdout
+        assert batch_id in status or "quickstart" in status
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            output, _ = worker.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            output, _ = worker.communicate()
+    assert "CPU worker" in output  # no GPU here: --gpus all says so and serves on the CPU
+
+    jobs = json.loads(_graftq(env, "results", "--batch", "quickstart", "--format", "json").stdout)
+    assert len(jobs) == QUICKSTART_JOBS and {job["batch_id"] for job in jobs} == {batch_id}
+    assert {job["status"] for job in jobs} <= {"succeeded", "cancelled"} and "succeeded" in {
+        job["status"] for job in jobs}
+    assert not [job for job in jobs if job["status"] == "succeeded" and not Path(job["adapter_path"] or
+                                                                                  job["layer_path"]).is_dir()]
