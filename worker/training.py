@@ -80,6 +80,10 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
         self.pad_id = self.tokenizer.pad_token_id
+        # fp16 autocast (CUDA without bf16) needs loss scaling or small gradients underflow to
+        # zero; with bf16 or fp32 the scaler is a pass-through.
+        self.scaler = torch.amp.GradScaler(
+            "cuda", enabled=self.dm.device.type == "cuda" and self.dm.base_dtype == torch.float16)
         if self.checkpoint_dir is not None and (self.checkpoint_dir / CHECKPOINT_STATE).exists():
             self._load_checkpoint()
 
@@ -126,8 +130,9 @@ class Trainer:
                     raise JobCancelled(f"cancelled at step {self.step}")
                 batch = collate(self.batches.batch(self.step), self.task_type, self.pad_id)
                 loss, batch_tokens = self._loss(batch)
-                loss.backward()
-                self.optimizer.step()
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
