@@ -1,0 +1,65 @@
+"""Device and dtype policy: CPU checks always, CUDA checks where a GPU exists (skipped otherwise)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from jobs.spec import JobSpec
+from worker.device import DeviceManager, get_device, get_dtype
+from worker.errors import DeviceError
+from worker.pipeline import JobContext, run_job
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+
+def test_auto_resolves_to_a_working_device():
+    device = get_device("auto")
+    expected = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    assert device.type == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_asking_for_cuda_without_it_names_the_setting_and_the_fix():
+    with pytest.raises(DeviceError, match=r"device: 'cuda:0' was asked for but CUDA is not available.*device: auto"):
+        get_device("cuda:0")
+
+
+def test_cpu_policy_is_fp32_everywhere(tmp_path):
+    assert get_dtype(torch.device("cpu")) == torch.float32
+    spec = JobSpec(task="t", extension="hybrid", base_model="random:t5-tiny", device="cpu",
+                   train={"dataset": str(EXAMPLES / "reverse.jsonl"), "max_steps": 2})
+    outcome = run_job(JobContext(job_id="j", batch_id="b", spec=spec, artifacts_root=tmp_path))
+    assert (outcome.device, outcome.dtype) == ("cpu", "float32")
+    assert outcome.metrics["peak_memory_mb"] > 0
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("extension", ["lora", "layer", "hybrid"])
+def test_cuda_policy_bf16_base_fp32_trainable_and_training_works(extension, tmp_path):
+    manager = DeviceManager("cuda")
+    expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    assert manager.base_dtype == expected
+    from worker.extensions import EXTENSIONS, ExtensionConfig, build
+    from worker.models import load_base_model
+
+    base = load_base_model("random:t5-tiny", manager)
+    model = build(EXTENSIONS[extension](base.model, ExtensionConfig(), manager), "t")
+    trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert trainable == {torch.float32} and frozen == {expected}
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+
+    spec = JobSpec(task="t", extension=extension, base_model="random:t5-tiny", device="cuda",
+                   train={"dataset": str(EXAMPLES / "reverse.jsonl"), "max_steps": 30, "learning_rate": 3e-3})
+    outcome = run_job(JobContext(job_id="j", batch_id="b", spec=spec, artifacts_root=tmp_path))
+    assert outcome.device.startswith("cuda") and outcome.dtype == str(expected).removeprefix("torch.")
+    assert outcome.metrics["eval_loss"] < outcome.metrics["initial_eval_loss"]
+    assert outcome.metrics["peak_memory_mb"] > 0
+    before = torch.cuda.memory_allocated()
+    manager.release()
+    assert torch.cuda.memory_allocated() <= before
