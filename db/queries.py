@@ -349,6 +349,24 @@ def release_job(session: Session, job_id: str, token: str, error: str) -> bool:
     return result.rowcount == 1
 
 
+def interrupt_job(session: Session, job_id: str, token: str, error: str) -> bool:
+    """Hand a claimed job back to the queue because its worker is shutting down; True if done.
+
+    Unlike `release_job` the attempt is given back (`attempts - 1`): the attempt limit exists to
+    stop a job that kills its worker (RELIABILITY.md 4), and a job that stopped on request, after
+    saving a checkpoint, is no evidence of that. Repeated shutdowns are the operator's doing, so
+    they cannot loop on their own. `published_at` is cleared until the caller publishes again.
+    """
+    result = session.execute(
+        update(Job)
+        .where(_fenced(job_id, token))
+        .values(status=JobStatus.QUEUED.value, attempts=Job.attempts - 1, claim_token=None, error=error,
+                heartbeat_at=None, progress_phase=None, published_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
 # --- reading and cancelling ----------------------------------------------------------------------
 
 

@@ -203,78 +203,7 @@ def test_a_running_job_is_cancelled_at_its_next_step(pool):
     assert not (pool.artifacts / batch_id / job.id).exists()  # nothing half-written is left behind
 
 
-@pytest.mark.slow
-@pytest.mark.faults
-def test_a_job_whose_worker_process_is_killed_is_recovered_and_runs_to_success(pool):
-    batch_id = pool.submit(_write(pool.root, "killed.yaml", """
-        base_model: random:t5-tiny
-        jobs:
-          - {task: survivor, extension: lora, device: cpu,
-             train: {dataset: data/reverse.jsonl, max_steps: 400, batch_size: 2, checkpoint_every: 0}}
-    """))
-    pool.wait_for("the job to be training",
-                  lambda: (j := pool.jobs(batch_id)[0]).status == "running" and (j.progress_step or 0) > 0)
-    [job] = pool.jobs(batch_id)
-    worker_pid = int(job.worker.rsplit(":", 1)[1])  # "graftq-cpu@host:<pid>" of the Celery process
-    os.kill(worker_pid, signal.SIGKILL)
-    killed = time.monotonic()
-    # The launcher restarts the process; its reaper sees the stale heartbeat (GRAFTQ_STALE_AFTER=10)
-    # and re-queues the job long before the broker's visibility timeout (1 h) would.
-    pool.wait_for("the killed job to succeed", lambda: pool.jobs(batch_id)[0].status == "succeeded", 180)
-    [job] = pool.jobs(batch_id)
-    assert job.attempts == 2 and int(job.worker.rsplit(":", 1)[1]) != worker_pid
-    assert time.monotonic() - killed < 120
-    assert "restarting it" in pool.log_tail(400) and "re-queued" in pool.log_tail(400)
-
-
-class _Payload:
-    """Unpickling this runs a shell command: what a pickle-accepting worker would execute."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-@pytest.mark.slow
-def test_a_pickled_message_is_refused_and_its_payload_never_runs(pool):
-    from kombu import Connection
-
-    marker = pool.root / "payload-ran"
-    with Connection(pool.redis.url) as connection:
-        producer = connection.Producer()
-        producer.publish(
-            _Payload(marker), serializer="pickle", routing_key="graftq", exchange="",
-            headers={"task": "graftq.run_job", "id": "pickled-1", "lang": "py", "argsrepr": "", "kwargsrepr": ""},
-        )
-    pool.wait_for("the pickled message to be taken off the queue",
-                  lambda: pool.redis.queue_lengths()["graftq"] == 0, 60)
-    time.sleep(1)
-    assert not marker.exists()
-    assert pool.process is not None and pool.process.poll() is None  # the worker is still serving
-    assert "Refusing to deserialize untrusted content of type pickle" in pool.log_tail(300)
-
-
-@pytest.mark.slow
-def test_sigterm_lets_the_running_job_finish_and_a_second_one_stops_at_once(pool):
-    batch_id = pool.submit(_write(pool.root, "shutdown.yaml", """
-        base_model: random:t5-tiny
-        jobs:
-          - {task: interrupted, extension: lora, device: cpu,
-             train: {dataset: data/reverse.jsonl, max_steps: 5000, batch_size: 2, checkpoint_every: 0}}
-    """))
-    pool.wait_for("the job to be training",
-                  lambda: (j := pool.jobs(batch_id)[0]).status == "running" and (j.progress_step or 0) > 0)
-    assert pool.process is not None
-    pool.process.send_signal(signal.SIGTERM)
-    time.sleep(3)
-    assert pool.process.poll() is None  # warm shutdown: the running job goes on
-    pool.process.send_signal(signal.SIGTERM)
-    assert pool.process.wait(timeout=30) == 0
-    pool.process = None
-    [job] = pool.jobs(batch_id)
-    assert job.status == "running" and job.progress_step < 5000  # the reaper of the next worker recovers it
+# SIGKILL of a worker mid-training, a pickled message, SIGTERM during a job: tests/test_faults.py.
 
 
 # --- graftq run: the embedded worker --------------------------------------------------------------
@@ -446,6 +375,30 @@ def test_a_transient_failure_is_retried_until_the_attempt_limit(task_settings, s
         job = get_job(session, job_id)
     assert len(calls) == 2 and job.attempts == 2
     assert job.status == "failed" and "no attempts left" in job.error
+
+
+def test_a_job_interrupted_by_a_worker_shutdown_goes_back_to_the_queue_with_its_attempt(
+        task_settings, sqlite_url, redis_url, redis_server, monkeypatch):
+    import dataclasses
+
+    from jobs.celery_app import configure
+    from worker import tasks
+
+    configure(dataclasses.replace(task_settings, broker_url=redis_url))
+    monkeypatch.setattr(tasks.shutting_down, "is_set", lambda: True)  # as after SIGTERM
+    from db.queries import create_batch
+
+    database = get_database(sqlite_url)
+    with database.begin() as session:  # a queue no worker of this module consumes
+        _, [job_id] = create_batch(session, "handback", [{
+            "task": "t", "kind": "create", "extension": "lora", "base_model": "random:t5-tiny", "queue": "handback",
+            "spec": {"task": "t", "kind": "create", "extension": "lora", "base_model": "random:t5-tiny"}}])
+    assert tasks.execute_job(job_id, tasks.current_settings(), worker="w") == "interrupted"
+    with database.read() as session:
+        job = get_job(session, job_id)
+    assert (job.status, job.attempts, job.claim_token) == ("queued", 0, None)
+    assert "worker shutdown" in job.error and job.published_at is not None
+    assert redis_server.client().llen("handback") == 1  # published again for another worker
 
 
 @pytest.mark.parametrize("error, status, message", [

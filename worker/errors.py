@@ -30,3 +30,9 @@ class JobCancelled(Exception):
     """Raised inside the pipeline when the job's cancel check says stop."""
 
 
+
+
+class JobInterrupted(Exception):
+    """Raised by the stop check when the worker is shutting down (SIGTERM): the trainer saves a
+    checkpoint first, and the task hands the job back to the queue for another worker to resume.
+    """

@@ -13,11 +13,16 @@ Exactly-once execution is built on the database row, not on the broker (RELIABIL
    writes nothing;
 4. deterministic failures (`JobError`, any other exception) end the job `failed` and are
    never retried; only `TransientError` and lost database connections are retried, and
-   the attempt counter in the database bounds them.
+   the attempt counter in the database bounds them;
+5. on a warm shutdown (SIGTERM/SIGINT: Celery's `worker_shutting_down`) the running job
+   does not hold the worker for hours: at its next training step it saves a checkpoint,
+   the claim is handed back (`queued`, the attempt not counted) and a new message is
+   published, so another worker resumes it from the checkpoint.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -27,6 +32,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from celery.exceptions import Reject
+from celery.signals import worker_shutting_down
 from celery.utils.log import get_task_logger
 from sqlalchemy.exc import OperationalError
 
@@ -38,6 +45,8 @@ from db.queries import (
     finish_job,
     get_job,
     heartbeat,
+    interrupt_job,
+    mark_published,
     record_progress,
     release_job,
     settle_stale_job,
@@ -45,7 +54,7 @@ from db.queries import (
 from db.session import Database, get_database
 from jobs.celery_app import RUN_JOB_TASK, app, current_settings
 from jobs.settings import Settings
-from worker.errors import JobCancelled, JobError, TransientError
+from worker.errors import JobCancelled, JobError, JobInterrupted, TransientError
 
 __all__ = ["app", "execute_job", "run_job_task"]
 
@@ -59,9 +68,21 @@ STICKY_CUDA_ERRORS = ("device-side assert", "illegal memory access", "unspecifie
                       "CUDA error: misaligned address", "uncorrectable ECC error")
 
 
+#: Set when this worker process begins a warm shutdown; the running job hands itself back.
+shutting_down = threading.Event()
+
+
+@worker_shutting_down.connect
+def _on_worker_shutting_down(**_: Any) -> None:  # runs in the signal handler: only set a flag
+    shutting_down.set()
+
+
 @app.task(name=RUN_JOB_TASK, bind=True, acks_late=True, ignore_result=True, max_retries=None)
 def run_job_task(self: Any, job_id: str) -> str:
-    """Run one job by id; returns the job's final status (or `skipped`)."""
+    """Run one job by id; returns the job's final status (`skipped`, `interrupted` when handed back)."""
+    if shutting_down.is_set() and not self.request.is_eager:
+        # Delivered while this worker stops: back to the queue unclaimed, for another worker.
+        raise Reject("the worker is shutting down", requeue=True)
     worker = self.request.hostname or f"local@{socket.gethostname()}"
     try:
         return execute_job(job_id, current_settings(), worker=f"{worker}:{os.getpid()}",
@@ -136,10 +157,13 @@ class _ProgressWriter:
         self.beat = beat
         self.last_write = 0.0
         self.last_phase: str | None = None
+        #: the last training step was reported: what is left (evaluation, saving) is short
+        self.training_done = False
 
     def __call__(self, progress: Any) -> None:
         now = time.monotonic()
         final = progress.total_steps and progress.step >= progress.total_steps
+        self.training_done = self.training_done or bool(final) or progress.phase == "save"
         if now - self.last_write < PROGRESS_WRITE_INTERVAL and progress.phase == self.last_phase and not final:
             return
         self.last_write, self.last_phase = now, progress.phase
@@ -194,7 +218,7 @@ def execute_job(job_id: str, settings: Settings, *, worker: str, eager: bool = F
     with database.read() as session:
         job = get_job(session, job_id)
         assert job is not None
-        batch_id, spec_json, attempts = job.batch_id, job.spec, job.attempts
+        batch_id, spec_json, attempts, queue = job.batch_id, job.spec, job.attempts, job.queue
     log.info("job %s (batch %s) claimed by %s, attempt %d", job_id, batch_id, worker, attempts)
 
     def finish(fn: Callable[..., bool], *args: Any, **kwargs: Any) -> bool:
@@ -221,6 +245,17 @@ def execute_job(job_id: str, settings: Settings, *, worker: str, eager: bool = F
 
     beat = _Heartbeat(database, job_id, token, settings.heartbeat_interval)
     beat.start()
+    progress = _ProgressWriter(database, job_id, token, beat)
+    handing_back = not eager and queue is not None
+
+    def should_stop() -> bool:
+        if beat.cancel_requested or beat.claim_lost:
+            return True
+        if handing_back and shutting_down.is_set() and not progress.training_done:
+            raise JobInterrupted("the worker is shutting down")
+        return False
+
+    context = None
     try:
         from worker import pipeline
 
@@ -229,12 +264,16 @@ def execute_job(job_id: str, settings: Settings, *, worker: str, eager: bool = F
             batch_id=batch_id,
             spec=spec,
             artifacts_root=settings.artifacts_dir,
-            on_progress=_ProgressWriter(database, job_id, token, beat),
-            should_cancel=lambda: beat.cancel_requested or beat.claim_lost,
+            on_progress=progress,
+            should_cancel=should_stop,
             # None: the pipeline's own place (stable per job, so a retried attempt resumes there).
             checkpoint_dir=None,
         )
         outcome = pipeline.run_job(context)
+    except JobInterrupted:
+        beat.stop()
+        assert context is not None and queue is not None
+        return _hand_back(database, job_id, token, queue, context.resume_dir, finish)
     except JobCancelled:
         beat.stop()
         if beat.claim_lost:
@@ -284,3 +323,29 @@ def execute_job(job_id: str, settings: Settings, *, worker: str, eager: bool = F
         return "skipped"
     log.info("job %s succeeded", job_id)
     return JobStatus.SUCCEEDED.value
+
+
+def _hand_back(database: Database, job_id: str, token: str, queue: str, resume_dir: Any,
+               finish: Callable[..., bool]) -> str:
+    """Give an interrupted job back to the queue and publish it again; returns `interrupted`."""
+    try:
+        step = json.loads((resume_dir / "trainer_state.json").read_text())["step"]
+        saved = f"its checkpoint at step {step} is kept"
+    except (OSError, ValueError, KeyError):
+        saved = "no checkpoint was saved (checkpoint_every: 0, or training had not started)"
+    if not finish(interrupt_job, f"interrupted by a worker shutdown and re-queued; {saved}"):
+        return "skipped"
+    from jobs.submit import publish_jobs
+
+    try:
+        sent = publish_jobs(app, [job_id], [queue])
+        _with_db_retries(lambda: _mark_published(database, sent))
+    except Exception as error:  # the reaper publishes queued jobs without a message
+        log.warning("job %s: handed back but not published again (%s); the reaper will publish it", job_id, error)
+    log.warning("job %s: the worker is shutting down; %s and the job is back in the queue", job_id, saved)
+    return "interrupted"
+
+
+def _mark_published(database: Database, job_ids: list[str]) -> None:
+    with database.begin() as session:
+        mark_published(session, job_ids)

@@ -2,7 +2,9 @@
 
 Seq2seq for encoder-decoder families, causal LM (loss on the target only) for decoder-only ones.
 Checkpoints (trainable weights, optimizer and scheduler state, step) are safetensors + JSON,
-written atomically, so a job re-run after its worker died resumes where it stopped.
+written atomically, so a job re-run after its worker died resumes where it stopped. When the
+stop check raises `JobInterrupted` (the worker is shutting down) a checkpoint of the current step
+is written before the exception leaves `train()`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from jobs.spec import TrainSpec
 from worker.data import StepBatches, collate, read_rows, split, tokenize
 from worker.device import DeviceManager
-from worker.errors import JobCancelled, JobError, OutOfMemory
+from worker.errors import JobCancelled, JobError, JobInterrupted, OutOfMemory
 
 CHECKPOINT_STATE = "trainer_state.json"
 
@@ -59,6 +61,7 @@ class Trainer:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.eval_batch_size = eval_batch_size or max(spec.batch_size, 16)
         self.step = 0
+        self.checkpointed_step = 0
         self.curve: list[tuple[int, str, float]] = []
 
     # -- setup ----------------------------------------------------------------------------
@@ -126,7 +129,7 @@ class Trainer:
         started = time.perf_counter()
         try:
             while self.step < self.total_steps:
-                if self.should_cancel is not None and self.should_cancel():
+                if self.should_cancel is not None and self._stop_requested():
                     raise JobCancelled(f"cancelled at step {self.step}")
                 batch = collate(self.batches.batch(self.step), self.task_type, self.pad_id)
                 loss, batch_tokens = self._loss(batch)
@@ -163,6 +166,15 @@ class Trainer:
             tokens_per_second=tokens / seconds if seconds > 0 else 0.0, train_seconds=seconds,
             resumed_from=resumed_from, curve=self.curve,
         )
+
+    def _stop_requested(self) -> bool:
+        try:
+            return self.should_cancel()
+        except JobInterrupted:
+            # The worker is shutting down: keep the steps done so far, the next attempt resumes here.
+            if self.checkpoint_dir is not None and self.step > self.checkpointed_step:
+                self.save_checkpoint()
+            raise
 
     def _raise_oom(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -209,6 +221,7 @@ class Trainer:
         os.rename(staging, target)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        self.checkpointed_step = self.step
         return target
 
     def _load_checkpoint(self) -> None:
@@ -232,7 +245,7 @@ class Trainer:
             per_param.setdefault(int(index), {})[name] = value
         self.optimizer.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
         self.scheduler.load_state_dict(state["scheduler"])
-        self.step = state["step"]
+        self.step = self.checkpointed_step = state["step"]
         self.curve = [tuple(point) for point in state["curve"]]
 
     def cleanup(self) -> None:
