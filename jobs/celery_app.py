@@ -15,7 +15,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
-from jobs.settings import Settings
+from jobs.settings import Settings, broker_tls
 
 RUN_JOB_TASK = "graftq.run_job"
 
@@ -27,8 +27,12 @@ def configure(settings: Settings) -> Celery:
     """Apply `settings` to the app (broker, queues, timeouts); returns the app."""
     global _settings
     _settings = settings
+    # rediss://: TLS options go to broker_use_ssl, always with the certificate checked; left in the
+    # URL, kombu would let them replace broker_use_ssl, and without any it checks nothing.
+    broker_url, tls = broker_tls(settings.broker_url)
     app.conf.update(
-        broker_url=settings.broker_url,
+        broker_url=broker_url,
+        broker_use_ssl=tls,
         # The results database is the record of every job; no result backend.
         result_backend=None,
         task_ignore_result=True,
@@ -41,7 +45,7 @@ def configure(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": int(settings.visibility_timeout)},
+        broker_transport_options=transport_options(settings),
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=5,
         task_default_queue=settings.queue,
@@ -55,6 +59,19 @@ def configure(settings: Settings) -> Celery:
         timezone="UTC",
     )
     return app
+
+
+def transport_options(settings: Settings) -> dict[str, int]:
+    """kombu's Redis transport options: the visibility timeout, and how often workers look for
+    messages whose timeout expired (kombu's default sweep runs every 10 x 10 s; a worker restores
+    such a message within about a tenth of the timeout, at most 10 s, past it).
+    """
+    timeout = max(1, int(settings.visibility_timeout))
+    return {
+        "visibility_timeout": timeout,
+        "unacked_restore_interval": max(1, min(10, timeout // 10)),
+        "unacked_restore_throttle": 1,
+    }
 
 
 def current_settings() -> Settings:

@@ -10,15 +10,23 @@
 | stale_after | GRAFTQ_STALE_AFTER | 60 s without a heartbeat: the worker is taken for dead |
 | max_attempts | GRAFTQ_MAX_ATTEMPTS | 3 |
 | queue | GRAFTQ_QUEUE | graftq (also graftq.gpu, graftq.cpu) |
+
+A `rediss://` broker URL is TLS with the server's certificate checked: its query may say
+`ssl_cert_reqs=required` (the default), `ssl_ca_certs=<CA file>` (else the system's CAs) and
+`ssl_certfile`/`ssl_keyfile` (a client certificate). `ssl_cert_reqs=none` or `optional`, which
+would accept any server, is refused. A password goes in the URL: `rediss://:secret@host:6380/0`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from db import DEFAULT_DATABASE_URL
 
@@ -38,8 +46,62 @@ ENV_VARS = {
 }
 
 
+#: TLS options a `rediss://` URL may carry in its query (redis-py / kombu names).
+BROKER_TLS_KEYS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+_CERT_REQS_ACCEPTED = {"required", "cert_required"}
+_CERT_REQS_REFUSED = {"none", "cert_none", "optional", "cert_optional"}
+
+
 class SettingsError(ValueError):
     """An environment variable holds a value that cannot be used; the message names it."""
+
+
+def _redacted(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        parts = parts._replace(netloc=netloc)
+    return urlunsplit(parts._replace(query=""))
+
+
+def broker_tls(broker_url: str) -> tuple[str, dict[str, Any] | None]:
+    """Split a broker URL into (URL without TLS options, TLS options for Celery's `broker_use_ssl`).
+
+    For `redis://` and other schemes the options are None. For `rediss://` they always
+    include `ssl_cert_reqs=ssl.CERT_REQUIRED` (kombu would otherwise fall back to not
+    checking the certificate at all). Raises SettingsError for a TLS URL that would not verify
+    the server, an unknown `ssl_*` option, or a certificate file that does not exist.
+    """
+    parts = urlsplit(broker_url)
+    if parts.scheme != "rediss":
+        return broker_url, None
+    shown = _redacted(broker_url)
+    options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    kept = []
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key == "ssl_cert_reqs":
+            wanted = value.strip().lower()
+            if wanted in _CERT_REQS_REFUSED:
+                raise SettingsError(
+                    f"GRAFTQ_BROKER_URL ({shown}) says ssl_cert_reqs={value}: the Redis server's certificate would "
+                    "not be checked, so anyone on the path could read and change jobs. Use ssl_cert_reqs=required "
+                    "with ssl_ca_certs=<the CA file that signed the server's certificate>"
+                )
+            if wanted not in _CERT_REQS_ACCEPTED:
+                raise SettingsError(f"GRAFTQ_BROKER_URL ({shown}): ssl_cert_reqs={value!r} is not `required`")
+        elif key in BROKER_TLS_KEYS:
+            path = Path(value).expanduser()
+            if not path.is_file():
+                raise SettingsError(f"GRAFTQ_BROKER_URL ({shown}): {key}={value} is not a file")
+            options[key] = str(path)
+        elif key.startswith("ssl_"):
+            raise SettingsError(
+                f"GRAFTQ_BROKER_URL ({shown}): unknown TLS option {key!r}; graftq understands "
+                f"{', '.join(BROKER_TLS_KEYS)}"
+            )
+        else:
+            kept.append((key, value))
+    return urlunsplit(parts._replace(query=urlencode(kept))), options
 
 
 @dataclass(frozen=True)
@@ -64,6 +126,7 @@ class Settings:
             )
         if self.max_attempts < 1:
             raise SettingsError("max_attempts must be >= 1")
+        broker_tls(self.broker_url)  # a TLS URL that would not check the server is refused up front
 
     @property
     def gpu_queue(self) -> str:

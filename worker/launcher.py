@@ -6,9 +6,10 @@ one job at a time per GPU, and the parent never touches CUDA (GPUs are listed wi
 `nvidia-smi -L`), so nothing CUDA-related is inherited across a fork.
 
 The parent
-- forwards SIGTERM/SIGINT to the children (warm shutdown: running jobs finish; a second
-  signal kills them, and their jobs are recovered like a dead worker's) and exits when
-  they have exited;
+- forwards SIGTERM/SIGINT to the children (warm shutdown: a running job saves a checkpoint
+  at its next training step and is handed back to the queue, so another worker resumes it;
+  a second signal kills them, and their jobs are recovered like a dead worker's) and exits
+  when they have exited;
 - restarts a child that exits on its own (a sticky CUDA error ends the process on
   purpose), giving up after `max_restarts` quick exits in a row;
 - runs the reaper: jobs whose heartbeat went stale (their worker was killed) are
@@ -161,7 +162,10 @@ def broker_job_ids(settings: Settings) -> set[str] | None:
         return None
     import redis
 
-    client = redis.Redis.from_url(settings.broker_url, socket_timeout=30)
+    from jobs.settings import broker_tls
+
+    url, tls = broker_tls(settings.broker_url)
+    client = redis.Redis.from_url(url, socket_timeout=30, **(tls or {}))
     try:
         raw_messages = []
         for queue in settings.queues:
@@ -298,7 +302,7 @@ def serve(
             log.info("%s again: killing the workers now", signal.Signals(signum).name)
             signum = signal.SIGKILL
         else:
-            log.info("%s: stopping the workers (warm shutdown; running jobs finish first)",
+            log.info("%s: stopping the workers (running jobs save a checkpoint and go back to the queue)",
                      signal.Signals(signum).name)
         stopping.set()
         for worker in workers:
