@@ -20,6 +20,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The fault-injection scenarios' figures, summed up at the end of the run.
+pytest_plugins = ("tests.faults_report",)
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 # Settings a developer exported must not leak into the tests' databases or broker.
