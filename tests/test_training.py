@@ -125,7 +125,8 @@ def test_lora_adapter_loads_with_plain_peft(tmp_path):
 
 
 def test_create_job_saves_without_training(tmp_path):
-    outcome = run(make_spec("hybrid", kind="create"), tmp_path)
+    # a dotted task name is valid; PEFT could not take it as an adapter name as it stands
+    outcome = run(make_spec("hybrid", kind="create").model_copy(update={"task": "v1.reverse"}), tmp_path)
     assert outcome.metrics["steps"] == 0 and outcome.metrics["train_loss"] is None
     assert outcome.stats["trainable_params"] == outcome.stats["lora_params"] + outcome.stats["layer_params"]
     assert Path(outcome.adapter_path, "adapter_config.json").exists()

@@ -20,7 +20,7 @@ from worker.extensions.layer import (
     resolve_placement,
     save_layer,
 )
-from worker.extensions.lora import add_lora, save_adapter
+from worker.extensions.lora import adapter_name_for, add_lora, save_adapter
 from worker.models import structural_copy
 
 
@@ -57,13 +57,13 @@ class HybridExtension(BaseExtension):
             if self.shared_model is None:
                 model, block, placement = self._extend()
                 self._shared_block, self._shared_placement = block, placement
-                self.shared_model = add_lora(model, self.config.lora, self.arch, adapter_name=task_name)
+                self.shared_model = add_lora(model, self.config.lora, self.arch, adapter_name=adapter_name_for(task_name))
             else:
-                add_lora(self.shared_model, self.config.lora, self.arch, adapter_name=task_name)
+                add_lora(self.shared_model, self.config.lora, self.arch, adapter_name=adapter_name_for(task_name))
             model, block, placement = self.shared_model, self._shared_block, self._shared_placement
         else:
             extended, block, placement = self._extend()
-            model = add_lora(extended, self.config.lora, self.arch, adapter_name=task_name)
+            model = add_lora(extended, self.config.lora, self.arch, adapter_name=adapter_name_for(task_name))
         # PEFT froze everything but the adapters; the new block's own weights train too.
         for name, param in block.named_parameters():
             if "lora_" not in name:
@@ -73,7 +73,7 @@ class HybridExtension(BaseExtension):
 
     def switch(self, task_name: str) -> PeftModel:
         model = super().switch(task_name)
-        model.set_adapter(task_name)
+        model.set_adapter(adapter_name_for(task_name))
         for name, param in self.new_blocks[task_name][0].named_parameters():
             if "lora_" not in name:
                 param.requires_grad_(True)
@@ -82,7 +82,7 @@ class HybridExtension(BaseExtension):
     def save(self, task_name: str, directory: Path) -> tuple[Path, Path]:
         directory = Path(directory)
         model = self.model_for(task_name)
-        adapter = save_adapter(model, directory / "adapter", adapter_name=task_name)
+        adapter = save_adapter(model, directory / "adapter", adapter_name=adapter_name_for(task_name))
         layer = save_layer(directory / "layer", self.new_blocks[task_name][0], self.placements[task_name],
                            getattr(self.base_model, "name_or_path", ""))
         return adapter, layer
@@ -92,7 +92,7 @@ class HybridExtension(BaseExtension):
         extended = structural_copy(self.base_model)
         block = apply_saved_layer(extended, directory / "layer")
         self._place_trainable(block)
-        model = PeftModel.from_pretrained(extended, str(directory / "adapter"), adapter_name=task_name)
+        model = PeftModel.from_pretrained(extended, str(directory / "adapter"), adapter_name=adapter_name_for(task_name))
         info = json.loads((directory / "layer" / LAYER_CONFIG).read_text())
         self.placements[task_name] = LayerPlacement(**{k: info[k] for k in LayerPlacement.__dataclass_fields__})
         return self._remember(task_name, model, [block])

@@ -49,6 +49,17 @@ def resolve_targets(model: torch.nn.Module, spec: LoRASpec, arch: Architecture) 
     return targets
 
 
+def adapter_name_for(task_name: str) -> str:
+    """The PEFT adapter name of a task.
+
+    Task names may contain '.', which PEFT cannot have in an adapter name (it becomes a module
+    key), and a short name such as `a` or `or` is a substring of PEFT's `lora_` parameter
+    prefix, which PEFT warns may re-initialise the adapter on load. A fixed prefix and a
+    spelled-out dot avoid both.
+    """
+    return "task_" + task_name.replace(".", "-dot-")
+
+
 def lora_config(model: torch.nn.Module, spec: LoRASpec, arch: Architecture) -> LoraConfig:
     task_type = {"seq2seq": "SEQ_2_SEQ_LM", "causal": "CAUSAL_LM"}.get(arch.task_type)
     return LoraConfig(
@@ -99,12 +110,12 @@ class LoRAExtension(BaseExtension):
         if task_name in self.models:
             raise ValueError(f"task {task_name!r} already has an adapter")
         target = self.peft_model if self.peft_model is not None else structural_copy(self.base_model)
-        self.peft_model = add_lora(target, self.config.lora, self.arch, adapter_name=task_name)
+        self.peft_model = add_lora(target, self.config.lora, self.arch, adapter_name=adapter_name_for(task_name))
         return self._remember(task_name, self.peft_model, [])
 
     def switch(self, task_name: str) -> PeftModel:
         model = super().switch(task_name)
-        model.set_adapter(task_name)
+        model.set_adapter(adapter_name_for(task_name))
         return model
 
     def statistics(self, task=None):
@@ -113,7 +124,7 @@ class LoRAExtension(BaseExtension):
         self.switch(task)
         stats = super().statistics(task)
         others = sum(p.numel() for n, p in self.peft_model.named_parameters()
-                     if "lora_" in n and f".{task}." not in n)
+                     if "lora_" in n and f".{adapter_name_for(task)}." not in n)
         if others:
             from worker.stats import ParamStats
 
@@ -122,13 +133,13 @@ class LoRAExtension(BaseExtension):
         return stats
 
     def save(self, task_name: str, directory: Path) -> Path:
-        return save_adapter(self.model_for(task_name), Path(directory), adapter_name=task_name)
+        return save_adapter(self.model_for(task_name), Path(directory), adapter_name=adapter_name_for(task_name))
 
     def load(self, task_name: str, directory: Path) -> PeftModel:
         if self.peft_model is None:
             self.peft_model = PeftModel.from_pretrained(structural_copy(self.base_model), str(directory),
-                                                        adapter_name=task_name)
+                                                        adapter_name=adapter_name_for(task_name))
         else:
-            self.peft_model.load_adapter(str(directory), adapter_name=task_name)
-        self.peft_model.set_adapter(task_name)
+            self.peft_model.load_adapter(str(directory), adapter_name=adapter_name_for(task_name))
+        self.peft_model.set_adapter(adapter_name_for(task_name))
         return self._remember(task_name, self.peft_model, [])
