@@ -5,6 +5,8 @@
         claim_job(session, job_id, ...)
     with database.read() as session:        # a read transaction (plain BEGIN on SQLite)
         rows = results(session, ...)
+    with database.connect() as connection:  # the same, on a Core connection (no ORM import)
+        rows = result_rows(connection, ...)
 
 SQLite: WAL journal, a 30 s busy timeout, and write transactions that take the write lock
 up front (`BEGIN IMMEDIATE`), so that two writers queue on the busy timeout instead of one
@@ -16,19 +18,22 @@ is brought to the Alembic head automatically; PostgreSQL is migrated with
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session, sessionmaker
 
 from db import DEFAULT_DATABASE_URL
 from db.errors import DatabaseError, SchemaOutdated
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
 
 __all__ = ["DEFAULT_DATABASE_URL", "Database", "get_database"]
 
@@ -46,10 +51,20 @@ class Database:
     def __init__(self, url: str, engine: Engine):
         self.url = url
         self.engine = engine
-        self.sessions = sessionmaker(engine, expire_on_commit=False)
-        self.read_sessions = sessionmaker(
-            engine.execution_options(**{_READ_ONLY: True}), expire_on_commit=False
-        )
+        self.read_engine = engine.execution_options(**{_READ_ONLY: True})
+
+    # The ORM is imported on first use: `graftq results` reads through `connect()` without it.
+    @functools.cached_property
+    def sessions(self) -> sessionmaker[Session]:
+        from sqlalchemy.orm import sessionmaker
+
+        return sessionmaker(self.engine, expire_on_commit=False)
+
+    @functools.cached_property
+    def read_sessions(self) -> sessionmaker[Session]:
+        from sqlalchemy.orm import sessionmaker
+
+        return sessionmaker(self.read_engine, expire_on_commit=False)
 
     @property
     def is_sqlite(self) -> bool:
@@ -68,6 +83,15 @@ class Database:
         """
         with self.read_sessions() as session:
             yield session
+
+    @contextlib.contextmanager
+    def connect(self) -> Iterator[Connection]:
+        """A read-only transaction on a Core connection (no ORM), for statements on `db.tables`.
+
+        The transaction begins with the first statement and is rolled back when the block ends.
+        """
+        with self.read_engine.connect() as connection:
+            yield connection
 
     def dispose(self) -> None:
         self.engine.dispose()

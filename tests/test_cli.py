@@ -170,6 +170,59 @@ def test_results_table_and_bad_options(invoke, sqlite_url):
     assert "Traceback" not in bad.output
 
 
+def _many_jobs(sqlite_url, count):
+    """`count` jobs in one batch, created one second apart (the last is the newest)."""
+    import datetime as dt
+
+    from sqlalchemy import update
+
+    from db.models import Job
+    from db.queries import create_batch
+
+    rows = [{"task": f"t{i}", "kind": "create", "extension": "lora", "base_model": "random:t5-tiny",
+             "queue": "graftq", "spec": {}} for i in range(count)]
+    with get_database(sqlite_url).begin() as session:
+        _, ids = create_batch(session, "many", rows)
+        start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+        for index, job_id in enumerate(ids):
+            session.execute(update(Job).where(Job.id == job_id).values(created_at=start + dt.timedelta(seconds=index)))
+    return ids
+
+
+def test_the_results_table_shows_the_newest_50_and_says_how_to_see_more(invoke, sqlite_url):
+    ids = _many_jobs(sqlite_url, 60)
+    table = invoke("results")
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:3] == ["id", "batch", "task"]  # plain aligned text when not a terminal
+    shown = [line.split()[0] for line in lines[1:]]
+    assert shown == ids[10:]  # the newest 50, oldest first
+    assert "the newest 50 matching jobs; more match" in table.stderr
+    assert "--limit N" in table.stderr and "--format csv" in table.stderr
+    by_task = invoke("results", "--sort", "-task")  # another order: its first 50
+    assert [line.split()[2] for line in by_task.stdout.splitlines()[1:]] == sorted(
+        (f"t{i}" for i in range(60)), reverse=True)[:50]
+    assert "the first 50 matching jobs" in by_task.stderr
+    # An explicit --limit, or json/csv, are never capped and need no footer.
+    limited = invoke("results", "--limit", "55")
+    assert len(limited.stdout.splitlines()) == 56 and limited.stderr == ""
+    assert len(json.loads(invoke("results", "--format", "json").stdout)) == 60
+    assert len(invoke("results", "--format", "csv").stdout.splitlines()) == 61
+    few = invoke("results", "--task", "t3")
+    assert len(few.stdout.splitlines()) == 2 and few.stderr == ""
+
+
+def test_results_and_status_draw_rich_tables_on_a_terminal(invoke, sqlite_url, monkeypatch):
+    import jobs.cli
+
+    _finished_batch(sqlite_url)
+    monkeypatch.setattr(jobs.cli, "_is_terminal", lambda: True)
+    table = invoke("results").stdout
+    assert "┃" in table or "│" in table  # rich's box drawing
+    assert "succeeded" in table and "failed" in table
+    status = invoke("status").stdout
+    assert "batches" in status and "finished" in status and ("│" in status or "┃" in status)
+
+
 def test_show_prints_one_job_in_full(invoke, sqlite_url):
     _, ids = _finished_batch(sqlite_url)
     text = invoke("show", ids[2]).output
@@ -224,6 +277,69 @@ def test_light_commands_never_import_torch_or_celery(args, batch_file, graftq_en
     assert json.loads(line.split("=", 1)[1]) == []
 
 
+def test_results_reads_without_the_orm_or_rich(sqlite_url, graftq_env):
+    # The ORM and rich are a third of a results start; the query goes through SQLAlchemy Core.
+    _finished_batch(sqlite_url)
+    probe = PROBE.replace('("torch", "transformers", "peft", "celery", "kombu")', '("sqlalchemy.orm", "rich")')
+    for args in (["results"], ["results", "--sort", "train_loss", "--limit", "2", "--format", "json"]):
+        result = subprocess.run(["python", "-c", probe, *args], cwd=ROOT, env=graftq_env, capture_output=True,
+                                text=True, timeout=120, executable=graftq_argv()[0])
+        assert result.returncode == 0, result.stderr
+        [line] = [line for line in result.stderr.splitlines() if line.startswith("GRAFTQ_MODULES=")]
+        assert json.loads(line.split("=", 1)[1]) == [], args
+
+
+def test_submitted_messages_are_what_send_task_sends(redis_url, redis_server):
+    # graftq builds each message from one template instead of calling send_task per job; a stock
+    # Celery worker must not be able to tell the difference (only ids and delivery tags differ).
+    from jobs.celery_app import RUN_JOB_TASK, configure
+    from jobs.settings import Settings
+    from jobs.submit import publish_jobs
+
+    app = configure(Settings(broker_url=redis_url))
+    client = redis_server.client()
+    client.delete("graftq.cpu", "graftq")
+    app.send_task(RUN_JOB_TASK, args=["a" * 16], task_id="a" * 16, queue="graftq.cpu", ignore_result=True)
+    assert publish_jobs(app, ["b" * 16, "c" * 16], ["graftq.cpu", None]) == ["b" * 16, "c" * 16]
+    reference, ours = (json.loads(m) for m in reversed(client.lrange("graftq.cpu", 0, -1)))
+    [default_queue] = [json.loads(m) for m in client.lrange("graftq", 0, -1)]
+    assert default_queue["headers"]["id"] == "c" * 16 and default_queue["properties"]["delivery_info"] == {
+        "exchange": "", "routing_key": "graftq"}
+
+    def normalised(message, job_id):
+        message = {**message, "body": json.loads(base64.b64decode(message["body"]))}
+        message = json.loads(json.dumps(message).replace(job_id, "JOB"))
+        assert message["properties"].pop("delivery_tag")
+        return message
+
+    assert normalised(ours, "b" * 16) == normalised(reference, "a" * 16)
+    assert normalised(ours, "b" * 16)["body"][0] == ["JOB"]
+    client.delete("graftq.cpu", "graftq")
+
+
+def test_other_transports_get_the_same_messages_through_kombu(redis_url, redis_server):
+    # Only Redis has the one-round-trip-per-chunk path; any other broker publishes message by message.
+    from jobs.celery_app import configure
+    from jobs.settings import Settings
+    from jobs.submit import publish_jobs
+
+    app = configure(Settings(broker_url="memory://"))
+    assert publish_jobs(app, ["b" * 16, "c" * 16], ["graftq.cpu", None]) == ["b" * 16, "c" * 16]
+    with app.connection_for_read() as connection:
+        cpu = connection.SimpleQueue("graftq.cpu", no_ack=True).get(timeout=1)
+        default = connection.SimpleQueue("graftq", no_ack=True).get(timeout=1)
+    assert cpu.headers["task"] == "graftq.run_job" and cpu.headers["id"] == "b" * 16
+    assert cpu.decode()[0] == ["b" * 16] and cpu.properties["correlation_id"] == "b" * 16
+    assert default.decode()[0] == ["c" * 16] and default.delivery_info["routing_key"] == "graftq"
+    # Configured for another broker later in the same process, it publishes there (Celery's own
+    # producer pool would stay bound to the first broker it was used with).
+    client = redis_server.client()
+    client.delete("graftq")
+    assert publish_jobs(configure(Settings(broker_url=redis_url)), ["d" * 16], [None]) == ["d" * 16]
+    assert client.llen("graftq") == 1
+    client.delete("graftq")
+
+
 def test_the_module_entry_point_runs(graftq_env):
     result = subprocess.run(graftq_argv("--help"), cwd=ROOT, env=graftq_env, capture_output=True, text=True,
                             timeout=60)
@@ -235,19 +351,18 @@ def test_the_module_entry_point_runs(graftq_env):
 def test_a_broker_that_dies_midway_leaves_no_queued_row_without_a_message(invoke, batch_file, redis_url,
                                                                            redis_server, sqlite_url, monkeypatch):
     import jobs.submit
-    from jobs.celery_app import app
 
     monkeypatch.setattr(jobs.submit, "PUBLISH_CHUNK", 2)
-    real_send_task = app.send_task
-    sent = []
+    real_send_chunk = jobs.submit._send_chunk_redis
+    chunks = []
 
-    def send_task_then_kill_the_broker(*args, **kwargs):
-        sent.append(args)
-        if len(sent) == 3:  # while the second chunk of messages is being sent
+    def send_chunk_then_kill_the_broker(channel, messages, chunk):
+        chunks.append(chunk)
+        if len(chunks) == 2:  # just before the second chunk of messages is sent
             redis_server.stop(kill=True)
-        return real_send_task(*args, **kwargs)
+        return real_send_chunk(channel, messages, chunk)
 
-    monkeypatch.setattr(app, "send_task", send_task_then_kill_the_broker)
+    monkeypatch.setattr(jobs.submit, "_send_chunk_redis", send_chunk_then_kill_the_broker)
     try:
         result = invoke("submit", str(batch_file), broker=redis_url)
     finally:

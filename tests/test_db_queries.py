@@ -191,6 +191,33 @@ def test_results_filter_and_sort_with_missing_values_last(database):
         assert counts.counts == {"succeeded": 4, "running": 2} and counts.total == 6
 
 
+def test_the_core_result_rows_match_the_orm_results(database):
+    # `graftq results` reads through db.results (Core, no ORM import); db.queries.results is the
+    # same query through the ORM. Every filter and sort must give the same rows.
+    from db.results import RESULT_FIELDS as CORE_FIELDS
+    from db.results import result_rows
+
+    assert CORE_FIELDS == RESULT_FIELDS
+    with database.begin() as session:
+        batch_id, ids = create_batch(session, "parity", _jobs(9))
+        create_batch(session, "other", _jobs(2))
+        for job_id, loss in zip(ids, [3.0, None, 1.0, 2.0, None, 0.5, 1.0, None, 4.0]):
+            token = claim_job(session, job_id, "w", stale_after=60)
+            if loss is not None:
+                finish_job(session, job_id, token, stats={"trainable_params": 10}, metrics={"eval_loss": loss},
+                           device="cpu", dtype="float32", versions={}, job_dir="/x")
+    queries = [{}, {"sort": "eval_loss"}, {"sort": "eval_loss", "descending": True, "limit": 4},
+               {"batch": "parity", "sort": "eval_loss", "limit": 7}, {"batch": batch_id, "status": "running"},
+               {"task": "t1", "extension": "layer"}, {"sort": "created_at", "descending": True, "limit": 3}]
+    for query in queries:
+        with database.read() as session:
+            expected = results(session, **query)
+        with database.connect() as connection:
+            assert result_rows(connection, **query) == expected, query
+    with database.connect() as connection, pytest.raises(ValueError, match="cannot sort"):
+        result_rows(connection, sort="spec")
+
+
 @pytest.mark.slow
 def test_results_on_100k_jobs_sort_and_limit_in_under_half_a_second(database):
     rng = random.Random(0)
