@@ -112,7 +112,11 @@ class Cluster:
         return worker
 
     def wait_ready(self, worker: Worker, count: int = 1, timeout: float = 120) -> None:
-        self.wait_for("a worker process to be ready", lambda: worker.text().count(" ready.") >= count, timeout)
+        def ready() -> bool:
+            assert worker.alive(), f"graftq worker exited ({worker.process.returncode}):\n{worker.text()[-4000:]}"
+            return worker.text().count(" ready.") >= count
+
+        self.wait_for("a worker process to be ready", ready, timeout)
 
     def live_workers(self) -> list[Worker]:
         return [w for w in self.workers if w.alive()]
