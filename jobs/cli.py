@@ -239,8 +239,9 @@ def worker(ctx: click.Context, gpus: str, queues: str | None, loglevel: str, rea
            max_restarts: int) -> None:
     """Serve the broker: one Celery worker process per GPU (one job at a time each), or a CPU worker.
 
-    On SIGTERM/SIGINT every process shuts down warmly (it finishes its running job first);
-    a second signal stops them at once (their jobs are re-queued later, like a dead worker's).
+    On SIGTERM/SIGINT a training job saves a checkpoint at its next step and goes back to the
+    queue (another worker resumes it), then every process exits; a second signal stops them at
+    once (their jobs are re-queued later by a reaper, like a dead worker's).
     A process that exits unexpectedly is restarted.
     """
     from worker.launcher import LauncherError, parse_gpus, serve

@@ -43,6 +43,10 @@ def _fsync_tree(directory: Path) -> None:
 def write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
     """Call `write(staging_dir)`, then move the staging directory to `final` in one rename."""
     final.parent.mkdir(parents=True, exist_ok=True)
+    # A writer killed mid-save leaves its staging directory behind; the job's current claim
+    # holder is its only writer now, so earlier leftovers go.
+    for leftover in final.parent.glob(f".{final.name}.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
     staging = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     staging.mkdir()
     try:

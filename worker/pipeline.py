@@ -4,7 +4,8 @@
 
 It builds the extension on the base model, trains it (train jobs), saves the artifacts
 under `<artifacts_root>/<batch_id>/<job_id>/` atomically, and returns a `JobOutcome`.
-Raises `worker.errors.JobError` (deterministic, never retried), `JobCancelled`.
+Raises `worker.errors.JobError` (deterministic, never retried), `JobCancelled` (the cancel
+check said stop), `JobInterrupted` (the worker is shutting down: a checkpoint was saved first).
 """
 
 from __future__ import annotations
