@@ -19,16 +19,10 @@ from typing import Any
 from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from db.models import SORTABLE_COLUMNS, Batch, Job, JobStatus, MetricPoint, utcnow
+from db.models import Batch, Job, JobStatus, MetricPoint, utcnow
+from db.results import RESULT_FIELDS as RESULT_FIELDS  # re-exported: callers import it from here
+from db.results import result_rows
 
-#: The keys of one `graftq results` row, in column order (DESIGN.md).
-RESULT_FIELDS = (
-    "id", "batch_id", "batch", "task", "kind", "extension", "status", "attempts", "base_model",
-    "device", "dtype", "worker", "base_params", "total_params", "trainable_params", "lora_params",
-    "layer_params", "trainable_pct", "adapter_path", "layer_path", "train_loss", "eval_loss", "steps",
-    "tokens_per_second", "train_seconds", "peak_memory_mb", "error", "created_at", "started_at",
-    "finished_at",
-)
 STAT_FIELDS = ("base_params", "total_params", "trainable_params", "lora_params", "layer_params", "trainable_pct")
 METRIC_FIELDS = ("train_loss", "eval_loss", "steps", "tokens_per_second", "train_seconds", "peak_memory_mb")
 
@@ -437,49 +431,14 @@ def request_cancel(session: Session, job_ids: Sequence[str]) -> dict[str, str]:
     return outcome
 
 
-def _result_row(job: Job, batch_name: str) -> dict[str, Any]:
-    row = {key: getattr(job, key) for key in RESULT_FIELDS if key != "batch"}
-    row["batch"] = batch_name
-    return {key: row[key] for key in RESULT_FIELDS}
-
-
-def results(
-    session: Session,
-    *,
-    batch: str | None = None,
-    task: str | None = None,
-    extension: str | None = None,
-    status: str | None = None,
-    limit: int | None = None,
-    sort: str = "created_at",
-    descending: bool = False,
-) -> list[dict[str, Any]]:
+def results(session: Session, **filters: Any) -> list[dict[str, Any]]:
     """Result rows (dicts with `RESULT_FIELDS`) filtered and sorted; nulls sort last.
 
-    `batch` matches a batch id or a batch name. Raises ValueError for a sort field that
-    is not in `SORTABLE_COLUMNS`.
+    The query lives in `db.results.result_rows` (Core, so the CLI can run it without the ORM);
+    this is its Session-side name. Takes its keyword filters; raises ValueError for a sort field
+    that is not in `SORTABLE_COLUMNS`.
     """
-    if sort not in SORTABLE_COLUMNS:
-        raise ValueError(f"cannot sort by {sort!r}; choose one of {', '.join(SORTABLE_COLUMNS)}")
-    column = getattr(Job, sort)
-    base = select(Job, Batch.name).join(Batch, Job.batch_id == Batch.id)
-    if batch is not None:
-        base = base.where(or_(Job.batch_id == batch, Batch.name == batch))
-    if task is not None:
-        base = base.where(Job.task == task)
-    if extension is not None:
-        base = base.where(Job.extension == extension)
-    if status is not None:
-        base = base.where(Job.status == status)
-    order = column.desc() if descending else column.asc()
-    tie = Job.id.desc() if descending else Job.id.asc()
-    # Two range scans instead of `ORDER BY col IS NULL, col`, which no index can serve:
-    # the non-null values in index order, then (if the limit is not reached) the nulls.
-    rows = list(session.execute(base.where(column.is_not(None)).order_by(order, tie).limit(limit)))
-    if limit is None or len(rows) < limit:
-        remaining = None if limit is None else limit - len(rows)
-        rows += list(session.execute(base.where(column.is_(None)).order_by(tie).limit(remaining)))
-    return [_result_row(job, name) for job, name in rows]
+    return result_rows(session, **filters)
 
 
 @dataclass
