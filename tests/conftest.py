@@ -174,6 +174,28 @@ def postgres_url() -> str:
     return url
 
 
+@pytest.fixture
+def postgres_database(postgres_url: str) -> Iterator[str]:
+    """The URL of a new, empty PostgreSQL database of this test's own, dropped afterwards."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    from db.session import clear_cache
+
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    name = f"graftq_test_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield admin.url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        clear_cache()  # engines of this process that point at the database
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
 def graftq_argv(*args: str) -> list[str]:
     """argv that runs the graftq CLI from this checkout, installed or not."""
     return [sys.executable, "-m", "jobs.cli", *args]

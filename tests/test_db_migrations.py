@@ -5,12 +5,11 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
-import uuid
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine
 
 from db.migrate import head_revision, upgrade_to_head
 from db.models import Base
@@ -79,24 +78,14 @@ def test_alembic_command_line_upgrades_the_database_named_by_the_environment(tmp
 
 
 @pytest.mark.postgres
-def test_upgrade_head_on_postgresql_matches_the_models(postgres_url):
-    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    name = f"graftq_test_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = admin.url.set(database=name).render_as_string(hide_password=False)
-    try:
-        with pytest.raises(Exception, match="graftq db upgrade"):
-            get_database(url)  # PostgreSQL is never migrated behind the operator's back
-        clear_cache()
-        engine = create_database_engine(url)
-        upgrade_to_head(url, engine)
-        assert current_revision(engine) == SCHEMA_HEAD
-        assert _diff(engine) == []
-        engine.dispose()
-        assert get_database(url).engine.dialect.name == "postgresql"
-    finally:
-        clear_cache()
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+def test_upgrade_head_on_postgresql_matches_the_models(postgres_database):
+    url = postgres_database
+    with pytest.raises(Exception, match="graftq db upgrade"):
+        get_database(url)  # PostgreSQL is never migrated behind the operator's back
+    clear_cache()
+    engine = create_database_engine(url)
+    upgrade_to_head(url, engine)
+    assert current_revision(engine) == SCHEMA_HEAD
+    assert _diff(engine) == []
+    engine.dispose()
+    assert get_database(url).engine.dialect.name == "postgresql"

@@ -289,41 +289,27 @@ def test_eight_processes_writing_one_sqlite_file_lose_nothing(database, sqlite_u
 
 
 @pytest.mark.postgres
-def test_claims_and_fenced_writes_on_postgresql(postgres_url):
-    import uuid
-
-    from sqlalchemy import create_engine, text
-
+def test_claims_and_fenced_writes_on_postgresql(postgres_database):
     from db.migrate import upgrade_to_head
     from db.session import create_database_engine
 
-    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    name = f"graftq_test_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = admin.url.set(database=name).render_as_string(hide_password=False)
-    try:
-        engine = create_database_engine(url)
-        upgrade_to_head(url, engine)
-        engine.dispose()
-        database = get_database(url)
-        with database.begin() as session:
-            _, [job_id] = create_batch(session, "pg", _jobs(1))
-        with database.begin() as session:
-            token = claim_job(session, job_id, "w1", stale_after=60)
-            assert claim_job(session, job_id, "w2", stale_after=60) is None
-        with database.begin() as session:
-            assert finish_job(session, job_id, token, stats={"trainable_params": 5}, metrics={"train_loss": 1.0},
-                              device="cpu", dtype="float32", versions={}, job_dir="/x")
-        with database.read() as session:
-            [row] = results(session, batch="pg")
-            assert row["status"] == "succeeded" and row["trainable_params"] == 5
-            assert row["finished_at"].tzinfo is not None
-    finally:
-        clear_cache()
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    url = postgres_database
+    engine = create_database_engine(url)
+    upgrade_to_head(url, engine)
+    engine.dispose()
+    database = get_database(url)
+    with database.begin() as session:
+        _, [job_id] = create_batch(session, "pg", _jobs(1))
+    with database.begin() as session:
+        token = claim_job(session, job_id, "w1", stale_after=60)
+        assert claim_job(session, job_id, "w2", stale_after=60) is None
+    with database.begin() as session:
+        assert finish_job(session, job_id, token, stats={"trainable_params": 5}, metrics={"train_loss": 1.0},
+                          device="cpu", dtype="float32", versions={}, job_dir="/x")
+    with database.read() as session:
+        [row] = results(session, batch="pg")
+        assert row["status"] == "succeeded" and row["trainable_params"] == 5
+        assert row["finished_at"].tzinfo is not None
 
 
 def test_job_status_values_are_the_documented_ones():

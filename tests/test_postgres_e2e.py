@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -31,20 +30,6 @@ jobs:
   - {task: reverse, extension: layer, kind: create}
   - {task: reverse, extension: hybrid}
 """
-
-
-@pytest.fixture
-def postgres_database(postgres_url):
-    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    name = f"graftq_e2e_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield admin.url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def _graftq(env, *args, timeout=300):
