@@ -155,8 +155,8 @@ class _ProgressWriter:
         self.job_id = job_id
         self.token = token
         self.beat = beat
-        self.last_write = 0.0
-        self.last_phase: str | None = None
+        # claim_job already wrote phase "setup" and the claim time: nothing to say for a second
+        self.last_write = time.monotonic()
         #: the last training step was reported: what is left (evaluation, saving) is short
         self.training_done = False
 
@@ -164,9 +164,11 @@ class _ProgressWriter:
         now = time.monotonic()
         final = progress.total_steps and progress.step >= progress.total_steps
         self.training_done = self.training_done or bool(final) or progress.phase == "save"
-        if now - self.last_write < PROGRESS_WRITE_INTERVAL and progress.phase == self.last_phase and not final:
+        # Phase changes are throttled too: a short job (a `create` job takes ~0.1 s) would
+        # otherwise pay a write transaction for each of its phases.
+        if now - self.last_write < PROGRESS_WRITE_INTERVAL and not final:
             return
-        self.last_write, self.last_phase = now, progress.phase
+        self.last_write = now
         loss = None if progress.loss is None else float(progress.loss)
         try:
             with self.database.begin() as session:
