@@ -205,6 +205,11 @@ def test_hybrid_shared_layer_reuses_one_block(device_manager):
     assert len(a.get_base_model().encoder.block) == 3
     separate = extension.create_hybrid_model("c.v2")  # '.' is fine in a task name, not in a PEFT adapter name
     assert separate is not a
+    # another extension object can add its task to the same shared block
+    other = HybridExtension(extension.base_model, ExtensionConfig(lora=LoRASpec(r=R)), device_manager)
+    d = other.create_hybrid_model("d", use_shared_layer=True, shared_model=a)
+    assert d is a and other.new_blocks["d"][0] is extension.new_blocks["a"][0]
+    assert "graftq_new_block" not in dict(a.named_modules()) and len(a.get_base_model().encoder.block) == 3
 
 
 # ---- errors that name the key and the fix ----------------------------------------------------

@@ -214,7 +214,7 @@ def load_job_model(job_dir: str | Path, device: str = "cpu"):
     base = load_base_model(info["spec"]["base_model"], device_manager)
     model = structural_copy(base.model)
     if (job_dir / "layer").is_dir():
-        block = apply_saved_layer(model, job_dir / "layer")
+        block, _ = apply_saved_layer(model, job_dir / "layer")
         device_manager.place_trainable(block)
     if (job_dir / "adapter").is_dir():
         model = PeftModel.from_pretrained(model, str(job_dir / "adapter"))

@@ -47,6 +47,8 @@ class BaseExtension:
         self.base_params = count_params(base_model)
         self.models: dict[str, torch.nn.Module] = {}
         self.new_blocks: dict[str, list[torch.nn.Module]] = {}
+        #: task -> the resolved LayerPlacement of its added block (layer and hybrid kinds)
+        self.placements: dict = {}
         self.active_task: str | None = None
 
     # -- per-task bookkeeping -------------------------------------------------------------

@@ -5,7 +5,6 @@ Trainable = every LoRA parameter + the new block's own weights.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -13,7 +12,6 @@ from peft import PeftModel
 
 from worker.extensions.base import BaseExtension
 from worker.extensions.layer import (
-    LAYER_CONFIG,
     LayerPlacement,
     apply_saved_layer,
     insert_block,
@@ -24,15 +22,28 @@ from worker.extensions.lora import adapter_name_for, add_lora, save_adapter
 from worker.models import structural_copy
 
 
+def _attach(model: PeftModel, block: torch.nn.Module, placement: LayerPlacement) -> None:
+    """Keep the added block and its placement on the model, so that another task (or another
+    extension) can share it. Plain attributes: assigning a Module through nn.Module.__setattr__
+    would register the block a second time in the module tree (and in state dicts)."""
+    object.__setattr__(model, "graftq_new_block", block)
+    object.__setattr__(model, "graftq_placement", placement)
+
+
+def _train_block_weights(block: torch.nn.Module) -> None:
+    """PEFT froze everything but the adapters; the new block's own weights train too."""
+    for name, param in block.named_parameters():
+        if "lora_" not in name:
+            param.requires_grad_(True)
+
+
 class HybridExtension(BaseExtension):
     kind = "hybrid"
 
     def __init__(self, base_model, config=None, device_manager=None):
         super().__init__(base_model, config, device_manager)
-        self.placements: dict[str, LayerPlacement] = {}
+        #: the model whose one added block every `use_shared_layer` task uses
         self.shared_model: PeftModel | None = None
-        self._shared_block: torch.nn.Module | None = None
-        self._shared_placement: LayerPlacement | None = None
 
     def _extend(self) -> tuple[torch.nn.Module, torch.nn.Module, LayerPlacement]:
         model = structural_copy(self.base_model)
@@ -46,37 +57,32 @@ class HybridExtension(BaseExtension):
         """Build the hybrid model of `task_name`.
 
         With `use_shared_layer`, every task's hybrid uses one added block (that of `shared_model`,
-        or of the first shared task) and the tasks differ only in their LoRA adapters.
+        a hybrid model built by a HybridExtension, or else of the first shared task) and the tasks
+        differ only in their LoRA adapters. Raises ValueError for a task built already, or a
+        `shared_model` that is not a hybrid model.
         """
         if task_name in self.models:
             raise ValueError(f"task {task_name!r} already has a hybrid model")
-        if use_shared_layer:
-            if shared_model is not None and shared_model is not self.shared_model:
-                self.shared_model = shared_model
-                self._shared_block = next(iter(self.new_blocks.values()))[0] if self.new_blocks else None
-            if self.shared_model is None:
-                model, block, placement = self._extend()
-                self._shared_block, self._shared_placement = block, placement
-                self.shared_model = add_lora(model, self.config.lora, self.arch, adapter_name=adapter_name_for(task_name))
-            else:
-                add_lora(self.shared_model, self.config.lora, self.arch, adapter_name=adapter_name_for(task_name))
-            model, block, placement = self.shared_model, self._shared_block, self._shared_placement
+        adapter = adapter_name_for(task_name)
+        if use_shared_layer and (shared_model or self.shared_model) is not None:
+            model = shared_model or self.shared_model
+            if not hasattr(model, "graftq_new_block"):
+                raise ValueError("shared_model must be a model returned by create_hybrid_model")
+            add_lora(model, self.config.lora, self.arch, adapter_name=adapter)
         else:
             extended, block, placement = self._extend()
-            model = add_lora(extended, self.config.lora, self.arch, adapter_name=adapter_name_for(task_name))
-        # PEFT froze everything but the adapters; the new block's own weights train too.
-        for name, param in block.named_parameters():
-            if "lora_" not in name:
-                param.requires_grad_(True)
-        self.placements[task_name] = placement
-        return self._remember(task_name, model, [block])
+            model = add_lora(extended, self.config.lora, self.arch, adapter_name=adapter)
+            _attach(model, block, placement)
+        if use_shared_layer:
+            self.shared_model = model
+        _train_block_weights(model.graftq_new_block)
+        self.placements[task_name] = model.graftq_placement
+        return self._remember(task_name, model, [model.graftq_new_block])
 
     def switch(self, task_name: str) -> PeftModel:
         model = super().switch(task_name)
         model.set_adapter(adapter_name_for(task_name))
-        for name, param in self.new_blocks[task_name][0].named_parameters():
-            if "lora_" not in name:
-                param.requires_grad_(True)
+        _train_block_weights(self.new_blocks[task_name][0])
         return model
 
     def save(self, task_name: str, directory: Path) -> tuple[Path, Path]:
@@ -90,9 +96,10 @@ class HybridExtension(BaseExtension):
     def load(self, task_name: str, directory: Path) -> PeftModel:
         directory = Path(directory)
         extended = structural_copy(self.base_model)
-        block = apply_saved_layer(extended, directory / "layer")
+        block, placement = apply_saved_layer(extended, directory / "layer")
         self._place_trainable(block)
-        model = PeftModel.from_pretrained(extended, str(directory / "adapter"), adapter_name=adapter_name_for(task_name))
-        info = json.loads((directory / "layer" / LAYER_CONFIG).read_text())
-        self.placements[task_name] = LayerPlacement(**{k: info[k] for k in LayerPlacement.__dataclass_fields__})
+        model = PeftModel.from_pretrained(extended, str(directory / "adapter"),
+                                          adapter_name=adapter_name_for(task_name))
+        _attach(model, block, placement)
+        self.placements[task_name] = placement
         return self._remember(task_name, model, [block])

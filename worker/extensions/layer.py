@@ -168,14 +168,17 @@ def save_layer(directory: Path, block: torch.nn.Module, placement: LayerPlacemen
     return directory
 
 
-def apply_saved_layer(model: torch.nn.Module, directory: Path) -> torch.nn.Module:
-    """Re-apply a saved layer extension to (a copy of) its base model, in place; return the new block."""
+def apply_saved_layer(model: torch.nn.Module, directory: Path) -> tuple[torch.nn.Module, LayerPlacement]:
+    """Re-apply a saved layer extension to (a copy of) its base model, in place.
+
+    Returns the new block (with its saved weights) and where it was placed.
+    """
     info = json.loads((Path(directory) / LAYER_CONFIG).read_text())
     placement = LayerPlacement(**{k: info[k] for k in LayerPlacement.__dataclass_fields__})
     block = insert_block(model, placement)
     state = load_file(str(Path(directory) / LAYER_WEIGHTS))
     block.load_state_dict(state, strict=True)
-    return block
+    return block, placement
 
 
 class TransformerLayerExtension(BaseExtension):
@@ -189,7 +192,6 @@ class TransformerLayerExtension(BaseExtension):
         block = insert_block(model, placement)
         block.requires_grad_(True)
         self._place_trainable(block)
-        self.placements = getattr(self, "placements", {})
         self.placements[task_name] = placement
         return self._remember(task_name, model, [block])
 
@@ -200,9 +202,6 @@ class TransformerLayerExtension(BaseExtension):
 
     def load(self, task_name: str, directory: Path) -> torch.nn.Module:
         model = structural_copy(self.base_model)
-        block = apply_saved_layer(model, Path(directory))
+        block, self.placements[task_name] = apply_saved_layer(model, Path(directory))
         self._place_trainable(block)
-        info = json.loads((Path(directory) / LAYER_CONFIG).read_text())
-        self.placements = getattr(self, "placements", {})
-        self.placements[task_name] = LayerPlacement(**{k: info[k] for k in LayerPlacement.__dataclass_fields__})
         return self._remember(task_name, model, [block])
