@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py`: the repo's packages come from here
+    sys.path.insert(0, str(ROOT))
+
+from tests.redis_server import RedisServer  # noqa: E402 - after the path set-up above
+
 BENCH_DIR = ROOT / "benchmarks"
 EXAMPLES = ROOT / "examples" / "data"
 
@@ -162,62 +166,6 @@ def time_command(argv: list[str], env: dict[str, str] | None = None, cwd: Path |
 
 
 # -- a private redis-server and SQLite file -----------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class RedisServer:
-    """A redis-server this benchmark owns, on a free port, never the shared 6379."""
-
-    def __init__(self, directory: Path):
-        self.directory = directory
-        self.port = free_port()
-        self.binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, timeout: float = 10.0) -> None:
-        if not Path(self.binary).exists():
-            raise RuntimeError("redis-server is not installed (apt-get install redis-server); "
-                               "the queue benchmarks need it")
-        self.directory.mkdir(parents=True, exist_ok=True)
-        argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(self.directory)]
-        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with status {self.process.returncode}")
-            if self.ping():
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout} s")
-
-    def ping(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def client(self):  # noqa: ANN201 - redis.Redis
-        import redis
-
-        return redis.Redis(host="127.0.0.1", port=self.port, db=0)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self.process = None
-
-
 @contextmanager
 def workspace(prefix: str) -> Iterator[Path]:
     """A temporary directory for this benchmark's database, artifacts and broker; removed after."""
