@@ -1,14 +1,12 @@
 """Schema migrations (Alembic), imported only when a database needs upgrading.
 
-`graftq db upgrade` and the automatic upgrade of a new SQLite file both end here; the
+`graftq db upgrade` and the automatic upgrade of an older SQLite file both end here (a new,
+empty SQLite file is created at the head by `db.session.create_at_head` instead); the
 repository's `alembic.ini` points the `alembic` command at the same scripts.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-from collections.abc import Iterator
 from pathlib import Path
 
 from alembic import command
@@ -35,26 +33,11 @@ def head_revision() -> str:
     return head
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path | None) -> Iterator[None]:
-    # Several processes may open a new SQLite file at once (a CLI and workers); one migrates.
-    if path is None:
-        yield
-        return
-    lock_path = path.with_name(path.name + ".migrate.lock")
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def upgrade_to_head(url: str, engine: Engine) -> None:
     """Bring the database at `url` to the head revision, on `engine`'s connection."""
-    from db.session import SCHEMA_HEAD, current_revision, sqlite_path
+    from db.session import SCHEMA_HEAD, current_revision, sqlite_file_lock
 
-    with _file_lock(sqlite_path(url)):
+    with sqlite_file_lock(url):
         if current_revision(engine) == SCHEMA_HEAD:
             return
         config = alembic_config(url)

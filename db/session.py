@@ -11,13 +11,14 @@
 SQLite: WAL journal, a 30 s busy timeout, and write transactions that take the write lock
 up front (`BEGIN IMMEDIATE`), so that two writers queue on the busy timeout instead of one
 of them failing with "database is locked" when it upgrades a read lock. A new SQLite file
-is brought to the Alembic head automatically; PostgreSQL is migrated with
+is created at the Alembic head automatically (an older one is upgraded); PostgreSQL is migrated with
 `graftq db upgrade` (or `alembic upgrade head`), and an outdated one is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import os
 import threading
@@ -197,9 +198,60 @@ def _ensure_schema(database: Database) -> None:
             f"the database {database.engine.url!r} is at schema revision {revision or 'none'}, this graftq "
             f"needs {SCHEMA_HEAD}: run `graftq db upgrade` (or `alembic upgrade head`)"
         )
+    with sqlite_file_lock(database.url):
+        # Another process may have created it meanwhile; an empty file is created right here.
+        if current_revision(database.engine) == SCHEMA_HEAD or create_at_head(database.engine):
+            return
     from db.migrate import upgrade_to_head
 
     upgrade_to_head(database.url, database.engine)
+
+
+@contextlib.contextmanager
+def sqlite_file_lock(url: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a SQLite file (nothing for other databases).
+
+    Several processes may open a new SQLite file at once (a CLI and workers); one creates
+    or migrates its schema while the others wait.
+    """
+    path = sqlite_path(url)
+    if path is None:
+        yield
+        return
+    lock_path = path.with_name(path.name + ".migrate.lock")
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+#: Alembic's own version table, as `alembic stamp` creates it.
+_VERSION_TABLE_DDL = (
+    "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL, "
+    "CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num))"
+)
+
+
+def create_at_head(engine: Engine) -> bool:
+    """Create the head schema in an empty database and stamp it; False if it is not empty.
+
+    Alembic's recipe for a database built from scratch (`metadata.create_all`, then stamp the
+    head) without importing Alembic: a first `graftq submit` or `graftq run` on a new SQLite
+    file skips replaying every revision. A test checks that the result matches `upgrade head`.
+    """
+    from sqlalchemy import inspect
+
+    from db.tables import metadata
+
+    with engine.begin() as connection:
+        if inspect(connection).get_table_names():
+            return False
+        metadata.create_all(connection)
+        connection.exec_driver_sql(_VERSION_TABLE_DDL)
+        connection.execute(text("INSERT INTO alembic_version (version_num) VALUES (:head)"), {"head": SCHEMA_HEAD})
+    return True
 
 
 def clear_cache() -> None:

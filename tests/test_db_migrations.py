@@ -13,7 +13,14 @@ from sqlalchemy import create_engine
 
 from db.migrate import head_revision, upgrade_to_head
 from db.models import Base
-from db.session import SCHEMA_HEAD, clear_cache, create_database_engine, current_revision, get_database
+from db.session import (
+    SCHEMA_HEAD,
+    clear_cache,
+    create_at_head,
+    create_database_engine,
+    current_revision,
+    get_database,
+)
 from tests.conftest import ROOT
 
 
@@ -46,6 +53,66 @@ def test_a_new_sqlite_database_is_created_at_head_automatically(tmp_path):
         with sqlite3.connect(path) as connection:
             assert connection.execute("SELECT version_num FROM alembic_version").fetchone() == (SCHEMA_HEAD,)
             assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    finally:
+        database.dispose()
+        clear_cache()
+
+
+def _sqlite_schema(path) -> dict:
+    """Every table's columns, indexes and foreign keys as SQLite reports them."""
+    with sqlite3.connect(path) as connection:
+        tables = [name for (name,) in connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        schema = {}
+        for table in tables:
+            indexes = {row[1]: (row[2], [info[2] for info in connection.execute(f"PRAGMA index_info('{row[1]}')")])
+                       for row in connection.execute(f"PRAGMA index_list('{table}')")}
+            schema[table] = {
+                "columns": connection.execute(f"PRAGMA table_info('{table}')").fetchall(),
+                "indexes": indexes,
+                "foreign_keys": connection.execute(f"PRAGMA foreign_key_list('{table}')").fetchall(),
+            }
+    return schema
+
+
+def test_a_new_sqlite_file_is_created_at_head_without_alembic_exactly_as_upgrade_head_builds_it(tmp_path):
+    created, migrated = tmp_path / "created.db", tmp_path / "migrated.db"
+    code = (
+        "import sys; from db.session import get_database; get_database(sys.argv[1]); "
+        "print('alembic' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code, f"sqlite:///{created}"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"  # created from the models, stamped, no revision replayed
+
+    engine = create_database_engine(f"sqlite:///{migrated}")
+    upgrade_to_head(f"sqlite:///{migrated}", engine)
+    engine.dispose()
+    assert _sqlite_schema(created) == _sqlite_schema(migrated)
+    assert len(_sqlite_schema(created)["jobs"]["indexes"]) > 10  # the comparison saw the real schema
+
+    engine = create_database_engine(f"sqlite:///{created}")
+    assert current_revision(engine) == SCHEMA_HEAD
+    assert _diff(engine) == []
+    upgrade_to_head(f"sqlite:///{created}", engine)  # a later upgrade takes it from the stamp
+    assert current_revision(engine) == SCHEMA_HEAD
+    engine.dispose()
+
+
+def test_an_sqlite_file_with_tables_but_no_version_is_migrated_not_recreated(tmp_path):
+    path = tmp_path / "half.db"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY)")
+    engine = create_database_engine(f"sqlite:///{path}")
+    assert create_at_head(engine) is False  # not empty: left to the migrations
+    engine.dispose()
+    database = get_database(f"sqlite:///{path}")
+    try:
+        assert current_revision(database.engine) == SCHEMA_HEAD
+        with sqlite3.connect(path) as connection:
+            tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert {"notes", "jobs", "batches", "metric_points"} <= tables
     finally:
         database.dispose()
         clear_cache()
