@@ -86,6 +86,21 @@ def mark_published(session: Session, job_ids: Sequence[str], when: dt.datetime |
         )
 
 
+def mark_batch_published(session: Session, batch_id: str, when: dt.datetime | None = None) -> int:
+    """Record that every message of a batch was handed to the broker; returns how many rows.
+
+    One statement for the whole batch (a 10,000-job submit would otherwise pay 20 `IN`
+    updates); jobs already marked keep their first time.
+    """
+    result = session.execute(
+        update(Job)
+        .where(Job.batch_id == batch_id, Job.published_at.is_(None))
+        .values(published_at=when or utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount
+
+
 def fail_unpublished(session: Session, job_ids: Sequence[str], error: str) -> int:
     """Mark still-queued jobs whose message never reached the broker as failed; returns how many."""
     count = 0

@@ -259,7 +259,7 @@ def submit_batch(
     `broker_checked`: the caller already ran `check_broker` (the CLI does, before it opens
     the database, so that a down broker leaves no database file behind either).
     """
-    from db.queries import fail_unpublished, mark_published
+    from db.queries import fail_unpublished, mark_batch_published, mark_published
     from jobs.celery_app import configure
 
     app = app or configure(settings)
@@ -267,7 +267,7 @@ def submit_batch(
         check_broker(app)
     submitted = record_batch(database, batch, settings)
     try:
-        sent = publish_jobs(app, submitted.job_ids, submitted.queues)
+        publish_jobs(app, submitted.job_ids, submitted.queues)
     except PublishFailed as failure:
         unsent = submitted.job_ids[len(failure.sent):]
         with database.begin() as session:
@@ -285,5 +285,5 @@ def submit_batch(
             "broker is back"
         ) from None
     with database.begin() as session:
-        mark_published(session, sent)
+        mark_batch_published(session, submitted.batch_id)
     return submitted

@@ -179,3 +179,22 @@ def test_an_invalid_batch_writes_no_row_and_no_message(case, tmp_path, sqlite_ur
                 assert connection.execute("SELECT count(*) FROM batches").fetchone() == (0,)
     assert redis_server.queue_lengths() == {"graftq": 0, "graftq.gpu": 0, "graftq.cpu": 0}
     assert not (tmp_path / "x").exists() and not (tmp_path.parent / "x").exists()
+
+
+def test_loading_a_batch_pauses_the_garbage_collector_and_restores_it(tmp_path):
+    import gc
+
+    from jobs.batch import gc_paused
+
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+        with gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # only the outermost block turns it back on
+    assert gc.isenabled()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("jobs: [{task: a, extension: nope}]\n")
+    with pytest.raises(SpecError):
+        load_batch(bad)
+    assert gc.isenabled()  # also after an error

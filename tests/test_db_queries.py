@@ -19,6 +19,8 @@ from db.queries import (
     get_job,
     heartbeat,
     loss_curve,
+    mark_batch_published,
+    mark_published,
     record_progress,
     release_job,
     request_cancel,
@@ -59,6 +61,21 @@ def _age_heartbeat(database, job_id, seconds):
     with database.begin() as session:
         session.execute(update(Job).where(Job.id == job_id).values(
             heartbeat_at=utcnow() - dt.timedelta(seconds=seconds)))
+
+
+def test_marking_a_batch_published_keeps_earlier_times_and_leaves_other_batches(database):
+    earlier = utcnow() - dt.timedelta(hours=1)
+    with database.begin() as session:
+        batch_id, job_ids = create_batch(session, "b", _jobs(3))
+        other_batch, [other_job] = create_batch(session, "other", _jobs(1))
+        mark_published(session, job_ids[:1], when=earlier)
+    with database.begin() as session:
+        assert mark_batch_published(session, batch_id) == 2
+    with database.read() as session:
+        first, *rest = (get_job(session, job_id) for job_id in job_ids)
+        assert first.published_at == earlier
+        assert all(job.published_at is not None and job.published_at > earlier for job in rest)
+        assert get_job(session, other_job).published_at is None
 
 
 def test_only_one_of_two_workers_claims_a_queued_job(database, one_job):
