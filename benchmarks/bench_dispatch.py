@@ -6,9 +6,11 @@ import everything and cache the base model. Then `graftq submit` sends 200 creat
 random:t5-tiny (lora, layer and hybrid in turn) and the clock runs from the start of the
 submit command until the last job's `finished_at` in the database.
 
-Reference: the same 200 job specs run by calling `worker.pipeline.run_job` in a loop in this
-process (also warmed up), once before and once after the queue run; their mean is the
-reference.
+Reference: the same 200 job specs run by calling `worker.pipeline.run_job` in a loop, in a
+fresh process of its own (warmed up like the worker), once before and once after the queue
+run; their mean is the reference. A fresh process, like the worker's: this one accumulates
+objects of its own (database polling) that would slow every garbage collection of a loop
+run here, and flatter the queue.
 
 Per-job overhead: the worker's pipeline calls are timed from inside the worker (see
 `_shim/sitecustomize.py`), so everything else the worker does for a job is graftq's dispatch:
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -68,6 +72,25 @@ def reference_loop(entries: list[dict], root: Path) -> list[float]:
     return seconds
 
 
+REFERENCE_CHILD = """
+import json, sys
+from pathlib import Path
+from bench_dispatch import job_entries, reference_loop
+count, root = int(sys.argv[1]), Path(sys.argv[2])
+reference_loop(job_entries(3, "w"), root)  # warm-up: imports, the cached base model
+print(json.dumps(reference_loop(job_entries(count, "t"), root)))
+"""
+
+
+def reference_in_fresh_process(count: int, root: Path) -> list[float]:
+    """`reference_loop` over the benchmark's `count` jobs in a new Python process; per-job seconds."""
+    completed = subprocess.run([sys.executable, "-c", REFERENCE_CHILD, str(count), str(root)], cwd=BENCH_DIR,
+                               env=graftq_env(), capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"the reference loop failed:\n{completed.stderr[-3000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
 def job_rows(database_url: str, batch_id: str) -> list[dict]:
     from sqlalchemy import select
 
@@ -76,7 +99,7 @@ def job_rows(database_url: str, batch_id: str) -> list[dict]:
 
     with get_database(database_url).read() as session:
         jobs = session.scalars(select(Job).where(Job.batch_id == batch_id).order_by(Job.started_at)).all()
-        return [{"id": job.id, "status": job.status, "published_at": job.published_at,
+        return [{"id": job.id, "task": job.task, "status": job.status, "published_at": job.published_at,
                  "started_at": job.started_at, "finished_at": job.finished_at} for job in jobs]
 
 
@@ -92,9 +115,8 @@ def run(quick: bool) -> Result:
         env["PYTHONPATH"] = f"{BENCH_DIR / '_shim'}:{env['PYTHONPATH']}"
         entries = job_entries(count, "t")
 
-        # Reference, first half (warm-up included) while no worker runs.
-        reference_loop(job_entries(3, "w"), tmp / "ref-artifacts")
-        reference_before = reference_loop(entries, tmp / "ref-artifacts")
+        # Reference, first half, while no worker runs.
+        reference_before = reference_in_fresh_process(count, tmp / "ref-artifacts")
 
         worker = Worker(env, tmp / "worker.log")
         worker.start()
@@ -110,7 +132,7 @@ def run(quick: bool) -> Result:
             wait_for_batch(database_url, batch_id, count, timeout=900, worker=worker, poll=0.5)
         finally:
             worker.stop()
-        reference_after = reference_loop(entries, tmp / "ref-artifacts")
+        reference_after = reference_in_fresh_process(count, tmp / "ref-artifacts")
 
         rows = job_rows(database_url, batch_id)
         pipeline = {}
@@ -145,6 +167,12 @@ def run(quick: bool) -> Result:
         "reference_total_s (before, after)": [sum(reference_before), sum(reference_after)],
         "pipeline_s_per_job_on_worker_median": statistics.median(pipeline_seconds),
         "pipeline_s_per_job_in_reference_median": statistics.median(reference_before + reference_after),
+        "pipeline_ms_median_by_kind, worker | reference": {
+            kind: [round(statistics.median(seconds for row, seconds in zip(rows, pipeline_seconds, strict=True)
+                                           if KINDS[int(row["task"][1:]) % len(KINDS)] == kind) * ms, 1),
+                   round(statistics.median(reference_before[index::len(KINDS)] + reference_after[index::len(KINDS)])
+                         * ms, 1)]
+            for index, kind in enumerate(KINDS)},
         "overhead_ms_per_job_p50": percentile(overhead, 50) * ms,
         "overhead_ms_per_job_p95": percentile(overhead, 95) * ms,
         "overhead_ms_per_job_max": max(overhead) * ms,
