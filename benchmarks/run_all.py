@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,20 @@ from _common import machine  # noqa: E402
 #: Engine-only benchmarks first, then those that start Redis, a database and workers.
 BENCHMARKS = ["training_speed", "model_reuse", "memory_growth", "cli_start", "submission", "dispatch",
               "results_query"]
+#: Run by default only where `nvidia-smi -L` lists a GPU.
+GPU_BENCHMARKS = ["gpu_training"]
 TIMEOUT_S = {"quick": 600, "full": 1200}
+
+
+def gpu_present() -> bool:
+    """Whether `nvidia-smi -L` lists a GPU (no torch import here)."""
+    if shutil.which("nvidia-smi") is None:
+        return False
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "GPU" in listed
 
 
 def run_one(name: str, quick: bool) -> dict:
@@ -46,11 +60,16 @@ def run_one(name: str, quick: bool) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="reduced sizes: a smoke run (about 2 minutes)")
-    parser.add_argument("--only", action="append", choices=BENCHMARKS, metavar="NAME",
-                        help=f"run only this benchmark (repeatable): {', '.join(BENCHMARKS)}")
+    parser.add_argument("--only", action="append", choices=BENCHMARKS + GPU_BENCHMARKS, metavar="NAME",
+                        help=f"run only this benchmark (repeatable): {', '.join(BENCHMARKS + GPU_BENCHMARKS)} "
+                             f"({', '.join(GPU_BENCHMARKS)}: on a GPU machine, where it also runs by default)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the summary as JSON to PATH")
     args = parser.parse_args(argv)
-    names = args.only or BENCHMARKS
+    has_gpu = gpu_present()
+    names = args.only or BENCHMARKS + (GPU_BENCHMARKS if has_gpu else [])
+    if not has_gpu and any(name in GPU_BENCHMARKS for name in names):
+        print(f"skipping {', '.join(n for n in names if n in GPU_BENCHMARKS)}: `nvidia-smi -L` lists no GPU here")
+        names = [name for name in names if name not in GPU_BENCHMARKS]
     started = time.perf_counter()
     results = []
     for name in names:
@@ -67,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         if result.get("error"):
             print(f"      ERROR {result['error']}")
     passed = all(result["passed"] for result in results)
-    print(f"{'all targets met' if passed else 'some targets missed'} in {total:.0f} s")
+    if not results:
+        print("no benchmark was run")
+    else:
+        print(f"{'all targets met' if passed else 'some targets missed'} in {total:.0f} s")
     summary = {"quick": args.quick, "seconds": total, "passed": passed, "machine": machine(),
                "results": results}
     if args.json:
