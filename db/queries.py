@@ -135,16 +135,38 @@ def _is_stale(stale_after: float, now: dt.datetime) -> Any:
     return or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < _stale_cutoff(stale_after, now))
 
 
+@dataclass(frozen=True)
+class Claim:
+    """A claimed job: the claim token and what the worker needs to run the job."""
+
+    token: str
+    batch_id: str
+    spec: dict[str, Any]
+    attempts: int  # this attempt's number
+    queue: str | None
+
+
 def claim_job(session: Session, job_id: str, worker: str, stale_after: float) -> str | None:
     """Claim a job for one attempt; returns a fresh claim token, or None when not claimable.
 
+    See `claim_job_to_run`, which also returns what the job needs.
+    """
+    claim = claim_job_to_run(session, job_id, worker, stale_after)
+    return None if claim is None else claim.token
+
+
+def claim_job_to_run(session: Session, job_id: str, worker: str, stale_after: float) -> Claim | None:
+    """Claim a job for one attempt; returns the `Claim`, or None when not claimable.
+
     Claimable: `queued`, or `running` with a heartbeat older than `stale_after` seconds (its
     worker died), and fewer attempts than its limit. The claim is one conditional UPDATE, so
-    of two workers given the same job exactly one gets a token. Increments `attempts`.
+    of two workers given the same job exactly one gets a token. Increments `attempts`. The
+    UPDATE returns the job's batch, spec, attempt and queue itself (RETURNING: SQLite 3.35+
+    and PostgreSQL), so a worker reads nothing else before it starts.
     """
     now = utcnow()
     token = secrets.token_hex(16)
-    result = session.execute(
+    row = session.execute(
         update(Job)
         .where(
             Job.id == job_id,
@@ -160,9 +182,13 @@ def claim_job(session: Session, job_id: str, worker: str, stale_after: float) ->
             heartbeat_at=now, started_at=now, finished_at=None, error=None, traceback=None,
             progress_step=None, progress_total=None, progress_loss=None, progress_phase="setup",
         )
+        .returning(Job.batch_id, Job.spec, Job.attempts, Job.queue)
         .execution_options(synchronize_session=False)
-    )
-    return token if result.rowcount == 1 else None
+    ).first()
+    if row is None:
+        return None
+    batch_id, spec, attempts, queue = row
+    return Claim(token=token, batch_id=batch_id, spec=spec, attempts=attempts, queue=queue)
 
 
 def settle_stale_job(session: Session, job_id: str, stale_after: float) -> str | None:

@@ -12,6 +12,7 @@ from db.models import Job, JobStatus, utcnow
 from db.queries import (
     RESULT_FIELDS,
     claim_job,
+    claim_job_to_run,
     create_batch,
     fail_job,
     find_stale_jobs,
@@ -76,6 +77,17 @@ def test_marking_a_batch_published_keeps_earlier_times_and_leaves_other_batches(
         assert first.published_at == earlier
         assert all(job.published_at is not None and job.published_at > earlier for job in rest)
         assert get_job(session, other_job).published_at is None
+
+
+def test_a_claim_returns_what_the_worker_needs_to_run_the_job(database, one_job):
+    batch_id, job_id = one_job
+    with database.begin() as session:
+        claim = claim_job_to_run(session, job_id, "w1", stale_after=60)
+        assert claim_job_to_run(session, job_id, "w2", stale_after=60) is None
+    assert (claim.batch_id, claim.spec, claim.attempts, claim.queue) == (batch_id, {"task": "t0"}, 1, "graftq")
+    with database.read() as session:
+        job = get_job(session, job_id)
+        assert (job.status, job.claim_token, job.attempts, job.worker) == ("running", claim.token, 1, "w1")
 
 
 def test_only_one_of_two_workers_claims_a_queued_job(database, one_job):

@@ -39,8 +39,9 @@ from sqlalchemy.exc import OperationalError
 
 from db.models import JobStatus
 from db.queries import (
+    Claim,
     ClaimState,
-    claim_job,
+    claim_job_to_run,
     fail_job,
     finish_job,
     get_job,
@@ -204,23 +205,20 @@ def execute_job(job_id: str, settings: Settings, *, worker: str, eager: bool = F
     """
     database = get_database(settings.database_url)
 
-    def claim() -> str | None:
+    def claim() -> Claim | None:
         with database.begin() as session:
-            return claim_job(session, job_id, worker, settings.stale_after)
+            return claim_job_to_run(session, job_id, worker, settings.stale_after)
 
     try:
-        token = _with_db_retries(claim)
+        claimed = _with_db_retries(claim)
     except OperationalError as error:
         raise _Retry(error, 0) from error
-    if token is None:
+    if claimed is None:
         reason = _with_db_retries(lambda: _describe_unclaimable(database, job_id, settings))
         log.info("job %s not run: %s", job_id, reason)
         return "skipped"
-
-    with database.read() as session:
-        job = get_job(session, job_id)
-        assert job is not None
-        batch_id, spec_json, attempts, queue = job.batch_id, job.spec, job.attempts, job.queue
+    token, batch_id, spec_json, attempts, queue = (
+        claimed.token, claimed.batch_id, claimed.spec, claimed.attempts, claimed.queue)
     log.info("job %s (batch %s) claimed by %s, attempt %d", job_id, batch_id, worker, attempts)
 
     def finish(fn: Callable[..., bool], *args: Any, **kwargs: Any) -> bool:
