@@ -59,7 +59,7 @@ def run_one(name: str, quick: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="reduced sizes: a smoke run (about 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="reduced sizes: a smoke run (about 1 minute)")
     parser.add_argument("--only", action="append", choices=BENCHMARKS + GPU_BENCHMARKS, metavar="NAME",
                         help=f"run only this benchmark (repeatable): {', '.join(BENCHMARKS + GPU_BENCHMARKS)} "
                              f"({', '.join(GPU_BENCHMARKS)}: on a GPU machine, where it also runs by default)")
