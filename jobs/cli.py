@@ -181,15 +181,12 @@ def submit(ctx: click.Context, batch_file: Path, dry_run: bool) -> None:
     if dry_run:
         _print_dry_run(batch, state.settings)
         return
-    from jobs.batch import gc_paused
     from jobs.errors import BrokerUnavailable
     from jobs.submit import check_broker, submit_batch
 
     try:
         check_broker(state.celery)
-        # The rows and messages of a big batch all live until the end: no collector passes.
-        with gc_paused():
-            submitted = submit_batch(batch, state.settings, state.database, state.celery, broker_checked=True)
+        submitted = submit_batch(batch, state.settings, state.database, state.celery, broker_checked=True)
     except BrokerUnavailable as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"submitted batch {submitted.batch_id} ({batch.name}): {len(submitted.job_ids)} jobs queued; "

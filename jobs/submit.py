@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from jobs.batch import Batch
+from jobs.batch import Batch, gc_paused
 from jobs.errors import BrokerUnavailable
 from jobs.settings import Settings
 
@@ -251,6 +251,7 @@ class PublishFailed(Exception):
         self.error = error
 
 
+@gc_paused()  # the rows and messages of a big batch all live until the end: no collector passes
 def submit_batch(
     batch: Batch, settings: Settings, database: Database, app: Celery | None = None, *, broker_checked: bool = False
 ) -> Submitted:
