@@ -339,6 +339,23 @@ def populate(database_url: str, jobs: int, batches: int = 10, chunk: int = 10_00
             session.execute(insert(Job), rows)
 
 
+def collated_batches(train: dict[str, Any], steps: int, tokenizer: Any = None,
+                     task_type: str = "seq2seq") -> list[dict[str, Any]]:
+    """The batches graftq's trainer draws for `train` settings, tokenised and collated up front.
+
+    The same dataset reading, held-out split and seeded step order as `worker.training`, so a
+    hand-written loop (or a FLOP count) sees exactly what a graftq job trains on.
+    """
+    from worker.data import StepBatches, collate, read_rows, split, tokenize
+    from worker.tokenizer import ByteTokenizer
+
+    tokenizer = tokenizer or ByteTokenizer()
+    examples = tokenize(read_rows(train["dataset"]), tokenizer, task_type, train["max_length"])
+    train_set, _ = split(examples, train["eval_fraction"], train["seed"])
+    batches = StepBatches(train_set, train["batch_size"], train["seed"])
+    return [collate(batches.batch(step), task_type, tokenizer.pad_token_id) for step in range(steps)]
+
+
 MODULE_PROBE = """
 import atexit, json, sys
 @atexit.register

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import EXAMPLES, Check, Result, main
+from _common import EXAMPLES, Check, Result, collated_batches, main
 
 NAME = "gpu_training"
 PRESET = "random:flan-t5-small"
@@ -70,7 +70,6 @@ def graftq_job(device: str, steps: int, root: Path, job_id: str) -> dict:
 
 def built_model_and_batches(device: str, steps: int):
     """The model graftq builds for the job (same classes, same policy) and the job's batches."""
-    from worker.data import StepBatches, collate, read_rows, split, tokenize
     from worker.device import DeviceManager
     from worker.extensions import EXTENSIONS, ExtensionConfig, build
     from worker.models import BASE_MODELS
@@ -80,14 +79,9 @@ def built_model_and_batches(device: str, steps: int):
     base, _ = BASE_MODELS.get(spec.base_model, device_manager)
     extension = EXTENSIONS[spec.extension](base.model, ExtensionConfig.from_job_spec(spec), device_manager)
     model = build(extension, spec.task)
-    task_type = base.arch.task_type
-    examples = tokenize(read_rows(TRAIN["dataset"]), base.tokenizer, task_type, TRAIN["max_length"])
-    train_set, _ = split(examples, TRAIN["eval_fraction"], TRAIN["seed"])
-    batches = StepBatches(train_set, TRAIN["batch_size"], TRAIN["seed"])
-    pad = base.tokenizer.pad_token_id
-    collated = [{k: v.to(device_manager.device) for k, v in collate(batches.batch(step), task_type, pad).items()}
-                for step in range(steps)]
-    return model, collated, device_manager
+    batches = [{key: value.to(device_manager.device) for key, value in batch.items()}
+               for batch in collated_batches(TRAIN, steps, base.tokenizer, base.arch.task_type)]
+    return model, batches, device_manager
 
 
 def train_step(model, batch, optimizer, device_manager) -> None:

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import EXAMPLES, Check, Result, main, median
+from _common import EXAMPLES, Check, Result, collated_batches, main, median
 
 NAME = "training_speed"
 PRESET = "t5-tiny"
@@ -43,18 +43,6 @@ def graftq_job(steps: int, root: Path, job_id: str, **train) -> tuple[float, flo
     wall = time.perf_counter() - started
     assert outcome.metrics["steps"] == steps, outcome.metrics
     return steps / outcome.metrics["train_seconds"], wall
-
-
-def reference_batches(steps: int):
-    """The batches graftq's trainer draws for these settings, tokenised and collated up front."""
-    from worker.data import StepBatches, collate, read_rows, split, tokenize
-    from worker.tokenizer import ByteTokenizer
-
-    tokenizer = ByteTokenizer()
-    examples = tokenize(read_rows(TRAIN["dataset"]), tokenizer, "seq2seq", TRAIN["max_length"])
-    train_set, _ = split(examples, TRAIN["eval_fraction"], TRAIN["seed"])
-    batches = StepBatches(train_set, TRAIN["batch_size"], TRAIN["seed"])
-    return [collate(batches.batch(step), "seq2seq", tokenizer.pad_token_id) for step in range(steps)]
 
 
 def reference_loop(batches) -> float:
@@ -93,7 +81,7 @@ def run(quick: bool) -> Result:
     rounds = 2 if quick else 4
     result = Result(NAME, f"a {steps}-step LoRA train job on random:{PRESET} vs a hand-written PEFT loop "
                           f"(batch {TRAIN['batch_size']}, AdamW lr {TRAIN['learning_rate']}, CPU)")
-    batches = reference_batches(steps)
+    batches = collated_batches(TRAIN, steps)
     graftq_rates, reference_rates, ratios, walls, no_checkpoint_rates = [], [], [], [], []
     with tempfile.TemporaryDirectory(prefix="graftq-bench-train-") as tmp:
         root = Path(tmp)
