@@ -10,6 +10,7 @@ import torch
 from peft import PeftModel
 
 from jobs.spec import JobSpec
+from worker.data import IGNORE_INDEX, Example, StepBatches, collate
 from worker.errors import ConfigError, JobCancelled, JobError
 from worker.models import build_random_preset, save_base_model
 from worker.pipeline import JobContext, load_job_model, run_job
@@ -31,6 +32,29 @@ def run(spec, tmp_path, job_id="job1", **ctx):
 # Recorded on CPU (torch 2.13, transformers 5.23, peft 0.21): the first two training losses of a
 # seed-0 LoRA job on random:t5-tiny. A change here means training no longer does what it did.
 RECORDED_T5_LORA_LOSSES = [6.071005, 6.146321]
+
+
+def test_collate_pads_inputs_masks_and_labels_on_the_right():
+    batch = [Example(input_ids=[5, 6, 7], labels=[8]), Example(input_ids=[9], labels=[10, 11])]
+    seq2seq = collate(batch, "seq2seq", pad_id=0)
+    assert seq2seq["input_ids"].tolist() == [[5, 6, 7], [9, 0, 0]]
+    assert seq2seq["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert seq2seq["labels"].tolist() == [[8, IGNORE_INDEX], [10, 11]]
+    assert {tensor.dtype for tensor in seq2seq.values()} == {torch.long}
+    # causal: labels are as wide as the inputs (the prompt part is already IGNORE_INDEX)
+    causal = collate([Example([1, 2, 3], [IGNORE_INDEX, 2, 3]), Example([4], [4])], "causal", pad_id=0)
+    assert causal["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert causal["labels"].tolist() == [[IGNORE_INDEX, 2, 3], [4, IGNORE_INDEX, IGNORE_INDEX]]
+
+
+def test_step_batches_depend_on_the_step_only_as_a_resumed_job_needs():
+    examples = [Example([index], [index]) for index in range(10)]
+    in_order = StepBatches(examples, batch_size=4, seed=3)
+    first = [[e.input_ids[0] for e in in_order.batch(step)] for step in range(12)]  # 4.8 epochs
+    resumed = StepBatches(examples, batch_size=4, seed=3)
+    assert [[e.input_ids[0] for e in resumed.batch(step)] for step in range(7, 12)] == first[7:]
+    assert [e.input_ids[0] for e in resumed.batch(0)] == first[0]  # an earlier epoch, again
+    assert sorted(sum(first[:5], [])) == sorted(list(range(10)) * 2)  # each epoch is a permutation
 
 
 def test_two_step_regression_against_recorded_losses(tmp_path):
