@@ -63,3 +63,23 @@ def test_cuda_policy_bf16_base_fp32_trainable_and_training_works(extension, tmp_
     before = torch.cuda.memory_allocated()
     manager.release()
     assert torch.cuda.memory_allocated() <= before
+
+
+def _touched_buffer(megabytes: int) -> bytearray:
+    buffer = bytearray(megabytes * 2**20)
+    for offset in range(0, len(buffer), 4096):  # make every page resident
+        buffer[offset] = 1
+    return buffer
+
+
+def test_cpu_peak_memory_covers_a_peak_that_was_gone_before_the_job_ended():
+    manager = DeviceManager("cpu")
+    manager.reset_peak_memory()
+    before = manager.peak_memory_mb()
+    buffer = _touched_buffer(200)
+    del buffer  # a peak inside a step: nothing samples it between steps
+    assert manager.peak_memory_mb() >= before + 150
+    # the next job starts from its own peak, not the process's lifetime peak
+    manager.reset_peak_memory()
+    if manager.tracks_peak:  # Linux (VmHWM); elsewhere the peak is sampled between steps
+        assert manager.peak_memory_mb() < before + 100

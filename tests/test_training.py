@@ -57,6 +57,23 @@ def test_step_batches_depend_on_the_step_only_as_a_resumed_job_needs():
     assert sorted(sum(first[:5], [])) == sorted(list(range(10)) * 2)  # each epoch is a permutation
 
 
+def test_tokens_per_second_counts_the_inputs_and_labels_each_step_trained_on(tmp_path):
+    from worker.data import read_rows, split, tokenize
+    from worker.tokenizer import ByteTokenizer
+
+    spec = make_spec(max_steps=3)
+    outcome = run(spec, tmp_path)
+    examples = tokenize(read_rows(spec.train.dataset), ByteTokenizer(), "seq2seq", spec.train.max_length)
+    train_set, _ = split(examples, spec.train.eval_fraction, spec.train.seed)
+    steps = StepBatches(train_set, spec.train.batch_size, spec.train.seed)
+    expected = 0
+    for step in range(3):  # what the padded batches' masks count: real input tokens + real label tokens
+        batch = collate(steps.batch(step), "seq2seq", pad_id=0)
+        expected += int(batch["attention_mask"].sum()) + int((batch["labels"] != IGNORE_INDEX).sum())
+    metrics = outcome.metrics
+    assert metrics["tokens_per_second"] * metrics["train_seconds"] == pytest.approx(expected, rel=1e-6)
+
+
 def test_two_step_regression_against_recorded_losses(tmp_path):
     outcome = run(make_spec(), tmp_path)
     losses = [loss for _, split, loss in outcome.loss_curve if split == "train"]

@@ -81,6 +81,8 @@ class DeviceManager:
         self.base_dtype = get_dtype(self.device)
         self.trainable_dtype = torch.float32
         self._rss_peak = 0
+        #: the kernel keeps this job's peak RSS (Linux: VmHWM, reset per job); no sampling needed
+        self._kernel_peak = False
 
     @property
     def dtype_name(self) -> str:
@@ -107,22 +109,39 @@ class DeviceManager:
         if torch.cuda.is_available():
             torch.cuda.manual_seed_all(seed)
 
+    @property
+    def tracks_peak(self) -> bool:
+        """True when the device or the kernel keeps the job's peak memory (CUDA; Linux on the CPU);
+        otherwise the peak is sampled with `sample_memory` between training steps."""
+        return self.device.type == "cuda" or self._kernel_peak
+
     def reset_peak_memory(self) -> None:
-        self._rss_peak = _rss_bytes()
+        """Start measuring this job's peak memory."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.device.type == "cpu":
+            # Linux keeps the peak RSS itself (VmHWM), including peaks inside a step that
+            # sampling between steps misses, and resets it on request: no per-step sampling
+            # (reading /proc each step cost ~0.17 ms, 1% of a tiny model's training step).
+            self._kernel_peak = _reset_kernel_peak_rss()
+        self._rss_peak = _rss_bytes()
 
     def sample_memory(self) -> None:
-        """Record the current memory use; call now and then during a job (CPU has no peak counter)."""
-        self._rss_peak = max(self._rss_peak, _rss_bytes())
+        """Record the current memory use where nothing keeps the peak; call now and then during a job."""
+        if self.device.type == "cpu" and not self._kernel_peak:
+            self._rss_peak = max(self._rss_peak, _rss_bytes())
 
     def peak_memory_mb(self) -> float:
-        """Peak accelerator memory on CUDA, otherwise the peak process RSS sampled during the job."""
+        """Peak accelerator memory on CUDA, otherwise the peak process RSS during the job."""
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
         if self.device.type == "mps":
             return torch.mps.current_allocated_memory() / 2**20
-        self.sample_memory()
+        if self._kernel_peak:
+            peak = _kernel_peak_rss_bytes()
+            if peak is not None:
+                return max(peak, self._rss_peak) / 2**20
+        self._rss_peak = max(self._rss_peak, _rss_bytes())
         return self._rss_peak / 2**20
 
     def release(self) -> None:
@@ -142,3 +161,25 @@ def _rss_bytes() -> int:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_kernel_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter of this process to its current RSS; False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:  # Linux 4.0+: "5" resets VmHWM only
+            handle.write("5")
+    except OSError:
+        return False
+    return _kernel_peak_rss_bytes() is not None
+
+
+def _kernel_peak_rss_bytes() -> int | None:
+    """VmHWM from /proc/self/status in bytes, or None."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
