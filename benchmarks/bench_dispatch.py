@@ -126,7 +126,7 @@ def queue_round(env: dict[str, str], database_url: str, batch_file: Path, count:
 
 def run(quick: bool) -> Result:
     count = 40 if quick else 200
-    rounds = 1 if quick else 2
+    rounds = 1 if quick else 3
     result = Result(NAME, f"{count} create jobs on {PRESET} through Redis + one `graftq worker` vs the "
                           "pipeline function in a loop")
     with workspace("dispatch") as tmp, redis_server(tmp) as redis:
