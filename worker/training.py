@@ -145,7 +145,7 @@ class Trainer:
                     self.scaler.scale(loss).backward()
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
-                else:  # the scaler's pass-through costs ~0.1 ms a step
+                else:  # fp32 or bf16: no loss scaling, so no calls through the disabled scaler
                     loss.backward()
                     self.optimizer.step()
                 self.scheduler.step()
