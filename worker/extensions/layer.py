@@ -126,12 +126,16 @@ def _use_lazy_generation_cache(model: torch.nn.Module) -> None:
     one layer per decoder block, so pass such a cache unless the caller gives one.
     """
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+    from transformers.generation import utils as generation_utils
 
+    # newer transformers 5.x take the cache as `cache` and warn about `past_key_values`
+    name = "cache" if "cache" in getattr(generation_utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
     generate = model.generate
 
     def generate_with_lazy_cache(*args, **kwargs):
-        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
-            kwargs["past_key_values"] = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        given = kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
+        if not given and kwargs.get("use_cache", True):
+            kwargs[name] = EncoderDecoderCache(DynamicCache(), DynamicCache())
         return generate(*args, **kwargs)
 
     model.generate = generate_with_lazy_cache
