@@ -83,3 +83,18 @@ def test_cpu_peak_memory_covers_a_peak_that_was_gone_before_the_job_ended():
     manager.reset_peak_memory()
     if manager.tracks_peak:  # Linux (VmHWM); elsewhere the peak is sampled between steps
         assert manager.peak_memory_mb() < before + 100
+
+
+def test_seeding_a_cpu_job_draws_as_torch_manual_seed_does_without_walking_the_stack(monkeypatch):
+    import traceback
+
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    manager = DeviceManager("cpu")
+
+    def no_stack_walks(*args, **kwargs):  # torch's lazy accelerator seeding formats the stack
+        raise AssertionError("seeding a CPU job formatted the call stack")
+
+    monkeypatch.setattr(traceback, "format_stack", no_stack_walks)
+    manager.seed(7)
+    assert torch.equal(torch.rand(4), expected)
