@@ -191,11 +191,25 @@ def sqlite_url(directory: Path) -> str:
 
 
 # -- the command line -------------------------------------------------------------------------
+def compile_graftq() -> None:
+    """Byte-compile graftq's own packages, as pip does when it installs a package.
+
+    An editable install leaves them as source, and where PYTHONDONTWRITEBYTECODE is set (it is
+    on these machines) every `graftq` command would compile them again at start (~0.1 s of a
+    `graftq submit`), which a user's installed graftq does not pay. Only changed files compile.
+    """
+    import compileall
+
+    for package in ("jobs", "db", "worker"):
+        compileall.compile_dir(str(ROOT / package), quiet=1)
+
+
 def main(name: str, run: Callable[[bool], Result], argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=f"graftq benchmark: {name}")
     parser.add_argument("--quick", action="store_true", help="reduced sizes: a smoke run")
     parser.add_argument("--json", type=Path, help="also write the result as JSON to this path")
     args = parser.parse_args(argv)
+    compile_graftq()
     started = time.perf_counter()
     try:
         result = run(args.quick)
