@@ -132,8 +132,21 @@ def _stale_cutoff(stale_after: float, now: dt.datetime) -> dt.datetime:
     return now - dt.timedelta(seconds=stale_after)
 
 
+# The shared conditions are written on the Core columns, so that they serve both the ORM
+# statements below and the prebuilt Core ones (an ORM attribute would turn those into ORM
+# statements, and back onto the slower ORM path).
+def _heartbeat_before(cutoff: Any) -> Any:
+    """A job whose heartbeat is missing or older than `cutoff` (a time or a bound parameter)."""
+    return or_(_jobs.c.heartbeat_at.is_(None), _jobs.c.heartbeat_at < cutoff)
+
+
 def _is_stale(stale_after: float, now: dt.datetime) -> Any:
-    return or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < _stale_cutoff(stale_after, now))
+    return _heartbeat_before(_stale_cutoff(stale_after, now))
+
+
+def _fenced(job_id: Any, token: Any) -> Any:
+    """The job's row while this claim holds it (`job_id` and `token`: values or bound parameters)."""
+    return and_(_jobs.c.id == job_id, _jobs.c.claim_token == token, _jobs.c.status == JobStatus.RUNNING.value)
 
 
 @dataclass(frozen=True)
@@ -164,8 +177,7 @@ _CLAIM = (
         or_(
             _jobs.c.status == JobStatus.QUEUED.value,
             and_(_jobs.c.status == JobStatus.RUNNING.value,
-                 or_(_jobs.c.heartbeat_at.is_(None),
-                     _jobs.c.heartbeat_at < bindparam("p_cutoff", type_=_jobs.c.heartbeat_at.type))),
+                 _heartbeat_before(bindparam("p_cutoff", type_=_jobs.c.heartbeat_at.type))),
         ),
     )
     .values(
@@ -182,8 +194,7 @@ _FINISH_COLUMNS = (*STAT_FIELDS, *METRIC_FIELDS, "device", "dtype", "versions", 
                    "layer_path", "finished_at", "heartbeat_at")
 _FINISH = (
     _jobs.update()
-    .where(_jobs.c.id == bindparam("p_job_id"), _jobs.c.claim_token == bindparam("p_token"),
-           _jobs.c.status == JobStatus.RUNNING.value)
+    .where(_fenced(bindparam("p_job_id"), bindparam("p_token")))
     .values(**{name: _param(name) for name in _FINISH_COLUMNS},
             status=JobStatus.SUCCEEDED.value, error=None, traceback=None, progress_phase="done")
 )
@@ -293,10 +304,6 @@ def requeue_stale_job(session: Session, job_id: str, stale_after: float) -> bool
         .execution_options(synchronize_session=False)
     )
     return result.rowcount == 1
-
-
-def _fenced(job_id: str, token: str) -> Any:
-    return and_(Job.id == job_id, Job.claim_token == token, Job.status == JobStatus.RUNNING.value)
 
 
 def heartbeat(session: Session, job_id: str, token: str) -> ClaimState:
