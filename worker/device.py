@@ -144,9 +144,9 @@ class DeviceManager:
         if self.device.type == "mps":
             return torch.mps.current_allocated_memory() / 2**20
         if self._kernel_peak:
-            peak = _kernel_peak_rss_bytes()
+            peak = _kernel_peak_rss_bytes()  # never below the RSS when the job started
             if peak is not None:
-                return max(peak, self._rss_peak) / 2**20
+                return peak / 2**20
         self._rss_peak = max(self._rss_peak, _rss_bytes())
         return self._rss_peak / 2**20
 
