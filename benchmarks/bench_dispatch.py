@@ -128,7 +128,8 @@ while True:
 
 
 class LockstepReference:
-    """The reference process of the lockstep rounds: runs each spec the worker hands it."""
+    """The reference process of the lockstep rounds: on each turn the worker hands over, it runs
+    the same stretch of the benchmark's jobs (the `LOCKSTEP_EVERY` up to the task it names)."""
 
     def __init__(self, url: str, count: int, root: Path, log_path: Path):
         import redis

@@ -36,8 +36,8 @@ TRAIN = {"dataset": str(EXAMPLES / "reverse.jsonl"), "batch_size": 8, "learning_
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q", "k", "v", "o"]}
 
 
-def graftq_job(steps: int, root: Path, job_id: str, on_progress=None, **train) -> tuple[float, float, float]:
-    """Run one graftq train job; (steps/second of its training loop, its train_seconds, whole-job seconds).
+def graftq_job(steps: int, root: Path, job_id: str, on_progress=None) -> tuple[float, float]:
+    """Run one graftq train job; (its training loop's seconds, `train_seconds`; whole-job seconds).
 
     `on_progress`, if given, is called after every training step (and at the job's phases).
     """
@@ -45,13 +45,13 @@ def graftq_job(steps: int, root: Path, job_id: str, on_progress=None, **train) -
     from worker.pipeline import JobContext, run_job
 
     spec = JobSpec(task="reverse", kind="train", extension="lora", base_model=f"random:{PRESET}",
-                   device="cpu", lora=LORA, train={**TRAIN, "max_steps": steps, **train})
+                   device="cpu", lora=LORA, train={**TRAIN, "max_steps": steps})
     progress = {} if on_progress is None else {"on_progress": on_progress, "progress_interval": 0.0}
     started = time.perf_counter()
     outcome = run_job(JobContext(job_id=job_id, batch_id="bench", spec=spec, artifacts_root=root, **progress))
     wall = time.perf_counter() - started
     assert outcome.metrics["steps"] == steps, outcome.metrics
-    return steps / outcome.metrics["train_seconds"], outcome.metrics["train_seconds"], wall
+    return outcome.metrics["train_seconds"], wall
 
 
 class ReferenceLoop:
@@ -111,7 +111,7 @@ def lockstep_round(batches, root: Path, job_id: str) -> dict:
         if progress.phase == "train" and progress.step >= 1 and reference.done < len(batches):
             reference.step()
 
-    _, train_seconds, _ = graftq_job(len(batches), root, job_id, on_progress=after_step)
+    train_seconds, _ = graftq_job(len(batches), root, job_id, on_progress=after_step)
     assert reference.done == len(batches), f"the reference took {reference.done} of {len(batches)} steps"
     reference_seconds = sum(reference.step_seconds)
     graftq_seconds = train_seconds - reference_seconds
@@ -156,8 +156,8 @@ def run(quick: bool) -> Result:
         for index in range(max(1, rounds // 2)):
             for side in (["graftq", "reference"] if index % 2 == 0 else ["reference", "graftq"]):
                 if side == "graftq":
-                    rate, _, wall = graftq_job(steps, root, f"job{index}")
-                    sequential_graftq.append(rate)
+                    train_seconds, wall = graftq_job(steps, root, f"job{index}")
+                    sequential_graftq.append(steps / train_seconds)
                     walls.append(wall)
                 else:
                     sequential_reference.append(reference_loop(batches))
