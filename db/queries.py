@@ -1,7 +1,11 @@
 """Query functions over the results database.
 
 Every function takes a `Session` and never commits: the caller owns the transaction
-(`with database.begin() as session:`). Writes made on behalf of a running job are
+(`with database.begin() as session:`). The worker's writes for a job (claim, heartbeat,
+progress, and the outcome: finish, fail, release, interrupt) and the submission writes
+(`db.submission`) are Core statements and take a Core `Connection` as well (`with
+database.transaction() as connection:`), which the worker uses for the two writes every
+job makes. Writes made on behalf of a running job are
 *fenced*: they name the claim token the worker got from `claim_job` and change nothing
 once another worker has taken the job over, so a worker that lost its claim (it looked
 dead, the job was re-queued) can never overwrite the newer attempt's record.
@@ -11,7 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,100 +25,19 @@ from sqlalchemy.orm import Session
 from db.models import Batch, Job, JobStatus, MetricPoint, utcnow
 from db.results import RESULT_FIELDS as RESULT_FIELDS  # re-exported: callers import it from here
 from db.results import result_rows
+from db.submission import chunks as _chunks
+
+# The submission writes live in `db.submission` (Core only, no ORM import for `graftq submit`).
+from db.submission import create_batch as create_batch
+from db.submission import fail_unpublished as fail_unpublished
+from db.submission import mark_batch_published as mark_batch_published
+from db.submission import mark_published as mark_published
+from db.submission import new_id as new_id
 from db.tables import jobs as _jobs
+from db.tables import metric_points as _metric_points
 
 STAT_FIELDS = ("base_params", "total_params", "trainable_params", "lora_params", "layer_params", "trainable_pct")
 METRIC_FIELDS = ("train_loss", "eval_loss", "steps", "tokens_per_second", "train_seconds", "peak_memory_mb")
-
-_IN_CHUNK = 500  # ids per IN (...) clause; SQLite limits bound parameters per statement
-
-
-def new_id() -> str:
-    """A fresh batch or job id: 16 lowercase hex digits (also used in artifact paths)."""
-    return uuid.uuid4().hex[:16]
-
-
-def _chunks(items: Sequence[str], size: int = _IN_CHUNK) -> Iterable[Sequence[str]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-# --- submission -------------------------------------------------------------------------------
-
-
-def create_batch(
-    session: Session,
-    name: str,
-    jobs: Sequence[Mapping[str, Any]],
-    *,
-    source_path: str | None = None,
-    base_model: str | None = None,
-    max_attempts: int = 3,
-) -> tuple[str, list[str]]:
-    """Insert a batch and its jobs (status `queued`); returns `(batch_id, job_ids)`.
-
-    Each job mapping has `task`, `kind`, `extension`, `base_model`, `requested_device`,
-    `queue` and `spec` (the validated spec as JSON). Ids are generated here.
-    """
-    batch_id = new_id()
-    now = utcnow()
-    session.add(Batch(id=batch_id, name=name, source_path=source_path, base_model=base_model, created_at=now))
-    session.flush()
-    rows = []
-    for position, job in enumerate(jobs):
-        rows.append({
-            "id": new_id(), "batch_id": batch_id, "position": position, "task": job["task"],
-            "kind": job["kind"], "extension": job["extension"], "base_model": job["base_model"],
-            "requested_device": job.get("requested_device", "auto"), "queue": job.get("queue"),
-            "spec": job["spec"], "status": JobStatus.QUEUED.value, "attempts": 0,
-            "max_attempts": max_attempts, "cancel_requested": False, "created_at": now,
-        })
-    if rows:
-        # a Core executemany: the ORM's bulk insert adds ~30% on a 10,000-job batch
-        session.execute(insert(Job.__table__), rows)
-    return batch_id, [row["id"] for row in rows]
-
-
-def mark_published(session: Session, job_ids: Sequence[str], when: dt.datetime | None = None) -> None:
-    """Record that the messages of `job_ids` were handed to the broker."""
-    when = when or utcnow()
-    for chunk in _chunks(job_ids):
-        session.execute(
-            update(Job).where(Job.id.in_(chunk)).values(published_at=when).execution_options(
-                synchronize_session=False
-            )
-        )
-
-
-def mark_batch_published(session: Session, batch_id: str, when: dt.datetime | None = None) -> int:
-    """Record that every message of a batch was handed to the broker; returns how many rows.
-
-    One statement for the whole batch (a 10,000-job submit would otherwise pay 20 `IN`
-    updates); jobs already marked keep their first time.
-    """
-    result = session.execute(
-        update(Job)
-        .where(Job.batch_id == batch_id, Job.published_at.is_(None))
-        .values(published_at=when or utcnow())
-        .execution_options(synchronize_session=False)
-    )
-    return result.rowcount
-
-
-def fail_unpublished(session: Session, job_ids: Sequence[str], error: str) -> int:
-    """Mark still-queued jobs whose message never reached the broker as failed; returns how many."""
-    count = 0
-    now = utcnow()
-    for chunk in _chunks(job_ids):
-        result = session.execute(
-            update(Job)
-            .where(Job.id.in_(chunk), Job.status == JobStatus.QUEUED.value)
-            .values(status=JobStatus.FAILED.value, error=error, finished_at=now)
-            .execution_options(synchronize_session=False)
-        )
-        count += result.rowcount
-    return count
-
 
 # --- the worker's side: claim, heartbeat, progress, finish --------------------------------------
 
@@ -366,8 +288,8 @@ def finish_job(
         for step, split, loss in loss_curve
     ]
     if points:
-        session.execute(MetricPoint.__table__.delete().where(MetricPoint.job_id == job_id))
-        session.execute(insert(MetricPoint), points)
+        session.execute(_metric_points.delete().where(_metric_points.c.job_id == job_id))
+        session.execute(insert(_metric_points), points)
     return True
 
 

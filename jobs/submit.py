@@ -60,12 +60,12 @@ def job_rows(batch: Batch, settings: Settings, *, broker: bool = True) -> list[d
 
 def record_batch(database: Database, batch: Batch, settings: Settings, *, broker: bool = True) -> Submitted:
     """Write the batch and its jobs (status queued) in one transaction."""
-    from db.queries import create_batch
+    from db.submission import create_batch
 
     rows = job_rows(batch, settings, broker=broker)
-    with database.begin() as session:
+    with database.transaction() as connection:
         batch_id, job_ids = create_batch(
-            session, batch.name, rows,
+            connection, batch.name, rows,
             source_path=str(batch.source) if batch.source else None,
             base_model=batch.base_model, max_attempts=settings.max_attempts,
         )
@@ -260,7 +260,7 @@ def submit_batch(
     `broker_checked`: the caller already ran `check_broker` (the CLI does, before it opens
     the database, so that a down broker leaves no database file behind either).
     """
-    from db.queries import fail_unpublished, mark_batch_published, mark_published
+    from db.submission import fail_unpublished, mark_batch_published, mark_published
     from jobs.celery_app import configure
 
     app = app or configure(settings)
@@ -271,11 +271,11 @@ def submit_batch(
         publish_jobs(app, submitted.job_ids, submitted.queues)
     except PublishFailed as failure:
         unsent = submitted.job_ids[len(failure.sent):]
-        with database.begin() as session:
+        with database.transaction() as connection:
             if failure.sent:
-                mark_published(session, failure.sent)
+                mark_published(connection, failure.sent)
             fail_unpublished(
-                session, unsent,
+                connection, unsent,
                 f"not enqueued: the broker failed while the batch was being submitted ({failure.error}); "
                 "submit the batch again once the broker is back",
             )
@@ -285,6 +285,6 @@ def submit_batch(
             f"The other {len(unsent)} jobs are marked failed (not enqueued); submit them again when the "
             "broker is back"
         ) from None
-    with database.begin() as session:
-        mark_batch_published(session, submitted.batch_id)
+    with database.transaction() as connection:
+        mark_batch_published(connection, submitted.batch_id)
     return submitted
