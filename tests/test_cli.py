@@ -289,6 +289,23 @@ def test_results_reads_without_the_orm_or_rich(sqlite_url, graftq_env):
         assert json.loads(line.split("=", 1)[1]) == [], args
 
 
+def test_submit_records_and_enqueues_without_the_orm(batch_file, sqlite_url, redis_url, redis_server, graftq_env):
+    # The ORM is ~15% of a submit's start; its four writes are Core statements (db.submission).
+    probe = PROBE.replace('("torch", "transformers", "peft", "celery", "kombu")', '("sqlalchemy.orm", "db.models")')
+    result = subprocess.run(["python", "-c", probe, "--broker-url", redis_url, "submit", str(batch_file)], cwd=ROOT,
+                            env=graftq_env, capture_output=True, text=True, timeout=120, executable=graftq_argv()[0])
+    assert result.returncode == 0, result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("GRAFTQ_MODULES=")]
+    assert json.loads(line.split("=", 1)[1]) == []
+    batch_id = result.stdout.strip().splitlines()[-1]
+    from db.queries import jobs_of_batch
+
+    with get_database(sqlite_url).read() as session:
+        jobs = jobs_of_batch(session, batch_id)
+    assert [job.status for job in jobs] == ["queued"] * 4 and all(job.published_at for job in jobs)
+    assert redis_server.queue_lengths() == {"graftq": 2, "graftq.gpu": 1, "graftq.cpu": 1}
+
+
 def test_submitted_messages_are_what_send_task_sends(redis_url, redis_server):
     # graftq builds each message from one template instead of calling send_task per job; a stock
     # Celery worker must not be able to tell the difference (only ids and delivery tags differ).
