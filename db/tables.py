@@ -1,7 +1,8 @@
 """The results database schema as SQLAlchemy Core tables: batches, jobs and their loss curves.
 
-The ORM classes in `db.models` are mapped onto these tables; read-only paths (`graftq
-results`) use them directly, without importing the ORM (~0.1 s of every CLI start).
+The ORM classes in `db.models` are mapped onto these tables; `graftq results` (reads) and
+`graftq submit` (`db.submission`) use them directly, without importing the ORM (~0.05-0.1 s
+of a CLI start).
 The `jobs` row is the source of truth for a job; a broker message only carries its id.
 Times are stored as UTC and read back as timezone-aware UTC datetimes on every backend.
 Schema changes only through an Alembic revision (`db/migrations/versions`).
