@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,23 +21,14 @@ sys.path.insert(0, str(HERE))
 
 from _common import machine  # noqa: E402
 
+from worker.launcher import detect_gpus  # noqa: E402 - stdlib only, no torch: what `graftq worker` lists
+
 #: Engine-only benchmarks first, then those that start Redis, a database and workers.
 BENCHMARKS = ["training_speed", "model_reuse", "memory_growth", "cli_start", "submission", "dispatch",
               "results_query"]
 #: Run by default only where `nvidia-smi -L` lists a GPU.
 GPU_BENCHMARKS = ["gpu_training"]
 TIMEOUT_S = {"quick": 600, "full": 1200}
-
-
-def gpu_present() -> bool:
-    """Whether `nvidia-smi -L` lists a GPU (no torch import here)."""
-    if shutil.which("nvidia-smi") is None:
-        return False
-    try:
-        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return "GPU" in listed
 
 
 def run_one(name: str, quick: bool) -> dict:
@@ -65,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"({', '.join(GPU_BENCHMARKS)}: on a GPU machine, where it also runs by default)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the summary as JSON to PATH")
     args = parser.parse_args(argv)
-    has_gpu = gpu_present()
+    has_gpu = bool(detect_gpus())
     names = args.only or BENCHMARKS + (GPU_BENCHMARKS if has_gpu else [])
     if not has_gpu and any(name in GPU_BENCHMARKS for name in names):
         print(f"skipping {', '.join(n for n in names if n in GPU_BENCHMARKS)}: `nvidia-smi -L` lists no GPU here")
