@@ -2,7 +2,8 @@
 
 The figures are measured by `make bench`, never asserted here; this checks that the commands
 the benchmarks' README gives still work end to end: `run_all.py --quick --only ... --json`,
-the dispatch benchmark's worker shim and lockstep reference process included.
+the dispatch benchmark's worker shim and lockstep reference process included, and the GPU
+benchmark's CPU smoke run (`bench_gpu_training.py --device cpu`).
 """
 
 from __future__ import annotations
@@ -39,3 +40,21 @@ def test_run_all_quick_runs_the_chosen_benchmarks_and_writes_their_figures(tmp_p
     assert 1.0 < dispatch["lockstep_per_round_ratio"][0] < 2.0
     assert dispatch["overhead_ms_per_job_p50"] > 0
     assert "summary written to" in completed.stdout
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_smoke_run_on_the_cpu_counts_flops_and_profiles_steps(tmp_path):
+    # `python benchmarks/bench_gpu_training.py --device cpu` (benchmarks/README.md): the FLOP count
+    # and the profiler trace of the GPU benchmark, on the CPU, so that they run somewhere in CI.
+    result_path = tmp_path / "gpu.json"
+    completed = subprocess.run(
+        [sys.executable, "benchmarks/bench_gpu_training.py", "--device", "cpu", "--quick", "--json", str(result_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    result = json.loads(result_path.read_text())
+    figures = result["figures"]
+    assert result["passed"] and figures["dtype (frozen base weights)"] == "float32"
+    assert figures["gflops_per_step (fwd+bwd)"] > 1 and figures["achieved_tflops"] > 0
+    assert figures["profiled_steps"] == 3 and figures["top_cpu_ops (name, share of wall)"]
+    assert figures["tokens_per_second"] > 0
