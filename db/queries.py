@@ -4,11 +4,12 @@ Every function takes a `Session` and never commits: the caller owns the transact
 (`with database.begin() as session:`). The worker's writes for a job (claim, heartbeat,
 progress, and the outcome: finish, fail, release, interrupt) and the submission writes
 (`db.submission`) are Core statements and take a Core `Connection` as well (`with
-database.transaction() as connection:`), which the worker uses for the two writes every
-job makes. Writes made on behalf of a running job are
-*fenced*: they name the claim token the worker got from `claim_job` and change nothing
-once another worker has taken the job over, so a worker that lost its claim (it looked
-dead, the job was re-queued) can never overwrite the newer attempt's record.
+database.transaction() as connection:`); the worker writes its claim and outcome so.
+
+Writes made on behalf of a running job are *fenced*: they name the claim token the worker
+got from its claim and change nothing once another worker has taken the job over, so a
+worker that lost its claim (it looked dead, the job was re-queued) can never overwrite the
+newer attempt's record.
 """
 
 from __future__ import annotations

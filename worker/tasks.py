@@ -156,7 +156,7 @@ class _ProgressWriter:
         self.job_id = job_id
         self.token = token
         self.beat = beat
-        # claim_job already wrote phase "setup" and the claim time: nothing to say for a second
+        # the claim already wrote phase "setup" and the claim time: nothing to say for a second
         self.last_write = time.monotonic()
         #: the last training step was reported: what is left (evaluation, saving) is short
         self.training_done = False
