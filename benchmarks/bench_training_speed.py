@@ -98,11 +98,6 @@ class ReferenceLoop:
         return len(self.batches) / seconds
 
 
-def reference_loop(batches) -> float:
-    """The hand-written loop over `batches`, start to end; returns steps/second."""
-    return ReferenceLoop(batches).run()
-
-
 def lockstep_round(batches, root: Path, job_id: str) -> dict:
     """One graftq job with the reference advanced a step after each of its training steps."""
     reference = ReferenceLoop(batches)
@@ -148,7 +143,7 @@ def run(quick: bool) -> Result:
         root = Path(tmp)
         # Warm-up: first-call costs (imports, allocator, kernel selection) land here on both sides.
         graftq_job(20, root, "warmup")
-        reference_loop(batches[:20])
+        ReferenceLoop(batches[:20]).run()
         for index in range(rounds):
             lockstep.append(lockstep_round(batches, root, f"lockstep{index}"))
         calibration = calibration_round(batches)
@@ -160,7 +155,7 @@ def run(quick: bool) -> Result:
                     sequential_graftq.append(steps / train_seconds)
                     walls.append(wall)
                 else:
-                    sequential_reference.append(reference_loop(batches))
+                    sequential_reference.append(ReferenceLoop(batches).run())
             sequential_ratios.append(sequential_graftq[-1] / sequential_reference[-1])
     ratios = [pair["graftq"] / pair["reference"] for pair in lockstep]
     ratio = median(ratios)
