@@ -3,21 +3,21 @@
 Worker processes run `celery -A worker.tasks:app worker ...` (see worker/launcher.py);
 `graftq run` executes the same task in-process with `run_job_task.apply(args=[job_id])`.
 
-Exactly-once execution is built on the database row, not on the broker (RELIABILITY.md):
+Exactly-once execution is built on the database row, not on the broker (docs/reliability.md):
 
-1. claim the row with a conditional UPDATE (queued, or running with a stale heartbeat,
-   and attempts left); a delivery that cannot claim (finished, or running with a live
+1. `_claim`: a conditional UPDATE takes the row (queued, or running with a stale heartbeat,
+   and attempts left); a delivery that cannot claim it (finished, or running with a live
    heartbeat elsewhere) is acknowledged without running: that drops duplicates;
 2. a heartbeat thread keeps the claim alive and notices cancel requests and a lost claim;
-3. every write about the job names the claim token, so a worker that lost its claim
-   writes nothing;
-4. deterministic failures (`JobError`, any other exception) end the job `failed` and are
-   never retried; only `TransientError` and lost database connections are retried, and
-   the attempt counter in the database bounds them;
-5. on a warm shutdown (SIGTERM/SIGINT: Celery's `worker_shutting_down`) the running job
-   does not hold the worker for hours: at its next training step it saves a checkpoint,
-   the claim is handed back (`queued`, the attempt not counted) and a new message is
-   published, so another worker resumes it from the checkpoint.
+3. every write about the job names the claim token (`_Claimed.write`), so a worker that
+   lost its claim writes nothing;
+4. `_record_failure`: deterministic failures (`JobError`, any other exception) end the job
+   `failed` and are never retried; `_record_retry`: only `TransientError` and lost database
+   connections are retried, and the attempt counter in the database bounds them;
+5. `_hand_back`: on a warm shutdown (SIGTERM/SIGINT: Celery's `worker_shutting_down`) the
+   running job saves a checkpoint at its next training step, the claim is handed back
+   (`queued`, the attempt not counted) and a new message is published, so another worker
+   resumes it from the checkpoint; the shutdown does not wait for the job to end.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery.exceptions import Reject
 from celery.signals import worker_shutting_down
@@ -56,6 +58,10 @@ from db.session import Database, get_database
 from jobs.celery_app import RUN_JOB_TASK, app, current_settings
 from jobs.settings import Settings
 from worker.errors import JobCancelled, JobError, JobInterrupted, TransientError
+
+if TYPE_CHECKING:
+    from jobs.spec import JobSpec
+    from worker.pipeline import JobOutcome
 
 __all__ = ["app", "execute_job", "run_job_task"]
 
@@ -165,8 +171,8 @@ class _ProgressWriter:
         now = time.monotonic()
         final = progress.total_steps and progress.step >= progress.total_steps
         self.training_done = self.training_done or bool(final) or progress.phase == "save"
-        # Phase changes are throttled too: a short job (a `create` job takes ~0.1 s) would
-        # otherwise pay a write transaction for each of its phases.
+        # Phase changes are throttled too: a short job (a `create` job) would otherwise pay a
+        # write transaction for each of its phases.
         if now - self.last_write < PROGRESS_WRITE_INTERVAL and not final:
             return
         self.last_write = now
@@ -198,57 +204,46 @@ def _describe_unclaimable(database: Database, job_id: str, settings: Settings) -
         return f"already {job.status}"
 
 
+@dataclass
+class _Claimed:
+    """A job this worker holds: every write about it names the claim token (a fenced write)."""
+
+    database: Database
+    job_id: str
+    claim: Claim
+
+    def write(self, fn: Callable[..., bool], *args: Any, **kwargs: Any) -> bool:
+        """Run `fn(connection, job_id, token, ...)`; False (and nothing written) once the claim is lost."""
+        def write() -> bool:
+            # A Core connection: every job pays for its claim and outcome writes, and an ORM
+            # session adds bookkeeping to each.
+            with self.database.transaction() as connection:
+                return fn(connection, self.job_id, self.claim.token, *args, **kwargs)
+
+        written = _with_db_retries(write)
+        if not written:
+            log.warning("job %s: claim lost before the outcome was recorded; outcome discarded", self.job_id)
+        return written
+
+
 def execute_job(job_id: str, settings: Settings, *, worker: str, eager: bool = False) -> str:
     """Claim and run one job, record its outcome; returns the final status or `skipped`.
 
     Raises `_Retry` for a transient failure when the job has attempts left.
     """
     database = get_database(settings.database_url)
-
-    # Claim and outcome are Core statements, written on a Core connection: every job pays for
-    # these two transactions, and an ORM session adds ~50 us of bookkeeping to each.
-    def claim() -> Claim | None:
-        with database.transaction() as connection:
-            return claim_job_to_run(connection, job_id, worker, settings.stale_after)
-
-    try:
-        claimed = _with_db_retries(claim)
-    except OperationalError as error:
-        raise _Retry(error, 0) from error
-    if claimed is None:
-        reason = _with_db_retries(lambda: _describe_unclaimable(database, job_id, settings))
-        log.info("job %s not run: %s", job_id, reason)
+    claim = _claim(database, job_id, worker, settings)
+    if claim is None:
         return "skipped"
-    token, batch_id, spec_json, attempts, queue = (
-        claimed.token, claimed.batch_id, claimed.spec, claimed.attempts, claimed.queue)
-    log.info("job %s (batch %s) claimed by %s, attempt %d", job_id, batch_id, worker, attempts)
-
-    def finish(fn: Callable[..., bool], *args: Any, **kwargs: Any) -> bool:
-        def write() -> bool:
-            with database.transaction() as connection:
-                return fn(connection, job_id, token, *args, **kwargs)
-
-        written = _with_db_retries(write)
-        if not written:
-            log.warning("job %s: claim lost before the outcome was recorded; outcome discarded", job_id)
-        return written
-
-    from pydantic import ValidationError
-
-    from jobs.errors import describe_validation_error
-    from jobs.spec import JobSpec
-
-    try:
-        spec = JobSpec.model_validate(spec_json)
-    except ValidationError as error:
-        problems = "; ".join(describe_validation_error(error, where=f"job {job_id}"))
-        finish(fail_job, f"the stored job spec is not valid for this graftq version: {problems}")
+    job = _Claimed(database, job_id, claim)
+    spec = _load_spec(job)
+    if spec is None:
         return JobStatus.FAILED.value
 
-    beat = _Heartbeat(database, job_id, token, settings.heartbeat_interval)
+    beat = _Heartbeat(database, job_id, claim.token, settings.heartbeat_interval)
     beat.start()
-    progress = _ProgressWriter(database, job_id, token, beat)
-    handing_back = not eager and queue is not None
+    progress = _ProgressWriter(database, job_id, claim.token, beat)
+    handing_back = not eager and claim.queue is not None
 
     def should_stop() -> bool:
         if beat.cancel_requested or beat.claim_lost:
@@ -262,89 +257,130 @@ def execute_job(job_id: str, settings: Settings, *, worker: str, eager: bool = F
         from worker import pipeline
 
         context = pipeline.JobContext(
-            job_id=job_id,
-            batch_id=batch_id,
-            spec=spec,
-            artifacts_root=settings.artifacts_dir,
-            on_progress=progress,
-            should_cancel=should_stop,
+            job_id=job_id, batch_id=claim.batch_id, spec=spec, artifacts_root=settings.artifacts_dir,
+            on_progress=progress, should_cancel=should_stop,
             # None: the pipeline's own place (stable per job, so a retried attempt resumes there).
             checkpoint_dir=None,
         )
         outcome = pipeline.run_job(context)
     except JobInterrupted:
         beat.stop()
-        assert context is not None and queue is not None
-        return _hand_back(database, job_id, token, queue, context.resume_dir, finish)
+        assert context is not None
+        return _hand_back(job, context.resume_dir)
     except JobCancelled:
         beat.stop()
-        if beat.claim_lost:
-            log.warning("job %s stopped: its claim was lost", job_id)
-            return "skipped"
-        finish(fail_job, "cancelled on request", None, status=JobStatus.CANCELLED)
-        log.info("job %s cancelled", job_id)
-        return JobStatus.CANCELLED.value
-    except JobError as error:
-        beat.stop()
-        finish(fail_job, str(error) or type(error).__name__, traceback.format_exc())
-        log.error("job %s failed: %s", job_id, error)
-        return JobStatus.FAILED.value
+        return _record_cancel(job, claim_lost=beat.claim_lost)
     except (TransientError, OperationalError) as error:
         beat.stop()
-        released = finish(release_job, f"transient failure, will retry: {error}")
-        if released:
-            raise _Retry(error, attempts) from error
-        finish(fail_job, f"transient failure and no attempts left: {error}", traceback.format_exc())
-        return JobStatus.FAILED.value
+        return _record_retry(job, error)
     except Exception as error:
         beat.stop()
-        message = f"{type(error).__name__}: {error}"
-        finish(fail_job, message, traceback.format_exc())
-        log.exception("job %s failed", job_id)
-        if not eager and any(phrase in str(error) for phrase in STICKY_CUDA_ERRORS):
-            # The CUDA context of this process is broken: exit after this task (warm shutdown)
-            # so that `graftq worker` starts a fresh process for the next job.
-            log.error("sticky CUDA error: this worker process stops and is replaced")
-            os.kill(os.getpid(), signal.SIGTERM)
-        return JobStatus.FAILED.value
+        return _record_failure(job, error, eager=eager)
     beat.stop()
+    return _record_success(job, outcome)
 
-    written = finish(
-        finish_job,
-        stats=outcome.stats,
-        metrics=outcome.metrics,
-        device=outcome.device,
-        dtype=outcome.dtype,
-        versions=outcome.versions,
-        job_dir=str(outcome.job_dir),
+
+def _claim(database: Database, job_id: str, worker: str, settings: Settings) -> Claim | None:
+    """Claim the job's row; None (and the reason logged) when this delivery must not run it."""
+    def claim() -> Claim | None:
+        with database.transaction() as connection:
+            return claim_job_to_run(connection, job_id, worker, settings.stale_after)
+
+    try:
+        claimed = _with_db_retries(claim)
+    except OperationalError as error:
+        raise _Retry(error, 0) from error
+    if claimed is None:
+        reason = _with_db_retries(lambda: _describe_unclaimable(database, job_id, settings))
+        log.info("job %s not run: %s", job_id, reason)
+        return None
+    log.info("job %s (batch %s) claimed by %s, attempt %d", job_id, claimed.batch_id, worker, claimed.attempts)
+    return claimed
+
+
+def _load_spec(job: _Claimed) -> JobSpec | None:
+    """The stored spec, validated again by this worker's graftq; None (job failed) if it is not valid."""
+    from pydantic import ValidationError
+
+    from jobs.errors import describe_validation_error
+    from jobs.spec import JobSpec
+
+    try:
+        return JobSpec.model_validate(job.claim.spec)
+    except ValidationError as error:
+        problems = "; ".join(describe_validation_error(error, where=f"job {job.job_id}"))
+        job.write(fail_job, f"the stored job spec is not valid for this graftq version: {problems}")
+        return None
+
+
+def _record_success(job: _Claimed, outcome: JobOutcome) -> str:
+    if not job.write(
+        finish_job, stats=outcome.stats, metrics=outcome.metrics, device=outcome.device, dtype=outcome.dtype,
+        versions=outcome.versions, job_dir=str(outcome.job_dir), loss_curve=outcome.loss_curve,
         adapter_path=None if outcome.adapter_path is None else str(outcome.adapter_path),
         layer_path=None if outcome.layer_path is None else str(outcome.layer_path),
-        loss_curve=outcome.loss_curve,
-    )
-    if not written:
+    ):
         return "skipped"
-    log.info("job %s succeeded", job_id)
+    log.info("job %s succeeded", job.job_id)
     return JobStatus.SUCCEEDED.value
 
 
-def _hand_back(database: Database, job_id: str, token: str, queue: str, resume_dir: Any,
-               finish: Callable[..., bool]) -> str:
+def _record_cancel(job: _Claimed, *, claim_lost: bool) -> str:
+    if claim_lost:
+        log.warning("job %s stopped: its claim was lost", job.job_id)
+        return "skipped"
+    job.write(fail_job, "cancelled on request", None, status=JobStatus.CANCELLED)
+    log.info("job %s cancelled", job.job_id)
+    return JobStatus.CANCELLED.value
+
+
+def _record_retry(job: _Claimed, error: BaseException) -> str:
+    """Release the claim for a retry (raises `_Retry`), or fail the job when no attempt is left."""
+    if job.write(release_job, f"transient failure, will retry: {error}"):
+        raise _Retry(error, job.claim.attempts) from error
+    job.write(fail_job, f"transient failure and no attempts left: {error}", _traceback(error))
+    return JobStatus.FAILED.value
+
+
+def _record_failure(job: _Claimed, error: Exception, *, eager: bool) -> str:
+    """A deterministic failure: the job ends `failed`, never retried."""
+    if isinstance(error, JobError):
+        job.write(fail_job, str(error) or type(error).__name__, _traceback(error))
+        log.error("job %s failed: %s", job.job_id, error)
+        return JobStatus.FAILED.value
+    job.write(fail_job, f"{type(error).__name__}: {error}", _traceback(error))
+    log.error("job %s failed", job.job_id, exc_info=error)
+    if not eager and any(phrase in str(error) for phrase in STICKY_CUDA_ERRORS):
+        # The CUDA context of this process is broken: exit after this task (warm shutdown)
+        # so that `graftq worker` starts a fresh process for the next job.
+        log.error("sticky CUDA error: this worker process stops and is replaced")
+        os.kill(os.getpid(), signal.SIGTERM)
+    return JobStatus.FAILED.value
+
+
+def _traceback(error: BaseException) -> str:
+    return "".join(traceback.format_exception(error))
+
+
+def _hand_back(job: _Claimed, resume_dir: Path) -> str:
     """Give an interrupted job back to the queue and publish it again; returns `interrupted`."""
     try:
         step = json.loads((resume_dir / "trainer_state.json").read_text())["step"]
         saved = f"its checkpoint at step {step} is kept"
     except (OSError, ValueError, KeyError):
         saved = "no checkpoint was saved (checkpoint_every: 0, or training had not started)"
-    if not finish(interrupt_job, f"interrupted by a worker shutdown and re-queued; {saved}"):
+    if not job.write(interrupt_job, f"interrupted by a worker shutdown and re-queued; {saved}"):
         return "skipped"
     from jobs.submit import publish_jobs
 
+    assert job.claim.queue is not None  # only jobs published to a queue are handed back
     try:
-        sent = publish_jobs(app, [job_id], [queue])
-        _with_db_retries(lambda: _mark_published(database, sent))
+        sent = publish_jobs(app, [job.job_id], [job.claim.queue])
+        _with_db_retries(lambda: _mark_published(job.database, sent))
     except Exception as error:  # the reaper publishes queued jobs without a message
-        log.warning("job %s: handed back but not published again (%s); the reaper will publish it", job_id, error)
-    log.warning("job %s: the worker is shutting down; %s and the job is back in the queue", job_id, saved)
+        log.warning("job %s: handed back but not published again (%s); the reaper will publish it",
+                    job.job_id, error)
+    log.warning("job %s: the worker is shutting down; %s and the job is back in the queue", job.job_id, saved)
     return "interrupted"
 
 
