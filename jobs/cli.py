@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from jobs.display import console, duration, job_eta
+
 if TYPE_CHECKING:
     from celery import Celery
 
@@ -212,7 +214,7 @@ def run(ctx: click.Context, batch_file: Path) -> None:
     The jobs are recorded in the results database and executed one after another
     through the same task code as on a worker pool. Exits 0 only if every job succeeded.
     """
-    from jobs.runner import run_batch
+    from worker.runner import run_batch
 
     state = _state(ctx)
     batch = _load(batch_file)
@@ -286,13 +288,6 @@ def _iso(value: Any) -> Any:
     return value.isoformat() if isinstance(value, dt.datetime) else value
 
 
-def _console() -> Any:
-    from rich.console import Console
-
-    # Not a terminal: do not wrap tables at 80 columns.
-    return Console(width=None if sys.stdout.isatty() else 250, soft_wrap=False, highlight=False)
-
-
 def _is_terminal() -> bool:
     return sys.stdout.isatty()
 
@@ -302,7 +297,7 @@ def _table(columns: Sequence[str], rows: Sequence[Sequence[str]], *, right: Coll
     """Rows as a table: rich's on a terminal, plain aligned text otherwise (a string).
 
     Piped or redirected output stays one line per row, easy to grep and diff, and skips rich,
-    whose import and layout cost more than the query (~1.5 s for a thousand rows).
+    whose import and layout cost more than the query.
     """
     if _is_terminal():
         from rich.table import Table
@@ -330,23 +325,7 @@ def _print(renderable: Any) -> None:
         return
     from rich.console import Group
 
-    _console().print(Group(*parts))
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None or seconds < 0:
-        return "-"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-def job_eta(step: int | None, total: int | None, running_seconds: float) -> float | None:
-    """Seconds left for a job at `step` of `total` after `running_seconds`, or None if unknown."""
-    if not step or not total or step <= 0:
-        return None
-    return running_seconds / step * max(0, total - step)
+    console().print(Group(*parts))
 
 
 def _status_tables(database: Database, batch_id: str | None) -> tuple[Any, int]:
@@ -376,7 +355,7 @@ def _status_tables(database: Database, batch_id: str | None) -> tuple[Any, int]:
             step = f"{job.progress_step}/{job.progress_total}" if job.progress_total else "-"
             age = (now - job.heartbeat_at).total_seconds() if job.heartbeat_at else None
             rows.append((job.id, job.task, job.extension, job.worker or "-", job.progress_phase or "-", step,
-                         _fmt(job.progress_loss), _duration(job_eta(job.progress_step, job.progress_total, elapsed)),
+                         _fmt(job.progress_loss), duration(job_eta(job.progress_step, job.progress_total, elapsed)),
                          f"{age:.0f} s ago" if age is not None else "-"))
         parts.append(_table(("job", "task", "extension", "worker", "phase", "step", "loss", "eta", "heartbeat"),
                             rows, title="running"))
@@ -406,7 +385,7 @@ def status(ctx: click.Context, batch_id: str | None, watch: bool, interval: floa
         def renderable(parts: Any) -> Any:
             return Group(*parts) if isinstance(parts, list) else parts
 
-        with Live(renderable(shown), console=_console(), auto_refresh=False) as live:
+        with Live(renderable(shown), console=console(), auto_refresh=False) as live:
             while unfinished:
                 time.sleep(interval)
                 shown, unfinished = _status_tables(database, batch_id)

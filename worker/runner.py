@@ -17,21 +17,13 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from jobs.batch import Batch
+from jobs.display import console, duration, job_eta
 from jobs.settings import Settings
 
 if TYPE_CHECKING:
     from db.session import Database
 
 PLAIN_PROGRESS_INTERVAL = 10.0
-
-
-def _fmt_seconds(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    seconds = int(round(max(0.0, seconds)))
-    minutes, secs = divmod(seconds, 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 class _Tracker:
@@ -70,19 +62,18 @@ class _Tracker:
             progress = self.progress() or {}
             step, steps, loss = progress.get("step"), progress.get("total"), progress.get("loss")
             job = f"job {self.current + 1}/{total} {self.labels[self.current]}: {progress.get('phase') or 'setup'}"
-            job_eta: float | None = None
+            eta = job_eta(step, steps, elapsed)
             if step and steps:
                 job += f" step {step}/{steps}"
-                job_eta = elapsed / step * max(0, steps - step)
             if loss is not None:
                 job += f" loss {loss:.4g}"
-            if job_eta is not None:
-                job += f" eta {_fmt_seconds(job_eta)}"
+            if eta is not None:
+                job += f" eta {duration(eta)}"
             parts.append(job)
             remaining = total - done - 1
-            if self.durations and remaining >= 0 and job_eta is not None:
+            if self.durations and remaining >= 0 and eta is not None:
                 mean = sum(self.durations) / len(self.durations)
-                parts.append(f"batch eta {_fmt_seconds(job_eta + remaining * mean)}")
+                parts.append(f"batch eta {duration(eta + remaining * mean)}")
         return " | ".join(parts)
 
 
@@ -119,12 +110,10 @@ class _PlainDisplay:
 
 class _RichDisplay:
     def __init__(self, tracker: _Tracker):
-        from rich.console import Console
         from rich.live import Live
 
         self.tracker = tracker
-        self.console = Console()
-        self.live = Live(self, console=self.console, refresh_per_second=2, transient=True)
+        self.live = Live(self, console=console(), refresh_per_second=2, transient=True)
 
     def __rich__(self) -> str:
         try:
@@ -189,7 +178,7 @@ def run_batch(batch: Batch, settings: Settings, database: Database, *, interacti
             tracker.finished[status] = tracker.finished.get(status, 0) + 1
             detail = f": {error.splitlines()[0][:200]}" if error and status != JobStatus.SUCCEEDED.value else ""
             display.print(f"[{index + 1}/{total}] job {job_id} {tracker.labels[index]}: {status} in "
-                          f"{_fmt_seconds(tracker.durations[-1])}{detail}")
+                          f"{duration(tracker.durations[-1])}{detail}")
         tracker.current = None
 
     _print_summary(database, submitted.job_ids)
@@ -199,14 +188,13 @@ def run_batch(batch: Batch, settings: Settings, database: Database, *, interacti
 
 
 def _print_summary(database: Database, job_ids: list[str]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     from db.queries import get_job
 
-    console = Console(width=None if sys.stdout.isatty() else 250, highlight=False)
+    out = console()
     # A narrow terminal gets the columns that matter most rather than unreadable ones.
-    wide = console.width >= 130
+    wide = out.width >= 130
     columns = ["job", "task", "extension", "kind", "status", "trainable", "train_loss", "eval_loss", "steps",
                "seconds", "saved / error"]
     if not wide:
@@ -237,4 +225,4 @@ def _print_summary(database: Database, job_ids: list[str]) -> None:
                 "saved / error": where,
             }
             table.add_row(*(values[c] for c in columns))
-    console.print(table)
+    out.print(table)
