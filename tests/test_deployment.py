@@ -161,13 +161,29 @@ def test_worker_command_is_a_real_graftq_command():
     assert resolve_graftq_command(argv).name == "worker"
 
 
-def test_worker_reserves_a_gpu_and_can_be_scaled():
+def test_worker_reserves_every_gpu_and_starts_one_process_per_gpu():
+    # Compose hands every replica of a service the same GPUs: one container per host takes them
+    # all, and `graftq worker --gpus all` pins one process to each.
     worker = load_compose()["services"]["worker"]
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
-    assert {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]} in devices
-    # `--scale worker=N` fails on a fixed container name or a fixed published port.
-    assert "container_name" not in worker
-    assert "ports" not in worker
+    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    assert as_argv(worker["command"]) == ["graftq", "worker", "--gpus", "all"]
+    assert "container_name" not in worker and "ports" not in worker  # several hosts run the same service
+
+
+def test_no_doc_tells_users_to_scale_the_worker_on_one_host():
+    docs = {path.name: path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
+    assert {name: text for name, text in docs.items() if re.search(r"--scale\s+worker", text)} == {}
+    compose_commands = [line.strip() for text in docs.values() for line in text.splitlines()
+                        if line.strip().startswith("docker compose up")]
+    assert "docker compose up -d --build" in compose_commands
+    assert "`graftq worker --gpus all`" in docs["deployment.md"] and "`count: all`" in docs["deployment.md"]
+
+
+def test_a_worker_on_a_further_host_reaches_the_pool_host():
+    env = env_of(load_compose({**TEST_PASSWORDS, "POOL_HOST": "gpu-host.example"})["services"]["worker"])
+    assert "@gpu-host.example:6379/0" in env["GRAFTQ_BROKER_URL"]
+    assert "@gpu-host.example:5432/graftq" in env["GRAFTQ_DATABASE_URL"]
 
 
 def test_worker_waits_for_the_migration_and_redis():

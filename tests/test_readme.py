@@ -34,7 +34,7 @@ EXERCISED = {
     "graftq results --task reverse --sort eval_loss --format csv": "test_single_machine_commands",
     "graftq show JOB_ID": "test_single_machine_commands",
     # validated structurally (and with `docker compose config` where a compose tool exists)
-    "docker compose up -d --scale worker=4": "tests/test_deployment.py",
+    "docker compose up -d --build": "tests/test_deployment.py",
     "graftq db upgrade": "test_pool_commands",
     "graftq worker --gpus all": "test_pool_commands",
     "export GRAFTQ_BROKER_URL=redis://:PASSWORD@gpu-host:6379/0": "test_pool_commands",
