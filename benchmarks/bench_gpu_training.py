@@ -14,14 +14,15 @@ What is measured, on a CUDA device:
   GPU) and the share of kernel time in matrix multiplies, with the top kernels.
 
 Without a CUDA device the script says so and exits 0 (`run_all.py` runs it only where
-`nvidia-smi -L` lists a GPU). `--device cpu` runs the same measurement on the CPU (fp32, no
-peak): a smoke run of the counting and profiling code.
+`nvidia-smi -L` lists a GPU). `--device cpu` runs the same measurement on the CPU with
+random:t5-tiny and a few steps (fp32, no peak): a smoke run of the counting and profiling code.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -34,11 +35,15 @@ PRESET = "random:flan-t5-small"
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q", "k", "v", "o"]}
 TRAIN = {"dataset": str(EXAMPLES / "reverse.jsonl"), "batch_size": 32, "learning_rate": 1e-3, "max_length": 64,
          "eval_fraction": 0.1, "seed": 0, "checkpoint_every": 0}
+#: The CPU smoke run only checks that the counting and profiling code runs: a tiny model, small batches.
+SMOKE_PRESET = "random:t5-tiny"
+SMOKE_TRAIN = {**TRAIN, "batch_size": 8, "max_length": 32}
 
-#: Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s, by name fragment.
+#: Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s, by the words of
+#: the device name (`NVIDIA H100 80GB HBM3` is the SXM part); most specific entries first.
 PEAK_BF16_TFLOPS = {
-    "H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0,
-    "H100": 756.0, "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10G": 70.0,
+    "GH200": 989.4, "H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 NVL": 835.0,
+    "H100 PCIe": 756.0, "H100": 756.0, "A100": 312.0, "L40S": 362.1, "L40": 181.0, "L4": 121.0, "A10G": 70.0,
 }
 
 
@@ -46,8 +51,9 @@ def peak_tflops(device_name: str) -> float | None:
     """The bf16 peak for `device_name` (GRAFTQ_GPU_PEAK_TFLOPS wins), or None if unknown."""
     if os.environ.get("GRAFTQ_GPU_PEAK_TFLOPS"):
         return float(os.environ["GRAFTQ_GPU_PEAK_TFLOPS"])
-    for fragment, value in PEAK_BF16_TFLOPS.items():  # most specific fragments first
-        if fragment in device_name:
+    for fragment, value in PEAK_BF16_TFLOPS.items():
+        # whole words only: "L4" is not the L40, "H200" not the GH200
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(fragment)}(?![A-Za-z0-9])", device_name):
             return value
     return None
 
@@ -55,8 +61,9 @@ def peak_tflops(device_name: str) -> float | None:
 def job_spec(device: str, steps: int):
     from jobs.spec import JobSpec
 
-    return JobSpec(task="reverse", kind="train", extension="lora", base_model=PRESET, device=device, lora=LORA,
-                   train={**TRAIN, "max_steps": steps})
+    preset, train = (SMOKE_PRESET, SMOKE_TRAIN) if device == "cpu" else (PRESET, TRAIN)
+    return JobSpec(task="reverse", kind="train", extension="lora", base_model=preset, device=device, lora=LORA,
+                   train={**train, "max_steps": steps})
 
 
 def graftq_job(device: str, steps: int, root: Path, job_id: str) -> dict:
@@ -79,8 +86,9 @@ def built_model_and_batches(device: str, steps: int):
     base, _ = BASE_MODELS.get(spec.base_model, device_manager)
     extension = EXTENSIONS[spec.extension](base.model, ExtensionConfig.from_job_spec(spec), device_manager)
     model = build(extension, spec.task)
+    train = spec.train.model_dump()
     batches = [{key: value.to(device_manager.device) for key, value in batch.items()}
-               for batch in collated_batches(TRAIN, steps, base.tokenizer, base.arch.task_type)]
+               for batch in collated_batches(train, steps, base.tokenizer, base.arch.task_type)]
     return model, batches, device_manager
 
 
@@ -107,14 +115,40 @@ def flops_per_step(model, batches, device_manager) -> float:
     return statistics.mean(counts)
 
 
-def profile_steps(model, batches, device_manager) -> dict:
-    """Kernel-time shares over a few profiled steps: how busy the device is, and on what."""
+def kernel_time_shares(events, wall: float) -> dict:
+    """How busy the GPU was over `wall` seconds, and on what, from profiler events.
+
+    Only CUDA-type events count (kernels, memcpy, memset): a CPU op also carries the device
+    time of the kernels it launched, and a user annotation spans them, so counting those too
+    would count each kernel twice or more.
+    """
+    from torch.autograd import DeviceType
+
+    def device_time(event) -> float:  # microseconds; named self_cuda_time_total before torch 2.4
+        return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
+
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+               and device_time(e) > 0]
+    kernel_seconds = sum(device_time(e) for e in kernels) / 1e6
+    matmul = sum(device_time(e) for e in kernels
+                 if any(word in e.key.lower() for word in ("gemm", "matmul", "cutlass", "sm90", "xmma"))) / 1e6
+    top = sorted(kernels, key=device_time, reverse=True)[:5]
+    return {
+        "gpu_busy_fraction (kernel time / wall)": kernel_seconds / wall,
+        "matmul_share_of_kernel_time": matmul / kernel_seconds if kernel_seconds else 0.0,
+        "top_kernels (name, share of kernel time)": [(e.key[:80], round(device_time(e) / 1e6 / kernel_seconds, 3))
+                                                     for e in top],
+    }
+
+
+def profile_steps(model, batches, device_manager, warmup: int) -> dict:
+    """Kernel-time shares over `batches`' steps, after `warmup` steps: how busy the device is, and on what."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device_manager.device.type == "cuda"
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=TRAIN["learning_rate"])
-    for batch in batches[:3]:  # warm-up outside the trace
+    for batch in batches[:warmup]:  # outside the trace
         train_step(model, batch, optimizer, device_manager)
     if cuda:
         torch.cuda.synchronize()
@@ -127,40 +161,27 @@ def profile_steps(model, batches, device_manager) -> dict:
             torch.cuda.synchronize()
         wall = time.perf_counter() - started
     averages = trace.key_averages()
-
-    def device_time(event) -> float:  # microseconds; the attribute was renamed in torch 2.4
-        return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
-
-    if not cuda:
-        top = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:5]
-        return {"profiled_steps": len(batches), "profiled_wall_s": wall,
-                "top_cpu_ops (name, share of wall)": [(e.key, round(e.self_cpu_time_total / 1e6 / wall, 3))
-                                                     for e in top]}
-    kernels = [e for e in averages if device_time(e) > 0]
-    kernel_seconds = sum(device_time(e) for e in kernels) / 1e6
-    matmul = sum(device_time(e) for e in kernels
-                 if any(word in e.key.lower() for word in ("gemm", "matmul", "cutlass", "sm90", "xmma"))) / 1e6
-    top = sorted(kernels, key=device_time, reverse=True)[:5]
-    return {
-        "profiled_steps": len(batches), "profiled_wall_s": wall,
-        "gpu_busy_fraction (kernel time / wall)": kernel_seconds / wall,
-        "matmul_share_of_kernel_time": matmul / kernel_seconds if kernel_seconds else 0.0,
-        "top_kernels (name, share of kernel time)": [(e.key[:80], round(device_time(e) / 1e6 / kernel_seconds, 3))
-                                                     for e in top],
-    }
+    figures = {"profiled_steps": len(batches), "profiled_wall_s": wall}
+    if cuda:
+        return {**figures, **kernel_time_shares(averages, wall)}
+    top = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:5]
+    return {**figures, "top_cpu_ops (name, share of wall)": [(e.key, round(e.self_cpu_time_total / 1e6 / wall, 3))
+                                                            for e in top]}
 
 
 def run_on(device: str, quick: bool) -> Result:
     import torch
 
     on_cpu = device == "cpu"
-    # A CPU run only checks that the counting and profiling work: flan-t5-small trains at a few steps/s.
-    steps = 5 if on_cpu else 50 if quick else 200
-    result = Result(NAME, f"a {steps}-step LoRA train job on {PRESET} (batch {TRAIN['batch_size']}, "
-                          f"max_length {TRAIN['max_length']}) on {device}, dtype policy as documented")
+    # A CPU run only checks that the counting and profiling work: no warm-up job, a few steps.
+    steps = 3 if on_cpu else 50 if quick else 200
+    spec = job_spec(device, steps)
+    result = Result(NAME, f"a {steps}-step LoRA train job on {spec.base_model} (batch {spec.train.batch_size}, "
+                          f"max_length {spec.train.max_length}) on {device}, dtype policy as documented")
     with tempfile.TemporaryDirectory(prefix="graftq-bench-gpu-") as tmp:
         root = Path(tmp)
-        graftq_job(device, 2 if on_cpu else 10, root, "warmup")  # imports, kernels, the cached base model
+        if not on_cpu:
+            graftq_job(device, 10, root, "warmup")  # imports, kernels, the cached base model
         metrics = graftq_job(device, steps, root, "measured")
     model, batches, device_manager = built_model_and_batches(device, 3 if on_cpu else 20)
     flops = flops_per_step(model, batches, device_manager)
@@ -178,7 +199,7 @@ def run_on(device: str, quick: bool) -> Result:
     if peak is not None:
         result.figures["peak_bf16_tflops (datasheet, dense)"] = peak
         result.figures["fraction_of_peak"] = achieved / (peak * 1e12)
-    result.figures.update(profile_steps(model, batches[:10], device_manager))  # after 3 warm-up steps
+    result.figures.update(profile_steps(model, batches[:10], device_manager, warmup=1 if on_cpu else 3))
     expected = "bfloat16" if device_manager.device.type == "cuda" and torch.cuda.is_bf16_supported() else (
         "float16" if device_manager.device.type == "cuda" else "float32")
     result.checks.append(Check(

@@ -178,13 +178,18 @@ def submit(ctx: click.Context, batch_file: Path, dry_run: bool) -> None:
     Prints the batch id. Nothing is recorded or enqueued when the batch file has an
     error or the broker cannot be reached.
     """
+    from jobs.errors import BrokerUnavailable, SpecError
+    from jobs.submit import check_broker, check_pool_devices, submit_batch
+
     state = _state(ctx)
     batch = _load(batch_file)
+    try:
+        check_pool_devices(batch)
+    except SpecError as error:
+        raise click.ClickException(str(error)) from None
     if dry_run:
         _print_dry_run(batch, state.settings)
         return
-    from jobs.errors import BrokerUnavailable
-    from jobs.submit import check_broker, submit_batch
 
     try:
         check_broker(state.celery)

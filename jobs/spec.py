@@ -145,7 +145,8 @@ class JobSpec(_Spec):
         Field(description="A Hugging Face hub id (from the local cache), a local model directory, or "
               "`random:<preset>`."),
     ]
-    device: Annotated[str, Field(description="`auto`, `cpu`, `cuda`, `cuda:N` or `mps`.")] = "auto"
+    device: Annotated[str, Field(description="`auto`, `cpu`, `cuda`, `mps`, or `cuda:N` with `graftq run` "
+                                 "(a pool worker owns one GPU: `cuda`).")] = "auto"
     lora: Annotated[LoRASpec | None, Field(description="LoRA settings (lora and hybrid jobs).")] = None
     layer: Annotated[LayerSpec | None, Field(description="Added-layer settings (layer and hybrid jobs).")] = None
     train: Annotated[TrainSpec | None, Field(description="Training settings (train jobs).")] = None

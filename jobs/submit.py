@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from jobs.batch import Batch, gc_paused
-from jobs.errors import BrokerUnavailable
+from jobs.errors import BrokerUnavailable, SpecError
 from jobs.settings import Settings
 
 if TYPE_CHECKING:
@@ -40,6 +40,19 @@ class Submitted:
     batch_id: str
     job_ids: list[str]
     queues: list[str | None]
+
+
+def check_pool_devices(batch: Batch) -> None:
+    """Refuse `device: cuda:N` with N >= 1 (SpecError): on a pool each worker process owns one
+    GPU, its `cuda:0`, so `cuda:1` fails on every worker. `cuda:0` means "a GPU worker"."""
+    problems = [
+        f"job {index} (task {spec.task!r}): key `device`: {spec.device!r} names one GPU of a machine, but a "
+        "pool worker owns exactly one GPU: use device: cuda, and choose the GPUs with `graftq worker --gpus` "
+        "(`graftq run` sees every GPU and takes cuda:N)"
+        for index, spec in enumerate(batch.jobs) if spec.device.startswith("cuda:") and spec.device != "cuda:0"
+    ]
+    if problems:
+        raise SpecError(f"{len(problems)} job(s) name a GPU by number", problems)
 
 
 def job_rows(batch: Batch, settings: Settings, *, broker: bool = True) -> list[dict[str, Any]]:
@@ -263,6 +276,7 @@ def submit_batch(
     from db.submission import fail_unpublished, mark_batch_published, mark_published
     from jobs.celery_app import configure
 
+    check_pool_devices(batch)
     app = app or configure(settings)
     if not broker_checked:
         check_broker(app)

@@ -44,8 +44,8 @@ def test_run_all_quick_runs_the_chosen_benchmarks_and_writes_their_figures(tmp_p
 
 @pytest.mark.slow
 def test_gpu_benchmark_smoke_run_on_the_cpu_counts_flops_and_profiles_steps(tmp_path):
-    # `python benchmarks/bench_gpu_training.py --device cpu` (benchmarks/README.md): the FLOP count
-    # and the profiler trace of the GPU benchmark, on the CPU, so that they run somewhere in CI.
+    # `python benchmarks/bench_gpu_training.py --device cpu` (benchmarks/README.md): the FLOP count,
+    # the profiler trace and the dtype check of the GPU benchmark, on the CPU, so that they run in CI.
     result_path = tmp_path / "gpu.json"
     completed = subprocess.run(
         [sys.executable, "benchmarks/bench_gpu_training.py", "--device", "cpu", "--quick", "--json", str(result_path)],
@@ -55,6 +55,7 @@ def test_gpu_benchmark_smoke_run_on_the_cpu_counts_flops_and_profiles_steps(tmp_
     result = json.loads(result_path.read_text())
     figures = result["figures"]
     assert result["passed"] and figures["dtype (frozen base weights)"] == "float32"
-    assert figures["gflops_per_step (fwd+bwd)"] > 1 and figures["achieved_tflops"] > 0
+    # random:t5-tiny, batch 8 of at most 32 tokens: about 0.07 GFLOP a step
+    assert 0.01 < figures["gflops_per_step (fwd+bwd)"] < 1 and figures["achieved_tflops"] > 0
     assert figures["profiled_steps"] == 3 and figures["top_cpu_ops (name, share of wall)"]
     assert figures["tokens_per_second"] > 0

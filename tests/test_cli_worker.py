@@ -13,7 +13,7 @@ from db.queries import claim_job, create_batch, get_job
 from db.session import clear_cache, get_database
 from jobs.cli import cli
 from jobs.settings import Settings
-from worker.launcher import GpuSelection, LauncherError, parse_gpus, plan_workers, reap_once
+from worker.launcher import Gpu, GpuSelection, LauncherError, parse_gpus, plan_workers, reap_once
 
 
 def test_gpu_selection_parsing():
@@ -30,10 +30,15 @@ def test_a_bad_gpus_option_is_a_usage_error():
     assert result.exit_code == 2 and "--gpus" in result.output and "Traceback" not in result.output
 
 
-def test_one_pinned_solo_worker_process_per_gpu(tmp_path):
+def _gpus(*indices: int) -> list[Gpu]:
+    return [Gpu(index, "NVIDIA L4", f"GPU-{index}", f"GPU-{index}") for index in indices]
+
+
+def test_one_pinned_solo_worker_process_per_gpu(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'g.db'}", broker_url="redis://h:1/0")
-    workers = plan_workers(settings, GpuSelection("all"), gpus=[0, 1])
-    assert [w.env["CUDA_VISIBLE_DEVICES"] for w in workers] == ["0", "1"]
+    workers = plan_workers(settings, GpuSelection("all"), gpus=_gpus(0, 1))
+    assert [w.env["CUDA_VISIBLE_DEVICES"] for w in workers] == ["GPU-0", "GPU-1"]
     for index, worker in enumerate(workers):
         argv = worker.argv
         assert argv[argv.index("-A") + 1] == "worker.tasks:app"
@@ -54,9 +59,10 @@ def test_without_gpus_all_falls_back_to_one_cpu_worker(tmp_path, caplog):
     assert cpu.argv[cpu.argv.index("-Q") + 1] == "custom"
 
 
-def test_asking_for_a_gpu_that_is_not_there_is_refused():
+def test_asking_for_a_gpu_that_is_not_there_is_refused(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     with pytest.raises(LauncherError, match="GPU 3 not found"):
-        plan_workers(Settings(), GpuSelection("list", (0, 3)), gpus=[0])
+        plan_workers(Settings(), GpuSelection("list", (0, 3)), gpus=_gpus(0))
 
 
 def test_the_reaper_requeues_and_republishes_a_dead_workers_job(sqlite_url, redis_url, redis_server, artifacts_dir):

@@ -16,7 +16,7 @@ import random
 
 import torch
 
-from worker.errors import DeviceError
+from worker.errors import DeviceError, is_sticky_cuda_error
 
 _DEVICE_HELP = "use auto, cpu, cuda, cuda:N or mps"
 
@@ -38,7 +38,8 @@ def get_device(requested: str = "auto") -> torch.device:
         if index >= torch.cuda.device_count():
             raise DeviceError(f"device: {requested!r} does not exist; this worker sees "
                               f"{torch.cuda.device_count()} CUDA device(s) (CUDA_VISIBLE_DEVICES="
-                              f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+                              f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); a graftq worker owns one "
+                              "GPU: use device: cuda, and choose GPUs with `graftq worker --gpus`")
         device = torch.device("cuda", index)
     elif requested == "mps":
         if getattr(torch.backends, "mps", None) is None or not torch.backends.mps.is_available():
@@ -53,12 +54,38 @@ def get_device(requested: str = "auto") -> torch.device:
 
 
 def _probe(device: torch.device) -> None:
-    """Run a tiny matmul so that a broken device fails here, with the setting named."""
+    """Run a tiny matmul so that a broken device fails here, with the setting named.
+
+    A sticky CUDA error is raised as it is, not as a DeviceError: the process's CUDA context is
+    broken, not the job's setting, and the task replaces the worker process on such an error.
+    """
     try:
         x = torch.ones(8, 8, device=device)
         float((x @ x).sum().item())
     except Exception as error:  # a broken driver raises anything from RuntimeError to AcceleratorError
+        if is_sticky_cuda_error(error):
+            raise
         raise DeviceError(f"device: {device} does not work ({error}); use another device") from error
+
+
+def check_gpu_worker() -> str | None:
+    """The start-up self-check of a GPU worker process: None when it owns exactly one working
+    CUDA device, otherwise what is wrong and the fix."""
+    visible = f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}"
+    if not torch.cuda.is_available():
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        return (f"CUDA is not available ({visible}; torch {torch.__version__}, {build}): install a CUDA "
+                "build of torch (make install TORCH_SPEC=torch) and check the driver with nvidia-smi, "
+                "or serve on the CPU with graftq worker --gpus none")
+    if torch.cuda.device_count() != 1:
+        return (f"this process sees {torch.cuda.device_count()} CUDA devices ({visible}); a GPU worker owns "
+                "exactly one: unset CUDA_VISIBLE_DEVICES in the worker's environment and choose GPUs "
+                "with graftq worker --gpus")
+    try:
+        _probe(torch.device("cuda", 0))
+    except Exception as error:  # DeviceError or a sticky CUDA error: either way the GPU cannot run jobs
+        return f"a test computation on the GPU failed ({error}); check the GPU with nvidia-smi"
+    return None
 
 
 def get_dtype(device: torch.device) -> torch.dtype:

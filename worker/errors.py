@@ -22,6 +22,16 @@ class OutOfMemory(JobError):
     """The job ran out of accelerator memory."""
 
 
+#: Phrases of CUDA errors after which the process's CUDA context is unusable.
+STICKY_CUDA_ERRORS = ("device-side assert", "illegal memory access", "unspecified launch failure",
+                      "CUDA error: misaligned address", "uncorrectable ECC error")
+
+
+def is_sticky_cuda_error(error: BaseException) -> bool:
+    """True when `error` leaves this process's CUDA context unusable: only a new process recovers."""
+    return any(phrase in str(error) for phrase in STICKY_CUDA_ERRORS)
+
+
 class TransientError(Exception):
     """A failure worth retrying: lost broker or database connection."""
 

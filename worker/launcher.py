@@ -1,9 +1,11 @@
 """`graftq worker`: start and supervise one Celery worker process per GPU (or one CPU worker).
 
 Each child is `python -m celery -A worker.tasks:app worker --pool solo --concurrency 1
---prefetch-multiplier 1 -Q <queues> -n graftq-gpu<N>@%h` with `CUDA_VISIBLE_DEVICES=N`:
-one job at a time per GPU, and the parent never touches CUDA (GPUs are listed with
-`nvidia-smi -L`), so nothing CUDA-related is inherited across a fork.
+--prefetch-multiplier 1 -Q <queues> -n graftq-gpu<N>@%h`, pinned to GPU N by its UUID in
+`CUDA_VISIBLE_DEVICES` (inside, the GPU is `cuda:0`): one job at a time per GPU, and the
+parent never touches CUDA (GPUs are listed with `nvidia-smi -L`), so nothing CUDA-related
+is inherited across a fork. A GPU child checks its GPU before it takes a job
+(`child_started`).
 
 The parent
 - forwards SIGTERM/SIGINT to the children (warm shutdown: a running job saves a checkpoint
@@ -11,7 +13,8 @@ The parent
   a second signal kills them, and their jobs are recovered like a dead worker's) and exits
   when they have exited;
 - restarts a child that exits on its own (a sticky CUDA error ends the process on
-  purpose), giving up after `max_restarts` quick exits in a row;
+  purpose), giving up after `max_restarts` quick exits in a row, or at once when the
+  child's GPU failed its self-check;
 - runs the reaper: jobs whose heartbeat went stale (their worker was killed) are
   re-queued and re-published, or failed once out of attempts, within
   `stale_after + reap_interval` seconds rather than the broker's visibility timeout.
@@ -23,6 +26,7 @@ import ctypes
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -75,15 +79,70 @@ def parse_gpus(value: str) -> GpuSelection:
     return GpuSelection("list", indices)
 
 
-def detect_gpus() -> list[int]:
-    """Indices of the NVIDIA GPUs `nvidia-smi -L` lists ([] without the tool or a GPU)."""
+@dataclass(frozen=True)
+class Gpu:
+    """A device one worker process owns: a whole GPU, or one MIG instance of a GPU."""
+
+    index: int  #: nvidia-smi's GPU index (PCI bus order), what `--gpus` takes
+    name: str
+    uuid: str  #: `GPU-...`, or `MIG-...` for a MIG instance: what CUDA_VISIBLE_DEVICES pins
+    gpu_uuid: str  #: the physical GPU's UUID (the same as `uuid` for a whole GPU)
+    mig: int | None = None  #: the MIG device number within the GPU
+
+    @property
+    def label(self) -> str:
+        return f"gpu{self.index}" if self.mig is None else f"gpu{self.index}-mig{self.mig}"
+
+
+_GPU_LINE = re.compile(r"GPU (\d+): (.*?) \(UUID: ([^)]+)\)")
+_MIG_LINE = re.compile(r"\s+MIG (\S+)\s+Device\s+(\d+): \(UUID: ([^)]+)\)")
+
+
+def detect_gpus() -> list[Gpu]:
+    """The devices `nvidia-smi -L` lists, a MIG-enabled GPU as its MIG instances ([] without the tool)."""
     try:
         listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return []
     if listing.returncode != 0:
         return []
-    return [index for index, line in enumerate(row for row in listing.stdout.splitlines() if row.startswith("GPU "))]
+    gpus: list[Gpu] = []
+    for line in listing.stdout.splitlines():
+        if whole := _GPU_LINE.match(line):
+            gpus.append(Gpu(int(whole[1]), whole[2], whole[3], whole[3]))
+        elif (mig := _MIG_LINE.match(line)) and gpus:
+            parent = gpus[-1]
+            if parent.mig is None:  # CUDA cannot use a MIG-enabled GPU as a whole: only its instances
+                gpus.pop()
+            gpus.append(Gpu(parent.index, f"{parent.name} MIG {mig[1]}", mig[3], parent.gpu_uuid, int(mig[2])))
+    return gpus
+
+
+def inherited_gpus(gpus: list[Gpu], visible: str | None) -> list[Gpu]:
+    """The devices of `gpus` that an inherited CUDA_VISIBLE_DEVICES leaves visible (all when unset).
+
+    Entries are nvidia-smi indices (PCI bus order, whatever CUDA_DEVICE_ORDER says) or UUIDs
+    (`GPU-...` or `MIG-...`, unique prefixes allowed, as CUDA takes them). An entry that
+    matches nothing is refused: CUDA would silently drop it and every entry after it.
+    """
+    if visible is None:
+        return gpus
+    chosen: list[Gpu] = []
+    for entry in filter(None, (part.strip() for part in visible.split(","))):
+        if entry == "-1":  # CUDA's way of hiding the GPUs from here on
+            break
+        if entry.isdigit():
+            matched = [gpu for gpu in gpus if gpu.index == int(entry)]
+        else:  # a GPU's UUID selects it whole, or all of its MIG instances
+            matched = [gpu for gpu in gpus if gpu.uuid.startswith(entry) or gpu.gpu_uuid.startswith(entry)]
+        if not matched:
+            raise LauncherError(
+                f"CUDA_VISIBLE_DEVICES={visible!r}: {entry!r} is not a GPU nvidia-smi lists "
+                f"({', '.join(f'{gpu.index} {gpu.uuid}' for gpu in gpus) or 'none'}); unset it, or give "
+                "nvidia-smi indices or UUIDs, or choose GPUs with --gpus"
+            )
+        chosen += [gpu for gpu in matched if gpu not in chosen]
+    return chosen
 
 
 @dataclass
@@ -98,57 +157,90 @@ class WorkerProcess:
     exit_codes: list[int] = field(default_factory=list)
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: a SIGKILLed launcher takes its workers along
-    except OSError:
-        pass
+#: Set by `graftq worker` in the environment of the processes it starts (read by `child_started`).
+LAUNCHER_PID_ENV = "GRAFTQ_LAUNCHER_PID"
+WORKER_GPU_ENV = "GRAFTQ_WORKER_GPU"
+#: A worker process's exit status when its GPU fails the start-up self-check (EX_CONFIG): a
+#: restart cannot cure a CPU-only torch or a missing device, so the launcher does not restart it.
+SELF_CHECK_FAILED = 78
+
+
+def child_started() -> None:
+    """Start-up of a worker process of `graftq worker`, before it takes a job (Celery's worker_init).
+
+    It dies with the launcher (a SIGKILLed launcher takes its workers along), and a GPU worker
+    checks its GPU: a worker that cannot run CUDA must not drain the GPU queue.
+    """
+    launcher = os.environ.get(LAUNCHER_PID_ENV)
+    if launcher:
+        try:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM when the launcher's main thread ends
+        except (OSError, AttributeError):  # not Linux
+            pass
+        if os.getppid() != int(launcher):  # the launcher died before the death signal was set
+            raise SystemExit(f"graftq worker: the launcher (pid {launcher}) is gone; this worker process exits")
+    gpu = os.environ.get(WORKER_GPU_ENV)
+    if gpu:
+        from worker.device import check_gpu_worker
+
+        problem = check_gpu_worker()
+        if problem is not None:
+            print(f"graftq worker: GPU {gpu} failed the start-up self-check: {problem}", file=sys.stderr, flush=True)
+            raise SystemExit(SELF_CHECK_FAILED)
 
 
 def plan_workers(
     settings: Settings, selection: GpuSelection, *, queues: str | None = None, loglevel: str = "INFO",
-    gpus: list[int] | None = None,
+    gpus: list[Gpu] | None = None,
 ) -> list[WorkerProcess]:
-    """The worker processes to start for `selection` (GPUs from `nvidia-smi` unless given)."""
-    if selection.mode == "none":
-        devices: list[int | None] = [None]
-    else:
-        available = detect_gpus() if gpus is None else gpus
+    """The worker processes to start for `selection` (GPUs from `nvidia-smi` unless given).
+
+    `--gpus` takes nvidia-smi's indices (PCI bus order); an inherited CUDA_VISIBLE_DEVICES limits
+    them. Each worker is pinned by UUID (a MIG instance gets a worker of its own) with
+    CUDA_DEVICE_ORDER=PCI_BUS_ID, so the GPU it gets is the one nvidia-smi names, on any host.
+    """
+    inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices: list[Gpu | None] = [None]
+    if selection.mode != "none":
+        available = inherited_gpus(detect_gpus() if gpus is None else gpus, inherited)
+        limited = "" if inherited is None else f" (CUDA_VISIBLE_DEVICES={inherited!r} limits them)"
         if selection.mode == "all":
             if available:
                 devices = list(available)
             else:
-                log.warning("no NVIDIA GPU found (nvidia-smi -L): starting one CPU worker instead")
-                devices = [None]
+                log.warning("no NVIDIA GPU found (nvidia-smi -L)%s: starting one CPU worker instead", limited)
         else:
-            missing = [i for i in selection.indices if i not in available]
+            missing = [i for i in selection.indices if all(gpu.index != i for gpu in available)]
             if missing:
+                listed = sorted({gpu.index for gpu in available})
                 raise LauncherError(
                     f"GPU {', '.join(map(str, missing))} not found: nvidia-smi lists "
-                    f"{', '.join(map(str, available)) or 'no GPU'}; use --gpus all, --gpus none or valid indices"
+                    f"{', '.join(map(str, listed)) or 'no GPU'}{limited}; use --gpus all, --gpus none or valid indices"
                 )
-            devices = list(selection.indices)
+            devices = [gpu for gpu in available if gpu.index in selection.indices]
 
-    base_env = dict(os.environ)
+    base_env = {key: value for key, value in os.environ.items() if key != WORKER_GPU_ENV}
     base_env.update(settings.to_env())
+    base_env[LAUNCHER_PID_ENV] = str(os.getpid())
     pythonpath = [str(PROJECT_ROOT), *filter(None, base_env.get("PYTHONPATH", "").split(os.pathsep))]
     base_env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(pythonpath))
     planned = []
     for device in devices:
         if device is None:
             name, consumed = "graftq-cpu", queues or f"{settings.cpu_queue},{settings.queue}"
-            visible = ""  # a CPU worker must not grab a GPU through device: auto
+            pinned = {"CUDA_VISIBLE_DEVICES": ""}  # a CPU worker must not grab a GPU through device: auto
         else:
-            name, consumed = f"graftq-gpu{device}", queues or f"{settings.gpu_queue},{settings.queue}"
-            visible = str(device)
+            name, consumed = f"graftq-{device.label}", queues or f"{settings.gpu_queue},{settings.queue}"
+            pinned = {"CUDA_VISIBLE_DEVICES": device.uuid, "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+                      WORKER_GPU_ENV: f"{device.index} ({device.name}, {device.uuid})"}
         argv = [
             sys.executable, "-m", "celery", "-A", "worker.tasks:app", "worker",
             "--pool", "solo", "--concurrency", "1", "--prefetch-multiplier", "1",
             "-Q", consumed, "-n", f"{name}@%h", "--loglevel", loglevel,
             "--without-gossip", "--without-mingle",
         ]
-        planned.append(WorkerProcess(name, argv, {**base_env, "CUDA_VISIBLE_DEVICES": visible}))
+        planned.append(WorkerProcess(name, argv, {**base_env, **pinned}))
     return planned
 
 
@@ -287,8 +379,7 @@ def serve(
 
     def start(worker: WorkerProcess) -> None:
         worker.process = subprocess.Popen(
-            worker.argv, env=worker.env, cwd=os.getcwd(), start_new_session=True, preexec_fn=_die_with_parent
-        )
+            worker.argv, env=worker.env, cwd=os.getcwd(), start_new_session=True)
         worker.started_at = time.monotonic()
         log.info("started %s (pid %d, CUDA_VISIBLE_DEVICES=%r)", worker.name, worker.process.pid,
                  worker.env["CUDA_VISIBLE_DEVICES"])
@@ -329,6 +420,12 @@ def serve(
                 worker.exit_codes.append(code)
                 worker.process = None
                 if stopping.is_set():
+                    continue
+                if code == SELF_CHECK_FAILED:
+                    worker.given_up = True
+                    log.error("%s failed its GPU self-check (its message is above); not restarting it. Fix the "
+                              "torch install or the driver, or leave that GPU out with --gpus, then start "
+                              "graftq worker again", worker.name)
                     continue
                 quick = time.monotonic() - worker.started_at < QUICK_EXIT_SECONDS
                 worker.quick_exits = worker.quick_exits + 1 if quick else 0

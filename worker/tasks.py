@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery.exceptions import Reject
-from celery.signals import worker_shutting_down
+from celery.signals import worker_init, worker_shutting_down
 from celery.utils.log import get_task_logger
 from sqlalchemy.exc import OperationalError
 
@@ -57,7 +57,7 @@ from db.queries import (
 from db.session import Database, get_database
 from jobs.celery_app import RUN_JOB_TASK, app, current_settings
 from jobs.settings import Settings
-from worker.errors import JobCancelled, JobError, JobInterrupted, TransientError
+from worker.errors import JobCancelled, JobError, JobInterrupted, TransientError, is_sticky_cuda_error
 
 if TYPE_CHECKING:
     from jobs.spec import JobSpec
@@ -70,9 +70,6 @@ T = TypeVar("T")
 
 #: Seconds between progress writes to the database (the last step is always written).
 PROGRESS_WRITE_INTERVAL = 1.0
-#: Phrases of CUDA errors after which the process's CUDA context is unusable.
-STICKY_CUDA_ERRORS = ("device-side assert", "illegal memory access", "unspecified launch failure",
-                      "CUDA error: misaligned address", "uncorrectable ECC error")
 
 
 #: Set when this worker process begins a warm shutdown; the running job hands itself back.
@@ -82,6 +79,13 @@ shutting_down = threading.Event()
 @worker_shutting_down.connect
 def _on_worker_shutting_down(**_: Any) -> None:  # runs in the signal handler: only set a flag
     shutting_down.set()
+
+
+@worker_init.connect
+def _on_worker_init(**_: Any) -> None:  # the launcher's children: death signal, GPU self-check
+    from worker.launcher import child_started
+
+    child_started()
 
 
 @app.task(name=RUN_JOB_TASK, bind=True, acks_late=True, ignore_result=True, max_retries=None)
@@ -350,7 +354,7 @@ def _record_failure(job: _Claimed, error: Exception, *, eager: bool) -> str:
         return JobStatus.FAILED.value
     job.write(fail_job, f"{type(error).__name__}: {error}", _traceback(error))
     log.error("job %s failed", job.job_id, exc_info=error)
-    if not eager and any(phrase in str(error) for phrase in STICKY_CUDA_ERRORS):
+    if not eager and is_sticky_cuda_error(error):
         # The CUDA context of this process is broken: exit after this task (warm shutdown)
         # so that `graftq worker` starts a fresh process for the next job.
         log.error("sticky CUDA error: this worker process stops and is replaced")
