@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -192,7 +194,8 @@ def test_a_worker_process_dies_with_its_launcher():
 @pytest.mark.slow
 def test_the_launcher_does_not_restart_a_gpu_worker_that_failed_its_self_check(mixed_host, tmp_path, capfd,
                                                                                 caplog):
-    # This machine's torch has no CUDA: the real worker process for GPU 1 fails its self-check.
+    # The fake UUID pins no real GPU (and this torch may have no CUDA): the real worker process
+    # for GPU 1 finds no CUDA device and fails its self-check.
     caplog.set_level(logging.INFO, logger="graftq.worker")
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'g.db'}", broker_url="redis://127.0.0.1:1/0")
     started = time.monotonic()
@@ -292,3 +295,38 @@ def test_gpu_peak_table_matches_whole_model_names(bench, monkeypatch):
     assert bench.peak_tflops("NVIDIA GeForce RTX 4090") is None
     monkeypatch.setenv("GRAFTQ_GPU_PEAK_TFLOPS", "100")
     assert bench.peak_tflops("NVIDIA L4") == 100.0
+
+
+# --- scripts/gpu-check.sh ---------------------------------------------------------------------------
+
+GPU_CHECK = ROOT / "scripts" / "gpu-check.sh"
+
+
+def test_gpu_check_script_parses_and_runs_what_exists():
+    import re
+    import tomllib
+
+    assert subprocess.run(["bash", "-n", str(GPU_CHECK)], capture_output=True).returncode == 0
+    script = GPU_CHECK.read_text()
+    markers = [line.split(":")[0] for line in tomllib.loads((ROOT / "pyproject.toml").read_text())
+               ["tool"]["pytest"]["ini_options"]["markers"]]
+    assert set(re.findall(r"pytest -m (\w+)", script)) == {"gpu"} and "gpu" in markers
+    paths = set(re.findall(r"\b(?:tests|benchmarks)/[\w/]+\.py\b", script))
+    assert {"tests/test_gpu_launch.py", "benchmarks/bench_gpu_training.py"} <= paths
+    assert all((ROOT / path).exists() for path in paths), paths
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_gpu_check_script_fails_clearly_without_a_usable_gpu(mixed_host, tmp_path):
+    env = {**os.environ, "VENV": str(Path(sys.executable).parent.parent), "GPU_CHECK_OUT": str(tmp_path / "out")}
+    result = subprocess.run([str(GPU_CHECK)], env=env, capture_output=True, text=True, timeout=300)
+    # nvidia-smi (the fake) lists GPUs, but this torch cannot use one: it stops there, non-zero
+    assert result.returncode == 1
+    assert "PASS  nvidia_smi" in result.stdout and "FAIL  venv_with_cuda" in result.stdout
+    assert "sees no CUDA device" in result.stdout and "FAIL: see the logs" in result.stdout
+    assert "gpu_tests" not in result.stdout
+
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if p != str(mixed_host.parent))
+    if shutil.which("nvidia-smi", path=env["PATH"]) is None:
+        result = subprocess.run([str(GPU_CHECK)], env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1 and "FAIL  nvidia_smi" in result.stdout

@@ -37,6 +37,7 @@ EXERCISED = {
     "docker compose up -d --build": "tests/test_deployment.py",
     "graftq db upgrade": "test_pool_commands",
     "graftq worker --gpus all": "test_pool_commands",
+    "scripts/gpu-check.sh": "tests/test_gpu_launch.py",
     "export GRAFTQ_BROKER_URL=redis://:PASSWORD@gpu-host:6379/0": "test_pool_commands",
     "export GRAFTQ_DATABASE_URL=postgresql+psycopg://graftq:PASSWORD@gpu-host:5432/graftq": "test_pool_commands",
     "graftq submit examples/quickstart.yaml --dry-run": "test_pool_commands",
