@@ -95,6 +95,10 @@ def test_an_inherited_cuda_visible_devices_limits_the_gpus(mixed_host, monkeypat
     with pytest.raises(LauncherError, match=r"'GPU-ffff' is not a GPU nvidia-smi lists .*unset it"):
         plan_workers(Settings(), GpuSelection("all"))
 
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # no nvidia-smi: one CPU worker, as without the variable
+    [cpu] = plan_workers(Settings(), GpuSelection("all"), gpus=[])
+    assert cpu.name == "graftq-cpu"
+
     for hidden in ("", "-1"):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
         [cpu] = plan_workers(Settings(), GpuSelection("all"))
@@ -179,16 +183,46 @@ def test_a_sticky_cuda_error_in_the_probe_replaces_the_worker_process(tmp_path, 
     clear_cache()
 
 
+CHILD = "from worker.launcher import child_started; child_started(); print('serving', flush=True)"
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")  # dead, not yet reaped
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_a_worker_process_dies_with_its_launcher():
-    code = "from worker.launcher import child_started; child_started(); print('serving')"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("GRAFTQ_WORKER_GPU", None)
-    ours = subprocess.run([sys.executable, "-c", code], env={**env, "GRAFTQ_LAUNCHER_PID": str(os.getpid())},
-                          capture_output=True, text=True, timeout=60)
-    assert (ours.returncode, ours.stdout.strip()) == (0, "serving")
-    orphan = subprocess.run([sys.executable, "-c", code], env={**env, "GRAFTQ_LAUNCHER_PID": "1"},
+    env = {key: value for key, value in os.environ.items() if key != "GRAFTQ_WORKER_GPU"}
+    env["PYTHONPATH"] = str(ROOT)
+    # a stand-in launcher starts a worker process as `graftq worker` does, and is SIGKILLed
+    launcher = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import os, subprocess, sys, time
+        env = {{**os.environ, "GRAFTQ_LAUNCHER_PID": str(os.getpid())}}
+        child = subprocess.Popen([sys.executable, "-c", {CHILD + "; import time; time.sleep(120)"!r}], env=env,
+                                 start_new_session=True)
+        print(child.pid, flush=True)
+        time.sleep(120)
+    """)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(launcher.stdout.readline())
+        assert launcher.stdout.readline().strip() == "serving"
+        launcher.kill()
+        deadline = time.monotonic() + 30
+        while not _gone(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _gone(child)
+    finally:
+        launcher.kill()
+        launcher.wait()
+
+    # started while its launcher was already gone: it exits at once
+    orphan = subprocess.run([sys.executable, "-c", CHILD], env={**env, "GRAFTQ_LAUNCHER_PID": "1"},
                             capture_output=True, text=True, timeout=60)
-    assert orphan.returncode != 0 and "the launcher (pid 1) is gone" in orphan.stderr
+    assert orphan.returncode != 0 and "the launcher (pid 1) is gone" in orphan.stderr and not orphan.stdout
 
 
 @pytest.mark.slow

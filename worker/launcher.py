@@ -125,7 +125,7 @@ def inherited_gpus(gpus: list[Gpu], visible: str | None) -> list[Gpu]:
     (`GPU-...` or `MIG-...`, unique prefixes allowed, as CUDA takes them). An entry that
     matches nothing is refused: CUDA would silently drop it and every entry after it.
     """
-    if visible is None:
+    if visible is None or not gpus:  # without nvidia-smi's list there is nothing to check it against
         return gpus
     chosen: list[Gpu] = []
     for entry in filter(None, (part.strip() for part in visible.split(","))):
