@@ -320,7 +320,7 @@ def reap_once(settings: Settings, *, check_lost: bool = True) -> dict[str, int]:
                        if job.id not in requeued and job.queue is not None]
         waiting = [(job.id, job.queue) for job in queued_published_before(session, LOST_MESSAGE_GRACE_SECONDS)
                    if job.queue is not None]
-    # The database is the record (RELIABILITY.md 5): a queued job whose message the broker lost
+    # The database is the record: a queued job whose message the broker lost
     # (restarted without persistence, or lost its last second of AOF) is published again. A
     # duplicate, should a worker take the message in the instant of the check, is harmless: the
     # claim lets only one run.
