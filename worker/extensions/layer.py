@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -130,13 +131,16 @@ def _use_lazy_generation_cache(model: torch.nn.Module) -> None:
 
     # newer transformers 5.x take the cache as `cache` and warn about `past_key_values`
     name = "cache" if "cache" in getattr(generation_utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
-    generate = model.generate
+    generate = type(model).generate
+    # A weak reference: the wrapper is kept on the model, and a strong one would make a cycle
+    # that keeps a dropped model (and its memory) alive until the next full collection.
+    model_ref = weakref.ref(model)
 
     def generate_with_lazy_cache(*args, **kwargs):
         given = kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
         if not given and kwargs.get("use_cache", True):
             kwargs[name] = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        return generate(*args, **kwargs)
+        return generate(model_ref(), *args, **kwargs)
 
     model.generate = generate_with_lazy_cache
 
