@@ -78,14 +78,14 @@ def graftq_job(device: str, steps: int, root: Path, job_id: str) -> dict:
 def built_model_and_batches(device: str, steps: int):
     """The model graftq builds for the job (same classes, same policy) and the job's batches."""
     from worker.device import DeviceManager
-    from worker.extensions import EXTENSIONS, ExtensionConfig, build
+    from worker.extensions import ExtensionConfig, extension_class
     from worker.models import BASE_MODELS
 
     spec = job_spec(device, steps)
     device_manager = DeviceManager(spec.device)
     base, _ = BASE_MODELS.get(spec.base_model, device_manager)
-    extension = EXTENSIONS[spec.extension](base.model, ExtensionConfig.from_job_spec(spec), device_manager)
-    model = build(extension, spec.task)
+    extension = extension_class(spec.extension)(base.model, ExtensionConfig.from_job_spec(spec), device_manager)
+    model = extension.build(spec.task)
     train = spec.train.model_dump()
     batches = [{key: value.to(device_manager.device) for key, value in batch.items()}
                for batch in collated_batches(train, steps, base.tokenizer, base.arch.task_type)]

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from jobs.display import console, duration, job_eta
+from jobs.extensions import EXTENSION_KINDS
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-EXTENSIONS = ("lora", "layer", "hybrid")
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TABLE_COLUMNS = (
     "id", "batch", "task", "kind", "extension", "status", "attempts", "device", "trainable_params",
@@ -204,7 +204,7 @@ def submit(ctx: click.Context, batch_file: Path, dry_run: bool) -> None:
 def _print_dry_run(batch: Batch, settings: Settings) -> None:
     click.echo(f"batch {batch.name!r}: {len(batch.jobs)} jobs (dry run: nothing recorded or enqueued)")
     for index, spec in enumerate(batch.jobs):
-        click.echo(f"[{index}] task={spec.task} kind={spec.kind.value} extension={spec.extension.value} "
+        click.echo(f"[{index}] task={spec.task} kind={spec.kind.value} extension={spec.extension} "
                    f"base_model={spec.base_model} device={spec.device} queue={settings.queue_for(spec.queue_kind)}")
         click.echo("    " + json.dumps(spec.to_json(), sort_keys=True))
 
@@ -412,7 +412,7 @@ def _sort_option(value: str) -> tuple[str, bool]:
 @cli.command()
 @click.option("--batch", "batch", metavar="ID|NAME", help="Only this batch (id or name).")
 @click.option("--task", metavar="NAME", help="Only jobs of this task.")
-@click.option("--extension", type=click.Choice(EXTENSIONS), help="Only this extension kind.")
+@click.option("--extension", type=click.Choice(list(EXTENSION_KINDS)), help="Only this extension kind.")
 @click.option("--status", "status_", type=click.Choice(STATUSES), help="Only jobs with this status.")
 @click.option("--limit", type=click.IntRange(min=1),
               help=f"At most this many rows. [default for the table: {TABLE_DEFAULT_LIMIT}, the newest with the "

@@ -1,7 +1,8 @@
 """Architectures shipped with graftq for `random:<preset>` base models (torch-free).
 
-Each preset is a Hugging Face config (as a plain dict), the model family and the fixed seed
-its random weights are drawn from, so that the same preset always yields the same weights.
+Each preset is a Hugging Face config (as a plain dict), its family's task type (which says
+at validation whether it can train: "encoder" cannot) and the fixed seed its random weights
+are drawn from, so that the same preset always yields the same weights.
 Vocabularies are sized for graftq's byte-level tokenizer (3 specials + 256 bytes), except
 `flan-t5-small`, which keeps google/flan-t5-small's exact architecture.
 """
@@ -14,7 +15,7 @@ BYTE_VOCAB_SIZE = 259  # pad=0, eos=1, unk=2, then the 256 byte values
 
 PRESETS: dict[str, dict[str, Any]] = {
     "t5-tiny": {
-        "family": "t5",
+        "task_type": "seq2seq",
         "seed": 1234,
         "config": {
             "model_type": "t5", "vocab_size": BYTE_VOCAB_SIZE, "d_model": 64, "d_kv": 16, "d_ff": 128,
@@ -25,7 +26,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
     },
     "flan-t5-small": {
-        "family": "t5",
+        "task_type": "seq2seq",
         "seed": 1234,
         # google/flan-t5-small's config.json, architecture fields only.
         "config": {
@@ -38,7 +39,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
     },
     "gpt2-tiny": {
-        "family": "gpt2",
+        "task_type": "causal",
         "seed": 1234,
         "config": {
             "model_type": "gpt2", "vocab_size": BYTE_VOCAB_SIZE, "n_positions": 512, "n_embd": 64,
@@ -47,7 +48,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
     },
     "llama-tiny": {
-        "family": "llama",
+        "task_type": "causal",
         "seed": 1234,
         "config": {
             "model_type": "llama", "vocab_size": BYTE_VOCAB_SIZE, "hidden_size": 64, "intermediate_size": 128,
@@ -57,7 +58,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
     },
     "bert-tiny": {
-        "family": "bert",
+        "task_type": "encoder",
         "seed": 1234,
         "config": {
             "model_type": "bert", "vocab_size": BYTE_VOCAB_SIZE, "hidden_size": 64, "num_hidden_layers": 2,

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from jobs.extensions import EXTENSION_KINDS
 
 TASK_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -19,12 +21,6 @@ TASK_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 class JobKind(StrEnum):
     TRAIN = "train"
     CREATE = "create"
-
-
-class ExtensionKind(StrEnum):
-    LORA = "lora"
-    LAYER = "layer"
-    HYBRID = "hybrid"
 
 
 class _Spec(BaseModel):
@@ -139,7 +135,10 @@ class JobSpec(_Spec):
     kind: Annotated[
         JobKind, Field(description="`train` (build, train, save) or `create` (build, statistics, save).")
     ] = JobKind.TRAIN
-    extension: Annotated[ExtensionKind, Field(description="`lora`, `layer` or `hybrid`.")]
+    extension: Annotated[
+        str, Field(description="One of the extension kinds registered in `jobs/extensions.py`: "
+                   f"{', '.join(f'`{kind}`' for kind in EXTENSION_KINDS)}.")
+    ]
     base_model: Annotated[
         str,
         Field(description="A Hugging Face hub id (from the local cache), a local model directory, or "
@@ -160,6 +159,14 @@ class JobSpec(_Spec):
                 f"invalid task name {shown!r}: use 1-64 letters, digits, '.', '_' or '-' "
                 "(no slashes, no spaces); it becomes part of the artifact path"
             )
+        return value
+
+    @field_validator("extension")
+    @classmethod
+    def _extension(cls, value: str) -> str:
+        if value not in EXTENSION_KINDS:
+            kinds = [repr(kind) for kind in EXTENSION_KINDS]
+            raise ValueError(f"unknown extension kind {value!r}: use {', '.join(kinds[:-1])} or {kinds[-1]}")
         return value
 
     @field_validator("device")
@@ -184,12 +191,11 @@ class JobSpec(_Spec):
 
     @model_validator(mode="after")
     def _sections(self) -> JobSpec:
-        uses_lora = self.extension in (ExtensionKind.LORA, ExtensionKind.HYBRID)
-        uses_layer = self.extension in (ExtensionKind.LAYER, ExtensionKind.HYBRID)
+        used = EXTENSION_KINDS[self.extension].sections
         # Sections the kind does not use are dropped rather than refused: batch `defaults` carry
         # every section, and a lora job inheriting layer defaults is not a mistake.
-        object.__setattr__(self, "lora", (self.lora or LoRASpec()) if uses_lora else None)
-        object.__setattr__(self, "layer", (self.layer or LayerSpec()) if uses_layer else None)
+        for name in {name for kind in EXTENSION_KINDS.values() for name in kind.sections}:
+            object.__setattr__(self, name, (getattr(self, name) or SECTION_SPECS[name]()) if name in used else None)
         if self.kind == JobKind.TRAIN:
             if self.train is None:
                 raise ValueError("a train job needs a `train` section with at least `dataset` "
@@ -197,11 +203,8 @@ class JobSpec(_Spec):
             if self.base_model.startswith("random:"):
                 from jobs.presets import PRESETS
 
-                if PRESETS[self.base_model.removeprefix("random:")]["family"] == "bert":
-                    raise ValueError(
-                        "train jobs on encoder-only (BERT-family) models are not supported yet: "
-                        "use kind: create"
-                    )
+                if PRESETS[self.base_model.removeprefix("random:")]["task_type"] == "encoder":
+                    raise ValueError("train jobs on encoder-only models are not supported yet: use kind: create")
         else:
             object.__setattr__(self, "train", None)
         return self
@@ -219,14 +222,11 @@ class JobSpec(_Spec):
         return self.model_dump(mode="json")
 
 
-#: Registry: extension kind -> the spec sections it uses. Builders register on the worker side.
-EXTENSION_SECTIONS: dict[ExtensionKind, tuple[str, ...]] = {
-    ExtensionKind.LORA: ("lora",),
-    ExtensionKind.LAYER: ("layer",),
-    ExtensionKind.HYBRID: ("layer", "lora"),
+#: section name -> its spec: every JobSpec key whose value is a mapping of settings
+SECTION_SPECS: dict[str, type[_Spec]] = {
+    name: spec for name, field in JobSpec.model_fields.items()
+    for spec in get_args(field.annotation) if isinstance(spec, type) and issubclass(spec, _Spec)
 }
-
-SECTION_SPECS: dict[str, type[_Spec]] = {"lora": LoRASpec, "layer": LayerSpec, "train": TrainSpec}
 
 
 def _default_text(field) -> str:
@@ -244,10 +244,9 @@ def _default_text(field) -> str:
 
 def batch_reference_markdown() -> str:
     """The batch-file key reference (README), generated from the specs' field help text."""
-    sections = [("job", JobSpec, ""), ("lora", LoRASpec, "lora."), ("layer", LayerSpec, "layer."),
-                ("train", TrainSpec, "train.")]
+    sections = [(JobSpec, ""), *((spec, f"{name}.") for name, spec in SECTION_SPECS.items())]
     lines = ["| key | default | meaning |", "|---|---|---|"]
-    for _, model, prefix in sections:
+    for model, prefix in sections:
         for name, field in model.model_fields.items():
             lines.append(f"| `{prefix}{name}` | {_default_text(field)} | {field.description} |")
     return "\n".join(lines) + "\n"

@@ -61,7 +61,7 @@ def job_rows(batch: Batch, settings: Settings, *, broker: bool = True) -> list[d
         {
             "task": spec.task,
             "kind": spec.kind.value,
-            "extension": spec.extension.value,
+            "extension": spec.extension,
             "base_model": spec.base_model,
             "requested_device": spec.device,
             "queue": settings.queue_for(spec.queue_kind) if broker else None,

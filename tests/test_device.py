@@ -44,11 +44,11 @@ def test_cuda_policy_bf16_base_fp32_trainable_and_training_works(extension, tmp_
     manager = DeviceManager("cuda")
     expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     assert manager.base_dtype == expected
-    from worker.extensions import EXTENSIONS, ExtensionConfig, build
+    from worker.extensions import ExtensionConfig, extension_class
     from worker.models import load_base_model
 
     base = load_base_model("random:t5-tiny", manager)
-    model = build(EXTENSIONS[extension](base.model, ExtensionConfig(), manager), "t")
+    model = extension_class(extension)(base.model, ExtensionConfig(), manager).build("t")
     trainable = {p.dtype for p in model.parameters() if p.requires_grad}
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
     assert trainable == {torch.float32} and frozen == {expected}

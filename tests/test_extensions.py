@@ -1,22 +1,35 @@
-"""Extension classes on every family: statistics, identity at init_scale 0, generation, errors."""
+"""Extension classes on every family: statistics, identity at init_scale 0, generation, errors,
+and the registry through which a new kind runs as a job."""
 
 from __future__ import annotations
 
+import gc
+import json
+import weakref
+from pathlib import Path
+
 import pytest
 import torch
+from peft import IA3Config, get_peft_model
 
+from jobs.extensions import EXTENSION_KINDS, register
 from jobs.presets import PRESETS
-from jobs.spec import LayerSpec, LoRASpec
+from jobs.spec import SECTION_SPECS, JobSpec, LayerSpec, LoRASpec
+from worker.architectures import architecture_for
 from worker.device import DeviceManager
 from worker.errors import ConfigError
 from worker.extensions import (
+    BaseExtension,
     ExtensionConfig,
     HybridExtension,
     LoRAExtension,
     TransformerLayerExtension,
-    build,
+    extension_class,
 )
-from worker.models import build_random_preset
+from worker.extensions.lora import adapter_name_for, save_adapter
+from worker.models import build_random_preset, structural_copy
+from worker.pipeline import JobContext, run_job
+from worker.stats import adapter_parameters
 
 R = 4  # LoRA rank used throughout
 
@@ -92,7 +105,7 @@ BUILDERS = {"lora": LoRAExtension, "layer": TransformerLayerExtension, "hybrid":
 def test_statistics_match_counts_from_config(preset, kind, device_manager):
     expected = COUNTS[preset](cfg(preset))
     extension = BUILDERS[kind](base(preset), ExtensionConfig(lora=LoRASpec(r=R)), device_manager)
-    build(extension, "task")
+    extension.build("task")
     stats = extension.statistics("task").as_dict()
     lora = {"lora": expected["lora"], "layer": 0, "hybrid": expected["hybrid_lora"]}[kind]
     layer = 0 if kind == "lora" else expected["layer"]
@@ -102,6 +115,9 @@ def test_statistics_match_counts_from_config(preset, kind, device_manager):
     assert stats["total_params"] == expected["base"] + lora + layer
     assert stats["trainable_params"] == lora + layer
     assert stats["trainable_pct"] == pytest.approx(100 * (lora + layer) / expected["base"])
+    # the declared groups are what trains
+    trains = {id(p) for p in extension.model_for("task").parameters() if p.requires_grad}
+    assert trains == {id(p) for group in extension.parameter_groups("task").values() for p in group}
 
 
 def test_flan_t5_small_is_the_real_architecture(device_manager):
@@ -120,7 +136,7 @@ def test_flan_t5_small_is_the_real_architecture(device_manager):
 
 def _logits(model, preset, ids):
     with torch.no_grad():
-        if PRESETS[preset]["family"] == "t5":
+        if PRESETS[preset]["task_type"] == "seq2seq":
             return model(input_ids=ids, decoder_input_ids=ids[:, :5]).logits
         return model(input_ids=ids).logits
 
@@ -147,7 +163,7 @@ def test_init_scale_zero_is_an_exact_identity(preset, stack, position, device_ma
 def test_extended_models_generate_with_a_consistent_kv_cache(preset, stack, kind, device_manager):
     layer = LayerSpec(stack=stack, position=1, init_scale=1.0)  # a full-strength copy changes the output
     extension = BUILDERS[kind](base(preset), ExtensionConfig(layer=layer, lora=LoRASpec(r=R)), device_manager)
-    model = build(extension, "t").eval()
+    model = extension.build("t").eval()
     n_blocks = cfg(preset).get("num_decoder_layers") or cfg(preset).get("n_layer") or cfg(preset)["num_hidden_layers"]
     counts = {"num_decoder_layers", "n_layer", "num_hidden_layers"}
     config = model.config
@@ -157,7 +173,7 @@ def test_extended_models_generate_with_a_consistent_kv_cache(preset, stack, kind
     with torch.no_grad():
         cached = model.generate(input_ids=ids, use_cache=True, **kwargs)
         uncached = model.generate(input_ids=ids, use_cache=False, **kwargs)
-    assert cached.shape[-1] > (1 if PRESETS[preset]["family"] == "t5" else ids.shape[-1])
+    assert cached.shape[-1] > (1 if PRESETS[preset]["task_type"] == "seq2seq" else ids.shape[-1])
     assert torch.equal(cached, uncached)
 
 
@@ -173,7 +189,7 @@ def test_t5_new_block_never_owns_the_relative_attention_bias(device_manager):
 def test_bert_family_builds_every_kind(device_manager):
     for kind in BUILDERS:
         extension = BUILDERS[kind](base("bert-tiny"), ExtensionConfig(lora=LoRASpec(r=R)), device_manager)
-        model = build(extension, "t").eval()
+        model = extension.build("t").eval()
         with torch.no_grad():
             out = model(input_ids=torch.tensor([[5, 6, 7]]))
         assert out.logits.shape == (1, 3, 259)
@@ -194,7 +210,11 @@ def test_lora_tasks_switch_adapters_on_one_model(device_manager):
     extension.switch("uppercase")
     b = _logits(second, "t5-tiny", ids)
     assert not torch.equal(a, b)
-    assert extension.statistics("uppercase").lora_params == t5_counts(cfg("t5-tiny"))["lora"]
+    expected = t5_counts(cfg("t5-tiny"))
+    for task in ("reverse", "uppercase"):  # one adapter each, whichever is active
+        stats = extension.statistics(task)
+        assert (stats.lora_params, stats.trainable_params) == (expected["lora"], expected["lora"])
+        assert stats.total_params == expected["base"] + expected["lora"]
 
 
 def test_hybrid_shared_layer_reuses_one_block(device_manager):
@@ -210,6 +230,107 @@ def test_hybrid_shared_layer_reuses_one_block(device_manager):
     d = other.create_hybrid_model("d", use_shared_layer=True, shared_model=a)
     assert d is a and other.new_blocks["d"][0] is extension.new_blocks["a"][0]
     assert "graftq_new_block" not in dict(a.named_modules()) and len(a.get_base_model().encoder.block) == 3
+
+
+def test_shared_layer_statistics_count_only_that_tasks_adapter(device_manager):
+    expected = t5_counts(cfg("t5-tiny"))
+    extension = HybridExtension(base("t5-tiny"), ExtensionConfig(lora=LoRASpec(r=R)), device_manager)
+    for task in ("a", "b", "c"):
+        extension.create_hybrid_model(task, use_shared_layer=True)
+    extension.switch("b")
+    for task in ("a", "b", "c"):
+        stats = extension.statistics(task)
+        assert (stats.lora_params, stats.layer_params) == (expected["hybrid_lora"], expected["layer"])
+        assert stats.trainable_params == expected["hybrid_lora"] + expected["layer"]
+        assert stats.total_params == expected["base"] + expected["hybrid_lora"] + expected["layer"]
+
+
+@pytest.mark.parametrize("kind", ["layer", "hybrid"])
+def test_a_dropped_extended_model_is_freed_without_a_collection(kind, device_manager):
+    # a decoder block on T5 makes the model wrap `generate`
+    extension = BUILDERS[kind](base("t5-tiny"), ExtensionConfig(layer=LayerSpec(stack="decoder")), device_manager)
+    model = extension.build("t")
+    transformers_model = weakref.ref(model.get_base_model() if kind == "hybrid" else model)
+    gc.disable()  # only reference counting may free it
+    try:
+        del model, extension
+        assert transformers_model() is None
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("kind", ["lora", "layer", "hybrid"])
+def test_load_rebuilds_what_save_wrote(kind, tmp_path, device_manager):
+    config = ExtensionConfig(layer=LayerSpec(init_scale=1.0), lora=LoRASpec(r=R))
+    extension = BUILDERS[kind](base("t5-tiny"), config, device_manager)
+    model = extension.build("t").eval()
+    with torch.no_grad():  # a LoRA B starts at zero; make the adapter change the output
+        for p in adapter_parameters(model):
+            p.add_(0.01)
+    saved = extension.save("t", tmp_path)
+    assert set(saved) == {"lora": {"adapter"}, "layer": {"layer"}, "hybrid": {"adapter", "layer"}}[kind]
+    assert all(path.parent == tmp_path and path.is_dir() for path in saved.values())
+    reloaded = BUILDERS[kind](extension.base_model, config, device_manager).load("t", tmp_path).eval()
+    ids = torch.tensor([[10, 20, 30, 1]])
+    assert torch.equal(_logits(reloaded, "t5-tiny", ids), _logits(model, "t5-tiny", ids))
+    assert not torch.equal(_logits(model, "t5-tiny", ids), _logits(extension.base_model, "t5-tiny", ids))
+
+
+def test_presets_carry_their_familys_task_type():
+    for name, preset in PRESETS.items():
+        assert preset["task_type"] == architecture_for(base(name)).task_type, name
+
+
+# ---- the registry: a new kind runs as a job without touching the pipeline ---------------------
+
+def test_every_registered_kind_has_a_builder_and_known_sections():
+    for name, kind in EXTENSION_KINDS.items():
+        assert issubclass(extension_class(name), BaseExtension), name
+        assert set(kind.sections) <= set(SECTION_SPECS) - {"train"}, name
+
+
+class IA3Extension(BaseExtension):
+    """A PEFT method graftq does not ship, registered by the test below."""
+
+    def build(self, task):
+        model = get_peft_model(structural_copy(self.base_model), IA3Config(
+            task_type="SEQ_2_SEQ_LM", target_modules=list(self.arch.default_lora_targets), feedforward_modules=[]),
+            adapter_name=adapter_name_for(task))
+        return self._remember(task, model, [])
+
+    def parameter_groups(self, task):
+        return {"lora": adapter_parameters(self.model_for(task), adapter_name_for(task))}
+
+    def save(self, task, directory):
+        return {"adapter": save_adapter(self.model_for(task), directory / "adapter", adapter_name_for(task))}
+
+
+@pytest.fixture
+def ia3_kind():
+    kind = register("ia3-test", (), f"{__name__}:IA3Extension")
+    yield kind.name
+    del EXTENSION_KINDS[kind.name]
+
+
+def test_registering_a_kind_twice_is_an_error(ia3_kind):
+    with pytest.raises(ValueError, match="'ia3-test' is registered twice"):
+        register(ia3_kind, ("lora",), "worker.extensions.lora:LoRAExtension")
+    assert EXTENSION_KINDS[ia3_kind].sections == ()
+
+
+def test_a_registered_kind_is_built_saved_and_counted_by_the_pipeline(ia3_kind, tmp_path):
+    spec = JobSpec(task="reverse", kind="create", extension=ia3_kind, base_model="random:t5-tiny", device="cpu",
+                   lora={"r": 4}, layer={})
+    assert spec.lora is None and spec.layer is None  # sections the kind does not read are dropped
+    outcome = run_job(JobContext(job_id="job1", batch_id="batch1", spec=spec, artifacts_root=tmp_path))
+    c, expected = cfg("t5-tiny"), t5_counts(cfg("t5-tiny"))
+    attentions = c["num_layers"] + 2 * c["num_decoder_layers"]
+    ia3 = attentions * (3 * c["num_heads"] * c["d_kv"] + c["d_model"])  # one scale per q, k, v, o output
+    assert outcome.stats["lora_params"] == outcome.stats["trainable_params"] == ia3
+    assert outcome.stats["total_params"] == expected["base"] + ia3 and outcome.stats["layer_params"] == 0
+    assert outcome.layer_path is None
+    adapter = json.loads(Path(outcome.adapter_path, "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "IA3" and Path(outcome.adapter_path).parent == Path(outcome.job_dir)
 
 
 # ---- errors that name the key and the fix ----------------------------------------------------

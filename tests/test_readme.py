@@ -79,7 +79,7 @@ def test_readme_batch_example_is_a_valid_batch(tmp_path):
     (tmp_path / "data" / "reverse.jsonl").write_text((ROOT / "examples/data/reverse.jsonl").read_text())
     (tmp_path / "batch.yaml").write_text(example)
     batch = load_batch(tmp_path / "batch.yaml")
-    assert [(job.task, job.extension.value, job.kind.value) for job in batch.jobs] == [
+    assert [(job.task, job.extension, job.kind.value) for job in batch.jobs] == [
         ("reverse", "lora", "train"), ("reverse", "layer", "train"), ("reverse", "hybrid", "train"),
         ("stats-only", "hybrid", "create")]
 
@@ -146,7 +146,7 @@ def test_single_machine_commands(graftq_env, sqlite_url, artifacts_dir):
     namespace: dict = {}
     exec(compile(blocks("python")[0], "README.md", "exec"), namespace)  # the From Python example
     assert namespace["extension"].statistics("reverse").trainable_params > 0
-    assert Path(namespace["adapter_dir"], "adapter_config.json").exists()
+    assert Path(namespace["paths"]["adapter"], "adapter_config.json").exists()
 
 
 @pytest.mark.slow

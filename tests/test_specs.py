@@ -6,6 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from jobs.errors import describe_validation_error
+from jobs.extensions import EXTENSION_KINDS, register
 from jobs.spec import JobSpec, LayerSpec, LoRASpec, TrainSpec
 
 
@@ -57,6 +58,18 @@ def test_bad_values_name_the_key_and_the_fix(overrides, key, fix):
 def test_encoder_only_training_is_refused_with_the_reason():
     lines = problems(kind="train", base_model="random:bert-tiny", train={"dataset": "d.jsonl"})
     assert any("encoder-only" in line and "kind: create" in line for line in lines)
+
+
+def test_a_registered_kind_is_valid_at_once_and_gets_only_its_sections():
+    with pytest.raises(ValueError, match="'module:Class'"):
+        register("toy", ("lora",), "tests.toy.ToyExtension")
+    register("toy", ("lora",), "tests.toy:ToyExtension")  # only a worker imports the builder
+    try:
+        job = spec(extension="toy", layer={"init_scale": 0})
+        assert job.lora == LoRASpec() and job.layer is None
+        assert any("'hybrid' or 'toy'" in line for line in problems(extension="prefix"))
+    finally:
+        del EXTENSION_KINDS["toy"]
 
 
 def test_queue_kind_routes_gpu_jobs_away_from_cpu_workers():

@@ -140,7 +140,7 @@ def test_reloaded_model_equals_the_trained_one(tmp_path):
         with torch.no_grad():
             captured["logits"] = model(input_ids=torch.tensor([[10, 20, 30, 1]]),
                                         decoder_input_ids=torch.tensor([[0, 10]])).logits
-        original(extension, spec, payload, directory)
+        return original(extension, spec, payload, directory)
 
     pipeline._write_artifacts = spy
     try:

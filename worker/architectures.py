@@ -29,6 +29,8 @@ class Architecture:
     #: config attribute holding the block count on a stack's *own* config (T5's stacks carry a copy
     #: of the model config in which num_layers is that stack's count; the KV cache is sized from it)
     stack_config_count_key: str | None = None
+    #: the adaptable projections store their weight transposed (GPT-2's Conv1D): PEFT's `fan_in_fan_out`
+    weights_fan_in_fan_out: bool = False
     model_types: tuple[str, ...] = field(default=())
 
 
@@ -71,6 +73,7 @@ register(Architecture(
     layer_count_keys={"decoder": "n_layer"},
     output_projections=("attn.c_proj", "mlp.c_proj"),
     default_lora_targets=("c_attn", "c_proj"),
+    weights_fan_in_fan_out=True,
 ))
 register(Architecture(
     family="bert", task_type="encoder",

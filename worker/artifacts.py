@@ -14,11 +14,13 @@ import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from worker.errors import JobError
 
 JOB_FILE = "job.json"
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+T = TypeVar("T")
 
 
 def job_directory(artifacts_root: Path, batch_id: str, job_id: str) -> Path:
@@ -40,8 +42,9 @@ def _fsync_tree(directory: Path) -> None:
                 os.fsync(handle.fileno())
 
 
-def write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(staging_dir)`, then move the staging directory to `final` in one rename."""
+def write_atomically(final: Path, write: Callable[[Path], T]) -> T:
+    """Call `write(staging_dir)`, then move the staging directory to `final` in one rename; return what
+    `write` returned."""
     final.parent.mkdir(parents=True, exist_ok=True)
     # A writer killed mid-save leaves its staging directory behind; the job's current claim
     # holder is its only writer now, so earlier leftovers go.
@@ -50,7 +53,7 @@ def write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
     staging = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     staging.mkdir()
     try:
-        write(staging)
+        written = write(staging)
         _fsync_tree(staging)
         old = None
         if final.exists():  # an earlier attempt finished writing; replace it whole
@@ -62,7 +65,7 @@ def write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return final
+    return written
 
 
 def write_job_json(directory: Path, payload: dict) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.spec import ExtensionKind, JobKind, JobSpec
+from jobs.spec import JobKind, JobSpec
 from worker.artifacts import job_directory, write_atomically, write_job_json
 from worker.errors import JobCancelled
 
@@ -142,7 +142,7 @@ def run_job(ctx: JobContext) -> JobOutcome:
 
 def _run_job(ctx: JobContext) -> JobOutcome:
     from worker.device import DeviceManager
-    from worker.extensions import EXTENSIONS, ExtensionConfig, build
+    from worker.extensions import ExtensionConfig, extension_class
     from worker.models import BASE_MODELS
     from worker.training import Trainer
 
@@ -163,8 +163,8 @@ def _run_job(ctx: JobContext) -> JobOutcome:
     base, from_cache = BASE_MODELS.get(spec.base_model, device_manager)
     seed = spec.train.seed if spec.train is not None else 0
     device_manager.seed(seed)
-    extension = EXTENSIONS[spec.extension](base.model, ExtensionConfig.from_job_spec(spec), device_manager)
-    model = build(extension, spec.task)
+    extension = extension_class(spec.extension)(base.model, ExtensionConfig.from_job_spec(spec), device_manager)
+    model = extension.build(spec.task)
     stats = extension.statistics(spec.task)
     setup_seconds = time.perf_counter() - started
     log.info("job %s: %s/%s set up in %.2fs (base model %s)", ctx.job_id, spec.extension, spec.task,
@@ -210,13 +210,13 @@ def _run_job(ctx: JobContext) -> JobOutcome:
         "metrics": metrics, "device": str(device_manager.device), "dtype": device_manager.dtype_name,
         "versions": versions,
     }
-    write_atomically(job_dir, functools.partial(_write_artifacts, extension, spec, payload))
+    artifacts = write_atomically(job_dir, functools.partial(_write_artifacts, extension, spec, payload))
     shutil.rmtree(resume_dir, ignore_errors=True)
     outcome = JobOutcome(
         stats=stats.as_dict(), metrics=metrics, device=str(device_manager.device),
         dtype=device_manager.dtype_name, versions=versions, job_dir=str(job_dir),
-        adapter_path=str(job_dir / "adapter") if (job_dir / "adapter").is_dir() else None,
-        layer_path=str(job_dir / "layer") if (job_dir / "layer").is_dir() else None,
+        adapter_path=str(job_dir / artifacts["adapter"]) if "adapter" in artifacts else None,
+        layer_path=str(job_dir / artifacts["layer"]) if "layer" in artifacts else None,
         loss_curve=curve, setup_seconds=setup_seconds,
     )
     # Drop this job's model before freeing memory, so nothing leaks into the next job.
@@ -225,14 +225,11 @@ def _run_job(ctx: JobContext) -> JobOutcome:
     return outcome
 
 
-def _write_artifacts(extension, spec: JobSpec, payload: dict, directory: Path) -> None:
-    if spec.extension == ExtensionKind.LORA:
-        extension.save(spec.task, directory / "adapter")
-    elif spec.extension == ExtensionKind.LAYER:
-        extension.save(spec.task, directory / "layer")
-    else:
-        extension.save(spec.task, directory)
+def _write_artifacts(extension, spec: JobSpec, payload: dict, directory: Path) -> dict[str, Path]:
+    """Save the task's artifacts and job.json in `directory`; return {role: path relative to it}."""
+    saved = extension.save(spec.task, directory)
     write_job_json(directory, payload)
+    return {role: Path(path).relative_to(directory) for role, path in saved.items()}
 
 
 def load_job_model(job_dir: str | Path, device: str = "cpu"):

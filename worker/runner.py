@@ -146,7 +146,7 @@ def run_batch(batch: Batch, settings: Settings, database: Database, *, interacti
     from worker.tasks import run_job_task
 
     tracker = _Tracker(database, submitted.job_ids, [s.task for s in batch.jobs],
-                       [s.extension.value for s in batch.jobs])
+                       [s.extension for s in batch.jobs])
     interactive = sys.stdout.isatty() if interactive is None else interactive
     display: Any = _RichDisplay(tracker) if interactive else _PlainDisplay(tracker)
     total = len(submitted.job_ids)

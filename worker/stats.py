@@ -1,20 +1,40 @@
-"""Parameter statistics, each parameter counted once (tied weights once)."""
+"""Parameter statistics from the parameter groups an extension declares, each tensor counted once."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+#: the parameter groups an extension may declare; group `g` is counted in `g_params`
+GROUPS = ("lora", "layer")
 
 
-def count_params(module: torch.nn.Module, trainable_only: bool = False) -> int:
-    # named_parameters() de-duplicates shared tensors (remove_duplicate=True), so tied
-    # embeddings and the parameters a structural copy shares count once.
-    return sum(p.numel() for _, p in module.named_parameters() if p.requires_grad or not trainable_only)
+def count_params(params: Iterable[torch.nn.Parameter]) -> int:
+    """Elements of the distinct tensors in `params`: a tied or shared tensor counts once."""
+    return sum(p.numel() for p in {id(p): p for p in params}.values())
 
 
-def is_lora_param(name: str) -> bool:
-    return "lora_" in name
+def adapter_parameters(module: torch.nn.Module, adapter_name: str | None = None) -> list[torch.nn.Parameter]:
+    """The parameters that PEFT's tuner layers in `module` hold for `adapter_name` (for every adapter
+    when None), by PEFT's own bookkeeping (`adapter_layer_names`), so any PEFT method is covered."""
+    found: dict[int, torch.nn.Parameter] = {}
+    for layer in module.modules():
+        if not isinstance(layer, BaseTunerLayer):
+            continue
+        for attribute in layer.adapter_layer_names:
+            for name, item in getattr(layer, attribute).items():
+                if adapter_name is None or name == adapter_name:
+                    found.update((id(p), p) for p in (item.parameters() if isinstance(item, torch.nn.Module) else [item]))
+    return list(found.values())
+
+
+def own_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """`module`'s parameters that belong to no PEFT adapter (an added block's own weights)."""
+    adapters = {id(p) for p in adapter_parameters(module)}
+    return [p for p in module.parameters() if id(p) not in adapters]
 
 
 @dataclass(frozen=True)
@@ -33,12 +53,19 @@ class ParamStats:
         return {**asdict(self), "trainable_pct": self.trainable_pct}
 
 
-def param_stats(model: torch.nn.Module, base_params: int, new_blocks: list[torch.nn.Module]) -> ParamStats:
-    """Statistics of an extended model; `new_blocks` are the added transformer blocks (may be empty)."""
-    names = dict(model.named_parameters())
-    total = sum(p.numel() for p in names.values())
-    trainable = sum(p.numel() for p in names.values() if p.requires_grad)
-    lora = sum(p.numel() for n, p in names.items() if is_lora_param(n))
-    layer = sum(p.numel() for block in new_blocks for n, p in block.named_parameters() if not is_lora_param(n))
-    return ParamStats(base_params=base_params, total_params=total, trainable_params=trainable,
-                      lora_params=lora, layer_params=layer)
+def param_stats(model: torch.nn.Module, base_params: int,
+                groups: dict[str, list[torch.nn.Parameter]]) -> ParamStats:
+    """Statistics of one task's model from its trainable parameter `groups` (names from GROUPS).
+
+    The model's total leaves out adapters of other tasks that live on the same model.
+    Raises ValueError for a group name that no statistic counts.
+    """
+    unknown = set(groups) - set(GROUPS)
+    if unknown:
+        raise ValueError(f"parameter groups {sorted(unknown)} are counted nowhere; use {', '.join(GROUPS)}")
+    own = [p for params in groups.values() for p in params]
+    others = {id(p) for p in adapter_parameters(model)} - {id(p) for p in own}
+    return ParamStats(base_params=base_params,
+                      total_params=count_params(p for p in model.parameters() if id(p) not in others),
+                      trainable_params=count_params(own),
+                      lora_params=count_params(groups.get("lora", ())), layer_params=count_params(groups.get("layer", ())))

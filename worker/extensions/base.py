@@ -1,40 +1,58 @@
-"""What every extension kind shares: the unified config, freezing, statistics, per-task models."""
+"""What every extension kind shares: its config, freezing, statistics, per-task models.
+
+An extension kind is a BaseExtension subclass that implements `build`, `save` and
+`parameter_groups`, registered (with the spec sections it reads) in jobs/extensions.py.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
 import torch
 
-from jobs.spec import JobSpec, LayerSpec, LoRASpec
+from jobs.extensions import EXTENSION_KINDS
+from jobs.spec import SECTION_SPECS, JobSpec
 from worker.architectures import Architecture, architecture_for
 from worker.device import DeviceManager
 from worker.stats import ParamStats, count_params, param_stats
 
 
-@dataclass
 class ExtensionConfig:
-    """One config for every extension kind: LoRA settings, layer settings, freezing, save path."""
+    """The spec sections an extension reads, by name, and whether its base model is frozen.
 
-    lora: LoRASpec = field(default_factory=LoRASpec)
-    layer: LayerSpec = field(default_factory=LayerSpec)
-    freeze_base: bool = True
-    save_dir: Path | None = None
+    `ExtensionConfig(lora=LoRASpec(r=8), layer=LayerSpec())`: a section left out has its defaults.
+    Raises TypeError for a name that is no spec section.
+    """
+
+    def __init__(self, freeze_base: bool = True, **sections: Any):
+        unknown = sorted(set(sections) - set(SECTION_SPECS))
+        if unknown:
+            raise TypeError(f"ExtensionConfig: no spec section named {', '.join(unknown)}; "
+                            f"the sections are {', '.join(SECTION_SPECS)}")
+        self.freeze_base = freeze_base
+        self.sections = {name: spec for name, spec in sections.items() if spec is not None}
 
     @classmethod
-    def from_job_spec(cls, spec: JobSpec, save_dir: Path | None = None) -> ExtensionConfig:
-        return cls(lora=spec.lora or LoRASpec(), layer=spec.layer or LayerSpec(), save_dir=save_dir)
+    def from_job_spec(cls, spec: JobSpec) -> ExtensionConfig:
+        return cls(**{name: getattr(spec, name) for name in EXTENSION_KINDS[spec.extension].sections})
+
+    def section(self, name: str) -> Any:
+        """The `name` section (a LoRASpec for `lora`, ...): the one given, else its defaults."""
+        return self.sections.get(name) or SECTION_SPECS[name]()
 
 
 class BaseExtension:
     """Holds a base model and the per-task models built from it.
 
     `base_model` is frozen (when `config.freeze_base`) and never modified: each task's model
-    is built on a structural copy that shares the frozen tensors.
-    """
+    is built on a structural copy that shares the frozen tensors. A kind implements:
 
-    kind: str = ""
+    - `build(task)`: the task's model, trainable parameters in place;
+    - `save(task, directory)`: writes the task's artifacts, returns {role: path} ("adapter"
+      for PEFT's format, "layer" for an added block);
+    - `parameter_groups(task)`: {group: parameters} of what trains for the task; a group named
+      in worker.stats.GROUPS counts in that statistic ("lora" in `lora_params`: PEFT adapters).
+    """
 
     def __init__(self, base_model: torch.nn.Module, config: ExtensionConfig | None = None,
                  device_manager: DeviceManager | None = None):
@@ -44,7 +62,7 @@ class BaseExtension:
         self.arch: Architecture = architecture_for(base_model)
         if self.config.freeze_base:
             base_model.requires_grad_(False)
-        self.base_params = count_params(base_model)
+        self.base_params = count_params(base_model.parameters())
         self.models: dict[str, torch.nn.Module] = {}
         self.new_blocks: dict[str, list[torch.nn.Module]] = {}
         #: task -> the resolved LayerPlacement of its added block (layer and hybrid kinds)
@@ -71,8 +89,9 @@ class BaseExtension:
         return model
 
     def statistics(self, task: str | None = None) -> ParamStats:
+        """Parameter counts of `task`'s model (the active task's by default), from its parameter groups."""
         task = task or self.active_task
-        return param_stats(self.model_for(task), self.base_params, self.new_blocks.get(task, []))
+        return param_stats(self.model_for(task), self.base_params, self.parameter_groups(task))
 
     def _place_trainable(self, module: torch.nn.Module) -> None:
         if self.device_manager is not None:

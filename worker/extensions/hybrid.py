@@ -1,6 +1,6 @@
 """Hybrid: an added block first, then LoRA on the extended model (the new block too).
 
-Trainable = every LoRA parameter + the new block's own weights.
+Trainable = the task's LoRA adapter + the new block's own weights.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from worker.extensions.layer import (
 )
 from worker.extensions.lora import adapter_name_for, add_lora, save_adapter
 from worker.models import structural_copy
+from worker.stats import adapter_parameters, own_parameters
 
 
 def _attach(model: PeftModel, block: torch.nn.Module, placement: LayerPlacement) -> None:
@@ -32,14 +33,11 @@ def _attach(model: PeftModel, block: torch.nn.Module, placement: LayerPlacement)
 
 def _train_block_weights(block: torch.nn.Module) -> None:
     """PEFT froze everything but the adapters; the new block's own weights train too."""
-    for name, param in block.named_parameters():
-        if "lora_" not in name:
-            param.requires_grad_(True)
+    for param in own_parameters(block):
+        param.requires_grad_(True)
 
 
 class HybridExtension(BaseExtension):
-    kind = "hybrid"
-
     def __init__(self, base_model, config=None, device_manager=None):
         super().__init__(base_model, config, device_manager)
         #: the model whose one added block every `use_shared_layer` task uses
@@ -47,7 +45,7 @@ class HybridExtension(BaseExtension):
 
     def _extend(self) -> tuple[torch.nn.Module, torch.nn.Module, LayerPlacement]:
         model = structural_copy(self.base_model)
-        placement = resolve_placement(model, self.config.layer)
+        placement = resolve_placement(model, self.config.section("layer"))
         block = insert_block(model, placement)
         self._place_trainable(block)
         return model, block, placement
@@ -68,10 +66,10 @@ class HybridExtension(BaseExtension):
             model = shared_model or self.shared_model
             if not hasattr(model, "graftq_new_block"):
                 raise ValueError("shared_model must be a model returned by create_hybrid_model")
-            add_lora(model, self.config.lora, self.arch, adapter_name=adapter)
+            add_lora(model, self.config.section("lora"), self.arch, adapter_name=adapter)
         else:
             extended, block, placement = self._extend()
-            model = add_lora(extended, self.config.lora, self.arch, adapter_name=adapter)
+            model = add_lora(extended, self.config.section("lora"), self.arch, adapter_name=adapter)
             _attach(model, block, placement)
         if use_shared_layer:
             self.shared_model = model
@@ -79,21 +77,28 @@ class HybridExtension(BaseExtension):
         self.placements[task_name] = model.graftq_placement
         return self._remember(task_name, model, [model.graftq_new_block])
 
+    build = create_hybrid_model
+
     def switch(self, task_name: str) -> PeftModel:
         model = super().switch(task_name)
         model.set_adapter(adapter_name_for(task_name))
         _train_block_weights(self.new_blocks[task_name][0])
         return model
 
-    def save(self, task_name: str, directory: Path) -> tuple[Path, Path]:
+    def parameter_groups(self, task_name: str) -> dict[str, list[torch.nn.Parameter]]:
+        model = self.model_for(task_name)
+        return {"lora": adapter_parameters(model, adapter_name_for(task_name)),
+                "layer": own_parameters(self.new_blocks[task_name][0])}
+
+    def save(self, task_name: str, directory: Path) -> dict[str, Path]:
         directory = Path(directory)
         model = self.model_for(task_name)
-        adapter = save_adapter(model, directory / "adapter", adapter_name=adapter_name_for(task_name))
-        layer = save_layer(directory / "layer", self.new_blocks[task_name][0], self.placements[task_name],
-                           getattr(self.base_model, "name_or_path", ""))
-        return adapter, layer
+        return {"adapter": save_adapter(model, directory / "adapter", adapter_name=adapter_name_for(task_name)),
+                "layer": save_layer(directory / "layer", self.new_blocks[task_name][0], self.placements[task_name],
+                                    getattr(self.base_model, "name_or_path", ""))}
 
     def load(self, task_name: str, directory: Path) -> PeftModel:
+        """Rebuild the model that `save(task_name, directory)` saved."""
         directory = Path(directory)
         extended = structural_copy(self.base_model)
         block, placement = apply_saved_layer(extended, directory / "layer")

@@ -16,6 +16,7 @@ from worker.architectures import Architecture, architecture_for
 from worker.errors import ConfigError
 from worker.extensions.base import BaseExtension
 from worker.models import structural_copy
+from worker.stats import adapter_parameters
 
 LAYER_WEIGHTS = "layer.safetensors"
 LAYER_CONFIG = "extension.json"
@@ -159,13 +160,11 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def block_state_dict(block: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The block's own weights under plain module names (LoRA wrappers stripped, LoRA tensors left out)."""
-    state = {}
-    for name, tensor in block.state_dict().items():
-        if "lora_" in name:
-            continue
-        state[name.replace(".base_layer.", ".")] = tensor.detach().to("cpu").contiguous()
-    return state
+    """The block's own weights under plain module names (PEFT wrappers stripped, adapters left out)."""
+    adapters = {id(p) for p in adapter_parameters(block)}
+    # PEFT keeps a wrapped module's own weights under `base_layer`
+    return {name.replace(".base_layer.", "."): tensor.detach().to("cpu").contiguous()
+            for name, tensor in block.state_dict(keep_vars=True).items() if id(tensor) not in adapters}
 
 
 def save_layer(directory: Path, block: torch.nn.Module, placement: LayerPlacement, base_model: str) -> Path:
@@ -192,24 +191,27 @@ def apply_saved_layer(model: torch.nn.Module, directory: Path) -> tuple[torch.nn
 class TransformerLayerExtension(BaseExtension):
     """Adds one transformer block per task; only the new block is trainable."""
 
-    kind = "layer"
-
     def create_extended_model(self, task_name: str) -> torch.nn.Module:
         model = structural_copy(self.base_model)
-        placement = resolve_placement(model, self.config.layer)
+        placement = resolve_placement(model, self.config.section("layer"))
         block = insert_block(model, placement)
         block.requires_grad_(True)
         self._place_trainable(block)
         self.placements[task_name] = placement
         return self._remember(task_name, model, [block])
 
-    def save(self, task_name: str, directory: Path) -> Path:
-        block = self.new_blocks[task_name][0]
-        return save_layer(Path(directory), block, self.placements[task_name],
-                          getattr(self.base_model, "name_or_path", ""))
+    build = create_extended_model
+
+    def parameter_groups(self, task_name: str) -> dict[str, list[torch.nn.Parameter]]:
+        return {"layer": list(self.new_blocks[task_name][0].parameters())}
+
+    def save(self, task_name: str, directory: Path) -> dict[str, Path]:
+        return {"layer": save_layer(Path(directory) / "layer", self.new_blocks[task_name][0],
+                                    self.placements[task_name], getattr(self.base_model, "name_or_path", ""))}
 
     def load(self, task_name: str, directory: Path) -> torch.nn.Module:
+        """Rebuild the model that `save(task_name, directory)` saved."""
         model = structural_copy(self.base_model)
-        block, self.placements[task_name] = apply_saved_layer(model, Path(directory))
+        block, self.placements[task_name] = apply_saved_layer(model, Path(directory) / "layer")
         self._place_trainable(block)
         return self._remember(task_name, model, [block])

@@ -7,28 +7,24 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from transformers.pytorch_utils import Conv1D
 
 from jobs.spec import LoRASpec
 from worker.architectures import Architecture
 from worker.errors import ConfigError
 from worker.extensions.base import BaseExtension
 from worker.models import structural_copy
+from worker.stats import adapter_parameters
 
-_ADAPTABLE = (torch.nn.Linear,)
-
-
-def _adaptable_types():
-    from transformers.pytorch_utils import Conv1D  # GPT-2's "Linear"
-
-    return (*_ADAPTABLE, Conv1D)
+#: what PEFT can wrap; Conv1D is transformers' transposed Linear (Architecture.weights_fan_in_fan_out)
+ADAPTABLE = (torch.nn.Linear, Conv1D)
 
 
 def _linear_modules(model: torch.nn.Module) -> list[str]:
     """Dotted names of the model's Linear (and GPT-2 Conv1D) modules; an already LoRA-wrapped one
     counts under its own name, not as `base_layer`, and the adapters' own Linears do not count."""
-    types = _adaptable_types()
     return [name.removesuffix(".base_layer") for name, module in model.named_modules()
-            if isinstance(module, types) and ".lora_" not in name]
+            if isinstance(module, ADAPTABLE) and ".lora_" not in name]
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
@@ -68,7 +64,7 @@ def lora_config(model: torch.nn.Module, spec: LoRASpec, arch: Architecture) -> L
         lora_dropout=spec.dropout,
         target_modules=resolve_targets(model, spec, arch),
         task_type=task_type,
-        fan_in_fan_out=arch.family == "gpt2",  # GPT-2's Conv1D stores weights transposed
+        fan_in_fan_out=arch.weights_fan_in_fan_out,
         bias="none",
     )
 
@@ -100,8 +96,6 @@ def save_adapter(model: PeftModel, directory: Path, adapter_name: str = "default
 class LoRAExtension(BaseExtension):
     """LoRA adapters, one per task, on one shared copy of the base model (switch with `switch`)."""
 
-    kind = "lora"
-
     def __init__(self, base_model, config=None, device_manager=None):
         super().__init__(base_model, config, device_manager)
         self.peft_model: PeftModel | None = None
@@ -110,36 +104,31 @@ class LoRAExtension(BaseExtension):
         if task_name in self.models:
             raise ValueError(f"task {task_name!r} already has an adapter")
         target = self.peft_model if self.peft_model is not None else structural_copy(self.base_model)
-        self.peft_model = add_lora(target, self.config.lora, self.arch, adapter_name=adapter_name_for(task_name))
+        self.peft_model = add_lora(target, self.config.section("lora"), self.arch,
+                                   adapter_name=adapter_name_for(task_name))
         return self._remember(task_name, self.peft_model, [])
+
+    build = create_adapter
 
     def switch(self, task_name: str) -> PeftModel:
         model = super().switch(task_name)
         model.set_adapter(adapter_name_for(task_name))
         return model
 
-    def statistics(self, task=None):
-        # With several adapters loaded, count the active one: switch, then count.
-        task = task or self.active_task
-        self.switch(task)
-        stats = super().statistics(task)
-        others = sum(p.numel() for n, p in self.peft_model.named_parameters()
-                     if "lora_" in n and f".{adapter_name_for(task)}." not in n)
-        if others:
-            from worker.stats import ParamStats
+    def parameter_groups(self, task_name: str) -> dict[str, list[torch.nn.Parameter]]:
+        return {"lora": adapter_parameters(self.model_for(task_name), adapter_name_for(task_name))}
 
-            stats = ParamStats(stats.base_params, stats.total_params - others, stats.trainable_params,
-                               stats.lora_params - others, stats.layer_params)
-        return stats
-
-    def save(self, task_name: str, directory: Path) -> Path:
-        return save_adapter(self.model_for(task_name), Path(directory), adapter_name=adapter_name_for(task_name))
+    def save(self, task_name: str, directory: Path) -> dict[str, Path]:
+        return {"adapter": save_adapter(self.model_for(task_name), Path(directory) / "adapter",
+                                        adapter_name=adapter_name_for(task_name))}
 
     def load(self, task_name: str, directory: Path) -> PeftModel:
+        """Load the adapter that `save(task_name, directory)` wrote."""
+        adapter = str(Path(directory) / "adapter")
         if self.peft_model is None:
-            self.peft_model = PeftModel.from_pretrained(structural_copy(self.base_model), str(directory),
+            self.peft_model = PeftModel.from_pretrained(structural_copy(self.base_model), adapter,
                                                         adapter_name=adapter_name_for(task_name))
         else:
-            self.peft_model.load_adapter(str(directory), adapter_name=adapter_name_for(task_name))
+            self.peft_model.load_adapter(adapter, adapter_name=adapter_name_for(task_name))
         self.peft_model.set_adapter(adapter_name_for(task_name))
         return self._remember(task_name, self.peft_model, [])
