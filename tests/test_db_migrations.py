@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -9,7 +11,7 @@ import sys
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, select, text
 
 from db.migrate import head_revision, upgrade_to_head
 from db.models import Base
@@ -21,7 +23,7 @@ from db.session import (
     current_revision,
     get_database,
 )
-from tests.conftest import ROOT
+from tests.conftest import ROOT, graftq_argv
 
 
 def _diff(engine) -> list:
@@ -156,3 +158,106 @@ def test_upgrade_head_on_postgresql_matches_the_models(postgres_database):
     assert _diff(engine) == []
     engine.dispose()
     assert get_database(url).engine.dialect.name == "postgresql"
+
+
+# --- upgrading a database written by the previous release ------------------------------------------
+
+RELEASE_FIXTURE = ROOT / "tests" / "fixtures" / "results-0.1.0.sqlite"  # see make_results_0_1_0.py beside it
+RELEASE_URL = f"sqlite:///file:{RELEASE_FIXTURE}?mode=ro&uri=true"
+
+
+def _release_columns() -> dict[str, list[str]]:
+    """The release's tables and their columns, as its database has them."""
+    with sqlite3.connect(f"file:{RELEASE_FIXTURE}?mode=ro", uri=True) as connection:
+        names = [name for (name,) in connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name != 'alembic_version' ORDER BY name")]
+        return {name: [row[1] for row in connection.execute(f"PRAGMA table_info('{name}')")] for name in names}
+
+
+def _release_revision() -> str:
+    with sqlite3.connect(f"file:{RELEASE_FIXTURE}?mode=ro", uri=True) as connection:
+        return connection.execute("SELECT version_num FROM alembic_version").fetchone()[0]
+
+
+def _typed_rows(url: str) -> dict[str, list[dict]]:
+    """Every row of the release's tables at `url`, its columns read with this graftq's column types."""
+    from db.tables import metadata
+
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return {
+                name: [dict(row._mapping) for row in connection.execute(
+                    select(*(metadata.tables[name].c[column] for column in columns))
+                    .order_by(*metadata.tables[name].primary_key.columns))]
+                for name, columns in _release_columns().items()
+            }
+    finally:
+        engine.dispose()
+
+
+def _check_upgraded(env: dict, url: str, expected: dict[str, list[dict]]) -> None:
+    upgrade = subprocess.run(graftq_argv("db", "upgrade"), cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert upgrade.returncode == 0, upgrade.stderr
+    engine = create_engine(url)
+    assert current_revision(engine) == SCHEMA_HEAD
+    engine.dispose()
+    assert _typed_rows(url) == expected
+
+    results = subprocess.run(graftq_argv("results", "--format", "json"), cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert results.returncode == 0, results.stderr
+    listed = {row["id"]: row for row in json.loads(results.stdout)}
+    jobs = {job["id"]: job for job in expected["jobs"]}
+    assert listed.keys() == jobs.keys()
+    for job_id, job in jobs.items():
+        assert {key: listed[job_id][key] for key in ("status", "attempts", "base_params", "eval_loss", "error")} == {
+            key: job[key] for key in ("status", "attempts", "base_params", "eval_loss", "error")}
+    failed = next(job for job in jobs.values() if job["traceback"])
+    shown = subprocess.run(graftq_argv("show", failed["id"]), cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert failed["error"] in shown.stdout and failed["traceback"].strip().splitlines()[-1] in shown.stdout
+    curved = next(job for job in jobs.values() if job["eval_loss"] is not None and job["steps"])
+    shown = subprocess.run(graftq_argv("show", curved["id"]), cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "loss curve:" in shown.stdout and curved["adapter_path"] in shown.stdout
+
+
+def test_the_previous_release_fixture_holds_every_status():
+    expected = _typed_rows(RELEASE_URL)
+    assert {job["status"] for job in expected["jobs"]} == {"queued", "running", "succeeded", "failed", "cancelled"}
+    assert len(expected["batches"]) == 2 and len(expected["metric_points"]) > 10
+    assert max(job["base_params"] or 0 for job in expected["jobs"]) > 2**32
+
+
+def test_graftq_db_upgrade_keeps_every_row_of_the_previous_release_on_sqlite(tmp_path, graftq_env):
+    expected = _typed_rows(RELEASE_URL)
+    path = tmp_path / "graftq.db"
+    shutil.copyfile(RELEASE_FIXTURE, path)
+    url = f"sqlite:///{path}"
+    _check_upgraded(dict(graftq_env, GRAFTQ_DATABASE_URL=url), url, expected)
+
+
+@pytest.mark.postgres
+def test_graftq_db_upgrade_keeps_every_row_of_the_previous_release_on_postgresql(postgres_database, graftq_env):
+    from alembic import command
+
+    from db.migrate import alembic_config
+    from db.tables import metadata
+
+    expected = _typed_rows(RELEASE_URL)
+    url = postgres_database
+    engine = create_engine(url)
+    with engine.begin() as connection:  # the release's schema, then its rows
+        config = alembic_config(url)
+        config.attributes["connection"] = connection
+        command.upgrade(config, _release_revision())
+        for table in metadata.sorted_tables:
+            connection.execute(table.insert(), expected[table.name])
+        connection.execute(text("SELECT setval(pg_get_serial_sequence('metric_points', 'id'), "
+                                "(SELECT max(id) FROM metric_points))"))
+    engine.dispose()
+    _check_upgraded(dict(graftq_env, GRAFTQ_DATABASE_URL=url), url, expected)
