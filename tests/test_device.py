@@ -58,7 +58,8 @@ def test_cuda_policy_bf16_base_fp32_trainable_and_training_works(extension, tmp_
                    train={"dataset": str(EXAMPLES / "reverse.jsonl"), "max_steps": 30, "learning_rate": 3e-3})
     outcome = run_job(JobContext(job_id="j", batch_id="b", spec=spec, artifacts_root=tmp_path))
     assert outcome.device.startswith("cuda") and outcome.dtype == str(expected).removeprefix("torch.")
-    assert outcome.metrics["eval_loss"] < outcome.metrics["initial_eval_loss"]
+    [initial_eval_loss] = [loss for step, split, loss in outcome.loss_curve if (step, split) == (0, "eval")]
+    assert outcome.metrics["eval_loss"] < initial_eval_loss
     assert outcome.metrics["peak_memory_mb"] > 0
     before = torch.cuda.memory_allocated()
     manager.release()

@@ -172,8 +172,9 @@ def _run_job(ctx: JobContext) -> JobOutcome:
     check_cancel("before training")
 
     metrics: dict = {"train_loss": None, "eval_loss": None, "steps": 0, "tokens_per_second": None,
-                     "train_seconds": None, "initial_eval_loss": None}
+                     "train_seconds": None}
     curve: list[tuple[int, str, float]] = []
+    resumed_from_step = 0
     resume_dir = ctx.resume_dir
     if spec.kind == JobKind.TRAIN:
         last_report = [0.0]
@@ -195,9 +196,8 @@ def _run_job(ctx: JobContext) -> JobOutcome:
         finally:
             trainer.cleanup()
         metrics.update(train_loss=result.train_loss, eval_loss=result.eval_loss, steps=result.steps,
-                       tokens_per_second=result.tokens_per_second, train_seconds=result.train_seconds,
-                       initial_eval_loss=result.initial_eval_loss, resumed_from_step=result.resumed_from)
-        curve = result.curve
+                       tokens_per_second=result.tokens_per_second, train_seconds=result.train_seconds)
+        curve, resumed_from_step = result.curve, result.resumed_from
     metrics["peak_memory_mb"] = device_manager.peak_memory_mb()
     check_cancel("before saving")
 
@@ -207,8 +207,8 @@ def _run_job(ctx: JobContext) -> JobOutcome:
 
     payload = {
         "job_id": ctx.job_id, "batch_id": ctx.batch_id, "spec": spec.to_json(), "stats": stats.as_dict(),
-        "metrics": metrics, "device": str(device_manager.device), "dtype": device_manager.dtype_name,
-        "versions": versions,
+        "metrics": {**metrics, "resumed_from_step": resumed_from_step}, "device": str(device_manager.device),
+        "dtype": device_manager.dtype_name, "versions": versions,
     }
     artifacts = write_atomically(job_dir, functools.partial(_write_artifacts, extension, spec, payload))
     shutil.rmtree(resume_dir, ignore_errors=True)
