@@ -281,16 +281,16 @@ def wait_for_batch(database_url: str, batch_id: str, expected: int, timeout: flo
     """Poll the results database until every job of the batch has finished."""
     from sqlalchemy import func, select
 
-    from db.models import Job
     from db.session import get_database
+    from db.tables import jobs
 
     database = get_database(database_url)
     deadline = time.monotonic() + timeout
     done_states = ("succeeded", "failed", "cancelled")
     while time.monotonic() < deadline:
         with database.read() as session:
-            done = session.scalar(select(func.count()).select_from(Job).where(
-                Job.batch_id == batch_id, Job.status.in_(done_states)))
+            done = session.scalar(select(func.count()).select_from(jobs).where(
+                jobs.c.batch_id == batch_id, jobs.c.status.in_(done_states)))
         if done >= expected:
             return
         if worker is not None and worker.process is not None and worker.process.poll() is not None:
@@ -301,7 +301,7 @@ def wait_for_batch(database_url: str, batch_id: str, expected: int, timeout: flo
 
 
 def populate(database_url: str, jobs: int, batches: int = 10, chunk: int = 10_000) -> None:
-    """Insert `jobs` finished jobs (varied statuses, kinds and metrics) straight through db.models.
+    """Insert `jobs` finished jobs (varied statuses, kinds and metrics) straight into db.tables.
 
     Bulk inserts through SQLAlchemy: the figures of the results benchmarks are about reading,
     so the rows are written the fast way rather than by running jobs.
@@ -311,7 +311,7 @@ def populate(database_url: str, jobs: int, batches: int = 10, chunk: int = 10_00
 
     from sqlalchemy import insert
 
-    from db.models import Batch, Job
+    from db import tables
     from db.session import get_database
 
     database = get_database(database_url)
@@ -321,7 +321,7 @@ def populate(database_url: str, jobs: int, batches: int = 10, chunk: int = 10_00
     statuses = ["succeeded"] * 8 + ["failed", "queued"]
     batch_ids = [f"{index:016x}" for index in range(batches)]
     with database.begin() as session:
-        session.execute(insert(Batch), [{"id": batch_id, "name": f"bench-{index}", "created_at": now}
+        session.execute(insert(tables.batches), [{"id": batch_id, "name": f"bench-{index}", "created_at": now}
                                         for index, batch_id in enumerate(batch_ids)])
     for start in range(0, jobs, chunk):
         rows = []
@@ -350,7 +350,7 @@ def populate(database_url: str, jobs: int, batches: int = 10, chunk: int = 10_00
                 "error": "JobError: bench" if status == "failed" else None,
             })
         with database.begin() as session:
-            session.execute(insert(Job), rows)
+            session.execute(insert(tables.jobs), rows)
 
 
 def collated_batches(train: dict[str, Any], steps: int, tokenizer: Any = None,

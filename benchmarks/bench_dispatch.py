@@ -164,11 +164,12 @@ class LockstepReference:
 def job_rows(database_url: str, batch_id: str) -> list[dict]:
     from sqlalchemy import select
 
-    from db.models import Job
+    from db import tables
     from db.session import get_database
 
+    query = select(tables.jobs).where(tables.jobs.c.batch_id == batch_id).order_by(tables.jobs.c.started_at)
     with get_database(database_url).read() as session:
-        jobs = session.scalars(select(Job).where(Job.batch_id == batch_id).order_by(Job.started_at)).all()
+        jobs = session.execute(query).all()
         return [{"id": job.id, "task": job.task, "status": job.status, "published_at": job.published_at,
                  "started_at": job.started_at, "finished_at": job.finished_at} for job in jobs]
 

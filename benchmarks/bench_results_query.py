@@ -1,6 +1,6 @@
 """Results query: `graftq results --sort eval_loss --limit 20` on 100,000 jobs, subprocess wall time.
 
-The rows are bulk-inserted through db.models into a fresh SQLite file (Alembic head schema,
+The rows are bulk-inserted straight into db.tables in a fresh SQLite file (Alembic head schema,
 indexes included); about 80% have an eval_loss, the rest are failed or queued. The command
 runs the way a user types it; the figure is the median of several runs (table output, and JSON
 as a second figure).

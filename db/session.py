@@ -1,107 +1,68 @@
-"""Engines and sessions: one engine per process per URL, reset after a fork.
+"""Engines, transactions and the schema revision: one engine per process per URL, reset after a fork.
 
     database = get_database(url)
-    with database.begin() as session:       # a write transaction (BEGIN IMMEDIATE on SQLite)
-        claim_job(session, job_id, ...)
-    with database.transaction() as connection:  # the same, on a Core connection (no ORM)
-        claim_job_to_run(connection, job_id, ...)
-    with database.read() as session:        # a read transaction (plain BEGIN on SQLite)
-        rows = results(session, ...)
-    with database.connect() as connection:  # the same, on a Core connection (no ORM import)
+    with database.begin() as connection:    # a write transaction (BEGIN IMMEDIATE on SQLite)
+        claim = claim_job(connection, job_id, ...)
+    with database.read() as connection:     # a read transaction (plain BEGIN on SQLite)
         rows = result_rows(connection, ...)
 
 SQLite: WAL journal, a 30 s busy timeout, and write transactions that take the write lock
 up front (`BEGIN IMMEDIATE`), so that two writers queue on the busy timeout instead of one
 of them failing with "database is locked" when it upgrades a read lock. A new SQLite file
 is created at the Alembic head automatically (an older one is upgraded); PostgreSQL is migrated with
-`graftq db upgrade` (or `alembic upgrade head`), and an outdated one is refused.
+`graftq db upgrade` (or `alembic upgrade head`), and an outdated one is refused. Alembic is
+imported only when a database needs upgrading; the repository's `alembic.ini` points the
+`alembic` command at the same scripts (`db/migrations`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
-from db import DEFAULT_DATABASE_URL
 from db.errors import DatabaseError, SchemaOutdated
+from db.tables import metadata
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import Session, sessionmaker
-
-__all__ = ["DEFAULT_DATABASE_URL", "Database", "get_database"]
+    from alembic.config import Config
 
 #: The newest Alembic revision. A test checks it against the migration scripts; comparing
 #: the `alembic_version` row with this constant keeps alembic out of every CLI start.
 SCHEMA_HEAD = "0001"
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
 _READ_ONLY = "graftq_read_only"
 
 
 class Database:
-    """An engine and its session factories. Build it with `get_database(url)`."""
+    """An engine and its transactions. Build it with `get_database(url)`."""
 
     def __init__(self, url: str, engine: Engine):
         self.url = url
         self.engine = engine
         self.read_engine = engine.execution_options(**{_READ_ONLY: True})
 
-    # The ORM is imported on first use: `graftq results` reads through `connect()` without it.
-    @functools.cached_property
-    def sessions(self) -> sessionmaker[Session]:
-        from sqlalchemy.orm import sessionmaker
-
-        return sessionmaker(self.engine, expire_on_commit=False)
-
-    @functools.cached_property
-    def read_sessions(self) -> sessionmaker[Session]:
-        from sqlalchemy.orm import sessionmaker
-
-        return sessionmaker(self.read_engine, expire_on_commit=False)
-
     @property
     def is_sqlite(self) -> bool:
         return self.engine.dialect.name == "sqlite"
 
-    def begin(self) -> contextlib.AbstractContextManager[Session]:
+    def begin(self) -> contextlib.AbstractContextManager[Connection]:
         """A write transaction: commits when the block ends, rolls back on an exception."""
-        return self.sessions.begin()
-
-    def transaction(self) -> contextlib.AbstractContextManager[Connection]:
-        """A write transaction on a Core connection: commits when the block ends, rolls back on an
-        exception. For Core statements (`db.submission`, the worker's claim and outcome writes):
-        no ORM import, and none of a session's per-transaction bookkeeping (~50 us a transaction).
-        """
         return self.engine.begin()
 
-    @contextlib.contextmanager
-    def read(self) -> Iterator[Session]:
-        """A read-only transaction (never commits anything).
-
-        Objects loaded in it stay readable after the block (the session is closed, not
-        rolled back, so their loaded attributes are not expired).
-        """
-        with self.read_sessions() as session:
-            yield session
-
-    @contextlib.contextmanager
-    def connect(self) -> Iterator[Connection]:
-        """A read-only transaction on a Core connection (no ORM), for statements on `db.tables`.
-
-        The transaction begins with the first statement and is rolled back when the block ends.
-        """
-        with self.read_engine.connect() as connection:
-            yield connection
+    def read(self) -> contextlib.AbstractContextManager[Connection]:
+        """A read-only transaction: begins with the first statement, rolled back when the block ends."""
+        return self.read_engine.connect()
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -211,8 +172,6 @@ def _ensure_schema(database: Database) -> None:
         # Another process may have created it meanwhile; an empty file is created right here.
         if current_revision(database.engine) == SCHEMA_HEAD or create_at_head(database.engine):
             return
-    from db.migrate import upgrade_to_head
-
     upgrade_to_head(database.url, database.engine)
 
 
@@ -250,10 +209,6 @@ def create_at_head(engine: Engine) -> bool:
     head) without importing Alembic: a first `graftq submit` or `graftq run` on a new SQLite
     file skips replaying every revision. A test checks that the result matches `upgrade head`.
     """
-    from sqlalchemy import inspect
-
-    from db.tables import metadata
-
     with engine.begin() as connection:
         if inspect(connection).get_table_names():
             return False
@@ -261,6 +216,43 @@ def create_at_head(engine: Engine) -> bool:
         connection.exec_driver_sql(_VERSION_TABLE_DDL)
         connection.execute(text("INSERT INTO alembic_version (version_num) VALUES (:head)"), {"head": SCHEMA_HEAD})
     return True
+
+
+def alembic_config(url: str) -> Config:
+    """An Alembic config for `url` that needs no alembic.ini."""
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    # '%' is ConfigParser's interpolation character; escape it for URLs with encoded passwords.
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def head_revision() -> str:
+    """The head revision of the migration scripts."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    assert head is not None
+    return head
+
+
+def upgrade_to_head(url: str, engine: Engine) -> None:
+    """Bring the database at `url` to the head revision, on `engine`'s connection.
+
+    `graftq db upgrade` and the automatic upgrade of an older SQLite file both end here (a new,
+    empty SQLite file is created by `create_at_head` instead).
+    """
+    from alembic import command
+
+    with sqlite_file_lock(url):
+        if current_revision(engine) == SCHEMA_HEAD:
+            return
+        config = alembic_config(url)
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
 
 
 def clear_cache() -> None:

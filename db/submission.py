@@ -1,10 +1,6 @@
-"""The writes of `graftq submit` (and `graftq run`), on the Core tables: no ORM import.
+"""The writes of `graftq submit` (and `graftq run`): a batch, its jobs and their publication.
 
-`graftq submit` is mostly its own start-up: the ORM (`sqlalchemy.orm` and the mapped
-classes of `db.models`) would add ~50 ms to the ~0.3 s of every submit, for four
-statements that need none of it. These functions take a Core `Connection` (the
-transaction of `database.transaction()`) or an ORM `Session`; they never commit.
-`db.queries` re-exports them.
+These functions take a `Connection` in a write transaction (`database.begin()`) and never commit.
 """
 
 from __future__ import annotations
@@ -14,7 +10,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import insert, update
+from sqlalchemy import Connection, insert, update
 
 from db.tables import JobStatus, batches, utcnow
 from db.tables import jobs as _jobs
@@ -33,7 +29,7 @@ def chunks(items: Sequence[str], size: int = _IN_CHUNK) -> Iterable[Sequence[str
 
 
 def create_batch(
-    connection: Any,
+    connection: Connection,
     name: str,
     jobs: Sequence[Mapping[str, Any]],
     *,
@@ -64,14 +60,14 @@ def create_batch(
     return batch_id, [row["id"] for row in rows]
 
 
-def mark_published(connection: Any, job_ids: Sequence[str], when: dt.datetime | None = None) -> None:
+def mark_published(connection: Connection, job_ids: Sequence[str], when: dt.datetime | None = None) -> None:
     """Record that the messages of `job_ids` were handed to the broker."""
     when = when or utcnow()
     for chunk in chunks(job_ids):
         connection.execute(update(_jobs).where(_jobs.c.id.in_(chunk)).values(published_at=when))
 
 
-def mark_batch_published(connection: Any, batch_id: str, when: dt.datetime | None = None) -> int:
+def mark_batch_published(connection: Connection, batch_id: str, when: dt.datetime | None = None) -> int:
     """Record that every message of a batch was handed to the broker; returns how many rows.
 
     One statement for the whole batch (a 10,000-job submit would otherwise pay 20 `IN`
@@ -85,7 +81,7 @@ def mark_batch_published(connection: Any, batch_id: str, when: dt.datetime | Non
     return result.rowcount
 
 
-def fail_unpublished(connection: Any, job_ids: Sequence[str], error: str) -> int:
+def fail_unpublished(connection: Connection, job_ids: Sequence[str], error: str) -> int:
     """Mark still-queued jobs whose message never reached the broker as failed; returns how many."""
     count = 0
     now = utcnow()

@@ -1,8 +1,7 @@
 """The results database schema as SQLAlchemy Core tables: batches, jobs and their loss curves.
 
-The ORM classes in `db.models` are mapped onto these tables; `graftq results` (reads) and
-`graftq submit` (`db.submission`) use them directly, without importing the ORM (~0.05-0.1 s
-of a CLI start).
+`FIELDS` declares the job fields a user sees once: their columns, `graftq results`' keys
+and sort fields, `graftq show`'s sections and the README's field list come from it.
 The `jobs` row is the source of truth for a job; a broker message only carries its id.
 Times are stored as UTC and read back as timezone-aware UTC datetimes on every backend.
 Schema changes only through an Alembic revision (`db/migrations/versions`).
@@ -11,6 +10,8 @@ Schema changes only through an Alembic revision (`db/migrations/versions`).
 from __future__ import annotations
 
 import datetime as dt
+import textwrap
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -85,12 +86,94 @@ class JobStatus(StrEnum):
 
 FINISHED_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 
-#: Result columns that `graftq results --sort` accepts; each has an index.
-SORTABLE_COLUMNS = (
-    "created_at", "started_at", "finished_at", "task", "status", "extension", "kind", "attempts",
-    "train_loss", "eval_loss", "steps", "tokens_per_second", "train_seconds", "peak_memory_mb",
-    "trainable_params", "trainable_pct", "total_params", "base_params",
+
+@dataclass(frozen=True)
+class Field:
+    """A job field a user sees: a key of `graftq results` and a line of `graftq show`."""
+
+    name: str
+    type: Any  # the column's SQL type; None for `batch`, the name of the job's batch
+    section: str | None = "job"  # the `graftq show` section; None: shown on its own (the error)
+    sortable: bool = False  # `graftq results --sort` takes it; indexed
+    required: bool = False  # NOT NULL
+    default: Any = None
+    result: bool = True  # a key of `graftq results` (else only `graftq show` has it)
+    note: str = ""  # said about it in the README
+    index: bool = False  # indexed though not sortable
+    primary_key: bool = False
+
+    def column(self) -> Column[Any]:
+        return Column(self.name, self.type, nullable=not self.required, default=self.default,
+                      index=self.sortable or self.index or None, primary_key=self.primary_key)
+
+
+#: The job fields a user sees, in the order of `graftq results`' keys. The `statistics` and
+#: `metrics` sections are what a finished job records (`db.claims.finish_job`).
+FIELDS = (
+    Field("id", String(32), required=True, primary_key=True),
+    Field("batch_id", ForeignKey("batches.id", ondelete="CASCADE"), required=True, index=True),
+    Field("batch", None),
+    Field("task", String(64), sortable=True, required=True),
+    Field("kind", String(16), sortable=True, required=True),
+    Field("extension", String(16), sortable=True, required=True),
+    Field("status", String(16), sortable=True, required=True, default=JobStatus.QUEUED.value),
+    Field("attempts", Integer, sortable=True, required=True, default=0),
+    Field("max_attempts", Integer, required=True, default=3, result=False),
+    Field("base_model", String(500), required=True),
+    Field("requested_device", String(32), required=True, default="auto", result=False),
+    Field("queue", String(100), result=False),
+    Field("device", String(32)),
+    Field("dtype", String(32)),
+    Field("worker", String(200)),
+    Field("base_params", BigInteger, "statistics", sortable=True),
+    Field("total_params", BigInteger, "statistics", sortable=True),
+    Field("trainable_params", BigInteger, "statistics", sortable=True),
+    Field("lora_params", BigInteger, "statistics"),
+    Field("layer_params", BigInteger, "statistics"),
+    Field("trainable_pct", Float, "statistics", sortable=True, note="= trainable / base × 100"),
+    Field("job_dir", Text, "artifacts", result=False),
+    Field("adapter_path", Text, "artifacts"),
+    Field("layer_path", Text, "artifacts"),
+    Field("train_loss", Float, "metrics", sortable=True),
+    Field("eval_loss", Float, "metrics", sortable=True),
+    Field("steps", Integer, "metrics", sortable=True),
+    Field("tokens_per_second", Float, "metrics", sortable=True),
+    Field("train_seconds", Float, "metrics", sortable=True),
+    Field("peak_memory_mb", Float, "metrics", sortable=True),
+    Field("error", Text, None),
+    Field("created_at", UTCDateTime, sortable=True, required=True, default=utcnow),
+    Field("published_at", UTCDateTime, result=False),
+    Field("started_at", UTCDateTime, sortable=True),
+    Field("finished_at", UTCDateTime, sortable=True),
+    Field("heartbeat_at", UTCDateTime, result=False),
+    Field("cancel_requested", Boolean, required=True, default=False, result=False),
 )
+_FIELDS = {field.name: field for field in FIELDS}
+
+#: The keys of one `graftq results` row, in column order.
+RESULT_FIELDS = tuple(field.name for field in FIELDS if field.result)
+#: Result columns that `graftq results --sort` accepts; each has an index.
+SORTABLE_COLUMNS = tuple(field.name for field in FIELDS if field.sortable)
+#: Result columns that hold numbers (right-aligned in tables).
+NUMERIC_FIELDS = frozenset(field.name for field in FIELDS if field.type in (Integer, BigInteger, Float))
+#: `graftq show`'s sections and their fields, in order.
+SHOW_SECTIONS = {section: tuple(field.name for field in FIELDS if field.section == section)
+                 for section in ("job", "statistics", "metrics", "artifacts")}
+STAT_FIELDS = SHOW_SECTIONS["statistics"]
+METRIC_FIELDS = SHOW_SECTIONS["metrics"]
+
+
+def result_fields_markdown() -> str:
+    """The README's list of `graftq results` keys, generated from `FIELDS`."""
+    keys = ", ".join(f"`{f.name}`" + (f" ({f.note})" if f.note else "") for f in FIELDS if f.result)
+    sortable = ", ".join(f"`{name}`" for name in SORTABLE_COLUMNS)
+    return (textwrap.fill(keys + ".", width=92, break_long_words=False, break_on_hyphens=False) + "\n\n"
+            + textwrap.fill(f"`--sort` takes {sortable}.", width=92, break_long_words=False,
+                            break_on_hyphens=False) + "\n")
+
+
+def _fields(*names: str) -> list[Column[Any]]:
+    return [_FIELDS[name].column() for name in names]
 
 
 def _required(name: str, type_: Any, **options: Any) -> Column[Any]:
@@ -110,59 +193,26 @@ batches = Table(
     _required("created_at", UTCDateTime, default=utcnow, index=True),
 )
 
+# The columns keep the order of the first revision (`FIELDS` is in `graftq results`' order);
+# the fields' columns are built from `FIELDS`, the others are the worker's bookkeeping.
 jobs = Table(
     "jobs", metadata,
-    _required("id", String(32), primary_key=True),
-    _required("batch_id", ForeignKey("batches.id", ondelete="CASCADE"), index=True),
+    *_fields("id", "batch_id"),
     _required("position", Integer, default=0),  # index of the job in its batch file
-    _required("task", String(64), index=True),
-    _required("kind", String(16), index=True),
-    _required("extension", String(16), index=True),
-    _required("base_model", String(500)),
-    _required("requested_device", String(32), default="auto"),
-    _optional("queue", String(100)),
+    *_fields("task", "kind", "extension", "base_model", "requested_device", "queue"),
     _required("spec", JSON),
-
-    _required("status", String(16), default=JobStatus.QUEUED.value, index=True),
-    _required("attempts", Integer, default=0, index=True),
-    _required("max_attempts", Integer, default=3),
-    _optional("worker", String(200)),
-    _optional("device", String(32)),
-    _optional("dtype", String(32)),
+    *_fields("status", "attempts", "max_attempts", "worker", "device", "dtype"),
     _optional("claim_token", String(64)),
-    _optional("heartbeat_at", UTCDateTime),
-    _required("cancel_requested", Boolean, default=False),
+    *_fields("heartbeat_at", "cancel_requested"),
     _optional("progress_step", Integer),
     _optional("progress_total", Integer),
     _optional("progress_loss", Float),
     _optional("progress_phase", String(16)),
-    _optional("published_at", UTCDateTime),
-
-    _optional("base_params", BigInteger, index=True),
-    _optional("total_params", BigInteger, index=True),
-    _optional("trainable_params", BigInteger, index=True),
-    _optional("lora_params", BigInteger),
-    _optional("layer_params", BigInteger),
-    _optional("trainable_pct", Float, index=True),
-
-    _optional("train_loss", Float, index=True),
-    _optional("eval_loss", Float, index=True),
-    _optional("steps", Integer, index=True),
-    _optional("tokens_per_second", Float, index=True),
-    _optional("train_seconds", Float, index=True),
-    _optional("peak_memory_mb", Float, index=True),
-
-    _optional("job_dir", Text),
-    _optional("adapter_path", Text),
-    _optional("layer_path", Text),
+    *_fields("published_at", *STAT_FIELDS, *METRIC_FIELDS, "job_dir", "adapter_path", "layer_path"),
     _optional("versions", JSON),
-    _optional("error", Text),
+    *_fields("error"),
     _optional("traceback", Text),
-
-    _required("created_at", UTCDateTime, default=utcnow, index=True),
-    _optional("started_at", UTCDateTime, index=True),
-    _optional("finished_at", UTCDateTime, index=True),
-
+    *_fields("created_at", "started_at", "finished_at"),
     Index("ix_jobs_batch_id_status", "batch_id", "status"),
     Index("ix_jobs_status_heartbeat_at", "status", "heartbeat_at"),
 )

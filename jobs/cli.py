@@ -37,8 +37,6 @@ TABLE_COLUMNS = (
     "id", "batch", "task", "kind", "extension", "status", "attempts", "device", "trainable_params",
     "trainable_pct", "train_loss", "eval_loss", "steps", "train_seconds",
 )
-NUMERIC_COLUMNS = frozenset({"attempts", "trainable_params", "trainable_pct", "train_loss", "eval_loss", "steps",
-                             "train_seconds"})
 #: Rows the `results` table shows when no --limit is given.
 TABLE_DEFAULT_LIMIT = 50
 
@@ -431,9 +429,8 @@ def results(ctx: click.Context, batch: str | None, task: str | None, extension: 
     The table shows at most 50 rows unless --limit is given (the newest jobs with the default
     sort) and says when more match; json and csv print every matching job.
     """
-    # Core only: importing the ORM would cost this command ~0.1 s of its start.
-    from db.results import RESULT_FIELDS, result_rows
-    from db.tables import SORTABLE_COLUMNS
+    from db.queries import result_rows
+    from db.tables import NUMERIC_FIELDS, RESULT_FIELDS, SORTABLE_COLUMNS
 
     field, descending = _sort_option(sort)
     descending = descending or desc
@@ -447,7 +444,7 @@ def results(ctx: click.Context, batch: str | None, task: str | None, extension: 
         limit = TABLE_DEFAULT_LIMIT + 1  # one more than shown: whether the footer is needed
     filters = {"batch": batch, "task": task, "extension": extension, "status": status_}
     database = _state(ctx).database
-    with database.connect() as connection:
+    with database.read() as connection:
         # The newest N in ascending order: the first N of the descending order, reversed.
         rows = result_rows(connection, **filters, limit=limit, sort=field, descending=descending != newest)
     if fmt == "json":
@@ -469,7 +466,7 @@ def results(ctx: click.Context, batch: str | None, task: str | None, extension: 
         rows = rows[:TABLE_DEFAULT_LIMIT]
     if newest:
         rows.reverse()
-    _print(_table(TABLE_COLUMNS, [[_fmt(row[c]) for c in TABLE_COLUMNS] for row in rows], right=NUMERIC_COLUMNS))
+    _print(_table(TABLE_COLUMNS, [[_fmt(row[c]) for c in TABLE_COLUMNS] for row in rows], right=NUMERIC_FIELDS))
     if more:
         which = "newest" if newest else "first"
         click.echo(f"(the {which} {TABLE_DEFAULT_LIMIT} matching jobs; more match: --limit N shows more, "
@@ -494,36 +491,25 @@ def _resolve_job(database: Database, job_id: str) -> str:
 @_handle_db_errors
 def show(ctx: click.Context, job_id: str, fmt: str) -> None:
     """One job in full: spec, statistics, metrics, artifact paths, error and traceback."""
-    from db.queries import RESULT_FIELDS, get_job, loss_curve
+    from db.queries import get_job, loss_curve
+    from db.tables import FIELDS, SHOW_SECTIONS
 
     database = _state(ctx).database
     job_id = _resolve_job(database, job_id)
-    with database.read() as session:
-        job = get_job(session, job_id)
+    with database.read() as connection:
+        job = get_job(connection, job_id)
         assert job is not None
-        record = {key: getattr(job, key) for key in RESULT_FIELDS if key != "batch"}
-        record["batch"] = job.batch.name
+        record = {field.name: getattr(job, field.name) for field in FIELDS}
         record.update(
-            max_attempts=job.max_attempts, requested_device=job.requested_device, queue=job.queue,
-            job_dir=job.job_dir, versions=job.versions, spec=job.spec, cancel_requested=job.cancel_requested,
+            versions=job.versions, spec=job.spec, traceback=job.traceback,
             progress={"phase": job.progress_phase, "step": job.progress_step, "total": job.progress_total,
                       "loss": job.progress_loss},
-            heartbeat_at=job.heartbeat_at, published_at=job.published_at, traceback=job.traceback,
-            loss_curve=[{"step": s, "split": sp, "loss": loss} for s, sp, loss in loss_curve(session, job_id)],
+            loss_curve=[{"step": s, "split": sp, "loss": loss} for s, sp, loss in loss_curve(connection, job_id)],
         )
     if fmt == "json":
         click.echo(json.dumps({k: _iso(v) for k, v in record.items()}, indent=2))
         return
-    sections = {
-        "job": ("id", "batch_id", "batch", "task", "kind", "extension", "status", "attempts", "max_attempts",
-                "base_model", "requested_device", "queue", "worker", "device", "dtype", "created_at",
-                "published_at", "started_at", "finished_at", "heartbeat_at", "cancel_requested"),
-        "statistics": ("base_params", "total_params", "trainable_params", "lora_params", "layer_params",
-                       "trainable_pct"),
-        "metrics": ("train_loss", "eval_loss", "steps", "tokens_per_second", "train_seconds", "peak_memory_mb"),
-        "artifacts": ("job_dir", "adapter_path", "layer_path"),
-    }
-    for title, keys in sections.items():
+    for title, keys in SHOW_SECTIONS.items():
         click.echo(f"{title}:")
         for key in keys:
             click.echo(f"  {key:<18} {_fmt(record[key])}")
@@ -590,8 +576,7 @@ def upgrade(ctx: click.Context) -> None:
     """Bring the database to the newest schema (creates the tables on an empty database)."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from db.migrate import upgrade_to_head
-    from db.session import SCHEMA_HEAD, current_revision, get_database
+    from db.session import SCHEMA_HEAD, current_revision, get_database, upgrade_to_head
 
     url = _state(ctx).settings.database_url
     try:

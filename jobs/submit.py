@@ -56,7 +56,7 @@ def check_pool_devices(batch: Batch) -> None:
 
 
 def job_rows(batch: Batch, settings: Settings, *, broker: bool = True) -> list[dict[str, Any]]:
-    """The rows `db.queries.create_batch` takes for `batch` (queue None when run in-process)."""
+    """The rows `db.submission.create_batch` takes for `batch` (queue None when run in-process)."""
     return [
         {
             "task": spec.task,
@@ -76,7 +76,7 @@ def record_batch(database: Database, batch: Batch, settings: Settings, *, broker
     from db.submission import create_batch
 
     rows = job_rows(batch, settings, broker=broker)
-    with database.transaction() as connection:
+    with database.begin() as connection:
         batch_id, job_ids = create_batch(
             connection, batch.name, rows,
             source_path=str(batch.source) if batch.source else None,
@@ -285,7 +285,7 @@ def submit_batch(
         publish_jobs(app, submitted.job_ids, submitted.queues)
     except PublishFailed as failure:
         unsent = submitted.job_ids[len(failure.sent):]
-        with database.transaction() as connection:
+        with database.begin() as connection:
             if failure.sent:
                 mark_published(connection, failure.sent)
             fail_unpublished(
@@ -299,6 +299,6 @@ def submit_batch(
             f"The other {len(unsent)} jobs are marked failed (not enqueued); submit them again when the "
             "broker is back"
         ) from None
-    with database.transaction() as connection:
+    with database.begin() as connection:
         mark_batch_published(connection, submitted.batch_id)
     return submitted

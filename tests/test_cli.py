@@ -12,8 +12,8 @@ import textwrap
 import pytest
 from click.testing import CliRunner
 
-from db.queries import RESULT_FIELDS
 from db.session import clear_cache, get_database
+from db.tables import RESULT_FIELDS
 from jobs.cli import cli, iter_commands
 from tests.conftest import ROOT, free_port, graftq_argv
 
@@ -119,7 +119,8 @@ def test_dry_run_prints_the_expanded_jobs_and_writes_nothing(batch_file, tmp_pat
 
 def _finished_batch(sqlite_url):
     """A batch recorded straight through the query functions (no model needed): 3 jobs."""
-    from db.queries import claim_job, create_batch, fail_job, finish_job
+    from db.claims import claim_job, fail_job, finish_job
+    from db.submission import create_batch
 
     database = get_database(sqlite_url)
     rows = [{"task": t, "kind": "train", "extension": e, "base_model": "random:t5-tiny", "queue": "graftq",
@@ -127,13 +128,13 @@ def _finished_batch(sqlite_url):
     with database.begin() as session:
         batch_id, ids = create_batch(session, "finished", rows)
         for job_id, loss in zip(ids[:2], (2.0, 1.0)):
-            token = claim_job(session, job_id, "w", 60)
+            token = claim_job(session, job_id, "w", 60).token
             finish_job(session, job_id, token, stats={"base_params": 100, "trainable_params": 10,
                                                       "trainable_pct": 10.0},
                        metrics={"train_loss": loss, "steps": 2}, device="cpu", dtype="float32",
                        versions={"torch": "2"}, job_dir=f"/art/{job_id}", adapter_path=f"/art/{job_id}/adapter",
                        loss_curve=[(1, "train", loss + 1), (2, "train", loss)])
-        token = claim_job(session, ids[2], "w", 60)
+        token = claim_job(session, ids[2], "w", 60).token
         fail_job(session, ids[2], token, "ConfigError: unknown target module 'qq'", "Traceback...\nConfigError")
     return batch_id, ids
 
@@ -176,8 +177,8 @@ def _many_jobs(sqlite_url, count):
 
     from sqlalchemy import update
 
-    from db.models import Job
-    from db.queries import create_batch
+    from db.submission import create_batch
+    from db.tables import jobs
 
     rows = [{"task": f"t{i}", "kind": "create", "extension": "lora", "base_model": "random:t5-tiny",
              "queue": "graftq", "spec": {}} for i in range(count)]
@@ -185,7 +186,7 @@ def _many_jobs(sqlite_url, count):
         _, ids = create_batch(session, "many", rows)
         start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
         for index, job_id in enumerate(ids):
-            session.execute(update(Job).where(Job.id == job_id).values(created_at=start + dt.timedelta(seconds=index)))
+            session.execute(update(jobs).where(jobs.c.id == job_id).values(created_at=start + dt.timedelta(seconds=index)))
     return ids
 
 
@@ -277,33 +278,16 @@ def test_light_commands_never_import_torch_or_celery(args, batch_file, graftq_en
     assert json.loads(line.split("=", 1)[1]) == []
 
 
-def test_results_reads_without_the_orm_or_rich(sqlite_url, graftq_env):
-    # The ORM and rich are a third of a results start; the query goes through SQLAlchemy Core.
+def test_results_reads_without_rich(sqlite_url, graftq_env):
+    # rich is a third of a results start; json, csv and a plain table need none of it.
     _finished_batch(sqlite_url)
-    probe = PROBE.replace('("torch", "transformers", "peft", "celery", "kombu")', '("sqlalchemy.orm", "rich")')
+    probe = PROBE.replace('("torch", "transformers", "peft", "celery", "kombu")', '("rich",)')
     for args in (["results"], ["results", "--sort", "train_loss", "--limit", "2", "--format", "json"]):
         result = subprocess.run(["python", "-c", probe, *args], cwd=ROOT, env=graftq_env, capture_output=True,
                                 text=True, timeout=120, executable=graftq_argv()[0])
         assert result.returncode == 0, result.stderr
         [line] = [line for line in result.stderr.splitlines() if line.startswith("GRAFTQ_MODULES=")]
         assert json.loads(line.split("=", 1)[1]) == [], args
-
-
-def test_submit_records_and_enqueues_without_the_orm(batch_file, sqlite_url, redis_url, redis_server, graftq_env):
-    # The ORM is ~15% of a submit's start; its four writes are Core statements (db.submission).
-    probe = PROBE.replace('("torch", "transformers", "peft", "celery", "kombu")', '("sqlalchemy.orm", "db.models")')
-    result = subprocess.run(["python", "-c", probe, "--broker-url", redis_url, "submit", str(batch_file)], cwd=ROOT,
-                            env=graftq_env, capture_output=True, text=True, timeout=120, executable=graftq_argv()[0])
-    assert result.returncode == 0, result.stderr
-    [line] = [line for line in result.stderr.splitlines() if line.startswith("GRAFTQ_MODULES=")]
-    assert json.loads(line.split("=", 1)[1]) == []
-    batch_id = result.stdout.strip().splitlines()[-1]
-    from db.queries import jobs_of_batch
-
-    with get_database(sqlite_url).read() as session:
-        jobs = jobs_of_batch(session, batch_id)
-    assert [job.status for job in jobs] == ["queued"] * 4 and all(job.published_at for job in jobs)
-    assert redis_server.queue_lengths() == {"graftq": 2, "graftq.gpu": 1, "graftq.cpu": 1}
 
 
 def test_submitted_messages_are_what_send_task_sends(redis_url, redis_server):
@@ -398,17 +382,18 @@ def test_a_broker_that_dies_midway_leaves_no_queued_row_without_a_message(invoke
 
 
 def test_status_shows_running_jobs_progress_and_watch_ends_when_all_finished(invoke, sqlite_url):
-    from db.queries import claim_job, record_progress, request_cancel
+    from db.claims import claim_job, record_progress
+    from db.queries import request_cancel
+    from db.submission import create_batch
 
     batch_id, ids = _finished_batch(sqlite_url)
-    from db.queries import create_batch
 
     database = get_database(sqlite_url)
     with database.begin() as session:
         other, [running] = create_batch(session, "busy", [{"task": "long", "kind": "train", "extension": "lora",
                                                           "base_model": "random:t5-tiny", "queue": "graftq",
                                                           "spec": {}}])
-        token = claim_job(session, running, "graftq-gpu0@host:1", 60)
+        token = claim_job(session, running, "graftq-gpu0@host:1", 60).token
         record_progress(session, running, token, 5, 10, 1.25, "train")
     output = invoke("status").output
     assert "busy" in output and "finished" in output

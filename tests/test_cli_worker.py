@@ -8,9 +8,12 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import update
 
-from db.models import Job, utcnow
-from db.queries import claim_job, create_batch, get_job
+from db import tables
+from db.claims import claim_job
+from db.queries import get_job
 from db.session import clear_cache, get_database
+from db.submission import create_batch
+from db.tables import utcnow
 from jobs.cli import cli
 from jobs.settings import Settings
 from worker.launcher import Gpu, GpuSelection, LauncherError, parse_gpus, plan_workers, reap_once
@@ -75,7 +78,7 @@ def test_the_reaper_requeues_and_republishes_a_dead_workers_job(sqlite_url, redi
         _, (alive, dead) = create_batch(session, "reap", rows, max_attempts=3)
         claim_job(session, alive, "w1", 20)
         claim_job(session, dead, "w2", 20)
-        session.execute(update(Job).where(Job.id == dead).values(heartbeat_at=utcnow() - dt.timedelta(seconds=60)))
+        session.execute(update(tables.jobs).where(tables.jobs.c.id == dead).values(heartbeat_at=utcnow() - dt.timedelta(seconds=60)))
     counts = reap_once(settings)
     assert counts == {"requeued": 1, "settled": 0, "republished": 1, "lost": 0}
     assert redis_server.queue_lengths()["graftq.cpu"] == 1
@@ -95,7 +98,7 @@ def test_the_reaper_fails_a_job_that_used_up_its_attempts(sqlite_url, redis_url,
                                                       "base_model": "random:t5-tiny", "queue": "graftq",
                                                       "spec": {}}], max_attempts=1)
         claim_job(session, job_id, "w", 20)
-        session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow() - dt.timedelta(seconds=60)))
+        session.execute(update(tables.jobs).where(tables.jobs.c.id == job_id).values(heartbeat_at=utcnow() - dt.timedelta(seconds=60)))
     assert reap_once(settings)["settled"] == 1
     with database.read() as session:
         job = get_job(session, job_id)
@@ -114,7 +117,7 @@ def test_the_reaper_publishes_queued_jobs_whose_message_was_never_sent(sqlite_ur
         _, (orphan, fresh, local) = create_batch(session, "orphans", [{**row, "queue": "graftq"},
                                                                        {**row, "queue": "graftq"},
                                                                        {**row, "queue": None}])
-        session.execute(update(Job).where(Job.id.in_([orphan, local])).values(
+        session.execute(update(tables.jobs).where(tables.jobs.c.id.in_([orphan, local])).values(
             created_at=utcnow() - dt.timedelta(hours=1)))
     assert reap_once(settings)["republished"] == 1
     assert redis_server.queue_lengths()["graftq"] == 1
@@ -144,7 +147,7 @@ def test_the_reaper_republishes_queued_jobs_whose_messages_a_broker_restart_lost
     settings = Settings(database_url=sqlite_url, broker_url=redis_url)
     database = get_database(sqlite_url)
     with database.begin() as session:  # published two minutes ago, still waiting in the queue
-        session.execute(update(Job).values(published_at=utcnow() - dt.timedelta(minutes=2)))
+        session.execute(update(tables.jobs).values(published_at=utcnow() - dt.timedelta(minutes=2)))
     assert reap_once(settings)["lost"] == 0  # every message is still there: nothing published twice
     assert redis_server.queue_lengths() == {"graftq": 2, "graftq.gpu": 0, "graftq.cpu": 1}
 

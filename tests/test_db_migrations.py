@@ -1,4 +1,4 @@
-"""The schema comes only from Alembic revisions, and they match the models."""
+"""The schema comes only from Alembic revisions, and they match the tables (`db.tables`)."""
 
 from __future__ import annotations
 
@@ -13,23 +13,25 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, select, text
 
-from db.migrate import head_revision, upgrade_to_head
-from db.models import Base
 from db.session import (
     SCHEMA_HEAD,
+    alembic_config,
     clear_cache,
     create_at_head,
     create_database_engine,
     current_revision,
     get_database,
+    head_revision,
+    upgrade_to_head,
 )
+from db.tables import metadata
 from tests.conftest import ROOT, graftq_argv
 
 
 def _diff(engine) -> list:
     with engine.connect() as connection:
         context = MigrationContext.configure(connection, opts={"compare_type": True})
-        return compare_metadata(context, Base.metadata)
+        return compare_metadata(context, metadata)
 
 
 def test_schema_head_constant_matches_the_migration_scripts():
@@ -37,7 +39,7 @@ def test_schema_head_constant_matches_the_migration_scripts():
     assert SCHEMA_HEAD == head_revision()
 
 
-def test_upgrade_head_on_an_empty_sqlite_file_matches_the_models(tmp_path):
+def test_upgrade_head_on_an_empty_sqlite_file_matches_the_tables(tmp_path):
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
     engine = create_database_engine(url)
     assert current_revision(engine) is None
@@ -86,7 +88,7 @@ def test_a_new_sqlite_file_is_created_at_head_without_alembic_exactly_as_upgrade
     result = subprocess.run([sys.executable, "-c", code, f"sqlite:///{created}"], cwd=ROOT, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "False"  # created from the models, stamped, no revision replayed
+    assert result.stdout.strip() == "False"  # created from the tables, stamped, no revision replayed
 
     engine = create_database_engine(f"sqlite:///{migrated}")
     upgrade_to_head(f"sqlite:///{migrated}", engine)
@@ -147,7 +149,7 @@ def test_alembic_command_line_upgrades_the_database_named_by_the_environment(tmp
 
 
 @pytest.mark.postgres
-def test_upgrade_head_on_postgresql_matches_the_models(postgres_database):
+def test_upgrade_head_on_postgresql_matches_the_tables(postgres_database):
     url = postgres_database
     with pytest.raises(Exception, match="graftq db upgrade"):
         get_database(url)  # PostgreSQL is never migrated behind the operator's back
@@ -181,8 +183,6 @@ def _release_revision() -> str:
 
 def _typed_rows(url: str) -> dict[str, list[dict]]:
     """Every row of the release's tables at `url`, its columns read with this graftq's column types."""
-    from db.tables import metadata
-
     engine = create_engine(url)
     try:
         with engine.connect() as connection:
@@ -244,9 +244,6 @@ def test_graftq_db_upgrade_keeps_every_row_of_the_previous_release_on_sqlite(tmp
 @pytest.mark.postgres
 def test_graftq_db_upgrade_keeps_every_row_of_the_previous_release_on_postgresql(postgres_database, graftq_env):
     from alembic import command
-
-    from db.migrate import alembic_config
-    from db.tables import metadata
 
     expected = _typed_rows(RELEASE_URL)
     url = postgres_database

@@ -30,9 +30,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from db.models import utcnow
 from db.queries import get_job, jobs_of_batch
 from db.session import clear_cache, get_database
+from db.tables import utcnow
 from jobs.cli import cli
 from tests.conftest import ROOT, RedisServer, graftq_argv
 from tests.faults_report import figure
@@ -466,7 +466,7 @@ def test_submit_with_redis_down_or_dying_leaves_no_queued_row_without_a_message(
 def _race(url: str, job_ids: list[str], worker: str, results) -> None:  # runs in a child process
     from sqlalchemy.exc import OperationalError
 
-    from db.queries import claim_job, finish_job, heartbeat, record_progress
+    from db.claims import claim_job, finish_job, heartbeat, record_progress
     from db.session import get_database
 
     database = get_database(url)
@@ -476,9 +476,10 @@ def _race(url: str, job_ids: list[str], worker: str, results) -> None:  # runs i
     for job_id in order:
         try:
             with database.begin() as session:
-                token = claim_job(session, job_id, worker, stale_after=60)
-            if token is None:
+                claim = claim_job(session, job_id, worker, stale_after=60)
+            if claim is None:
                 continue
+            token = claim.token
             claimed.append(job_id)
             for step in range(1, 11):
                 with database.begin() as session:
@@ -495,7 +496,8 @@ def _race(url: str, job_ids: list[str], worker: str, results) -> None:  # runs i
 
 @pytest.mark.slow
 def test_eight_processes_racing_for_the_same_jobs_in_one_sqlite_file(tmp_path):
-    from db.queries import create_batch, loss_curve
+    from db.queries import loss_curve
+    from db.submission import create_batch
 
     url = f"sqlite:///{tmp_path / 'race.db'}"
     database = get_database(url)
@@ -562,7 +564,7 @@ def _tree(root: Path, exclude: Path) -> set[Path]:
 
 
 def test_task_names_that_could_escape_the_artifacts_dir_write_nothing_anywhere(tmp_path, sqlite_url):
-    from db.queries import create_batch
+    from db.submission import create_batch
     from jobs.settings import Settings
     from worker.tasks import execute_job
 

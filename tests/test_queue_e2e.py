@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from db.queries import RESULT_FIELDS, get_job, jobs_of_batch
+from db.queries import get_job, jobs_of_batch
 from db.session import clear_cache, get_database
+from db.tables import RESULT_FIELDS
 from jobs.cli import cli
 from tests.conftest import ROOT, graftq_argv
 
@@ -273,7 +274,7 @@ def test_graftq_run_as_a_real_process(tmp_path, dataset, graftq_env):
 
 
 def _recorded_job(sqlite_url, spec=None, max_attempts=3):
-    from db.queries import create_batch
+    from db.submission import create_batch
 
     database = get_database(sqlite_url)
     with database.begin() as session:
@@ -285,7 +286,7 @@ def _recorded_job(sqlite_url, spec=None, max_attempts=3):
 
 
 def test_a_second_delivery_of_a_job_running_elsewhere_is_dropped(sqlite_url, artifacts_dir):
-    from db.queries import claim_job
+    from db.claims import claim_job
     from jobs.settings import Settings
     from worker.tasks import execute_job
 
@@ -305,15 +306,16 @@ def test_a_delivery_for_a_dead_job_out_of_attempts_fails_it_instead_of_running_i
 
     from sqlalchemy import update
 
-    from db.models import Job, utcnow
-    from db.queries import claim_job
+    from db import tables
+    from db.claims import claim_job
+    from db.tables import utcnow
     from jobs.settings import Settings
     from worker.tasks import execute_job
 
     database, job_id = _recorded_job(sqlite_url, max_attempts=1)
     with database.begin() as session:
         claim_job(session, job_id, "crashed-worker", stale_after=60)
-        session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow() - dt.timedelta(hours=1)))
+        session.execute(update(tables.jobs).where(tables.jobs.c.id == job_id).values(heartbeat_at=utcnow() - dt.timedelta(hours=1)))
     assert execute_job(job_id, Settings(database_url=sqlite_url, artifacts_dir=artifacts_dir), worker="w") == "skipped"
     with database.read() as session:
         job = get_job(session, job_id)
@@ -386,7 +388,7 @@ def test_a_job_interrupted_by_a_worker_shutdown_goes_back_to_the_queue_with_its_
 
     configure(dataclasses.replace(task_settings, broker_url=redis_url))
     monkeypatch.setattr(tasks.shutting_down, "is_set", lambda: True)  # as after SIGTERM
-    from db.queries import create_batch
+    from db.submission import create_batch
 
     database = get_database(sqlite_url)
     with database.begin() as session:  # a queue no worker of this module consumes

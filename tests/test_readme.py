@@ -91,11 +91,11 @@ def test_command_table_lists_exactly_the_cli_commands():
     assert sorted(table) == sorted(cli.commands)
 
 
-def test_result_fields_listed_are_the_fields_results_prints():
-    from db.results import RESULT_FIELDS
+def test_result_field_list_is_generated_from_the_field_declarations():
+    from db.tables import result_fields_markdown
 
-    listed = re.findall(r"`(\w+)`", README.split("--format json` prints an array", 1)[1].split("Job statuses", 1)[0])
-    assert [field for field in listed if field != "csv"] == list(RESULT_FIELDS)
+    section = README.split("<!-- result-fields:start -->\n", 1)[1].split("<!-- result-fields:end -->", 1)[0]
+    assert section == result_fields_markdown(), "regenerate with db.tables.result_fields_markdown()"
 
 
 def test_make_targets_run_what_the_readme_says():

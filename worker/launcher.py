@@ -280,16 +280,10 @@ def reap_once(settings: Settings, *, check_lost: bool = True) -> dict[str, int]:
     Re-queues (and re-publishes) or fails the jobs whose worker died, publishes queued jobs
     that never got a message, and with `check_lost` those whose message the broker lost.
     """
-    from db.queries import (
-        find_stale_jobs,
-        get_job,
-        mark_published,
-        queued_published_before,
-        requeue_stale_job,
-        settle_stale_job,
-        unpublished_queued,
-    )
+    from db.claims import find_stale_jobs, requeue_stale_job, settle_stale_job
+    from db.queries import get_job, queued_published_before, unpublished_queued
     from db.session import get_database
+    from db.submission import mark_published
     from jobs.celery_app import configure
     from jobs.submit import publish_jobs
 

@@ -134,8 +134,9 @@ class _RichDisplay:
 
 def run_batch(batch: Batch, settings: Settings, database: Database, *, interactive: bool | None = None) -> bool:
     """Record `batch` and run its jobs here; returns True if every job succeeded."""
-    from db.models import JobStatus
-    from db.queries import fail_job, get_job, request_cancel
+    from db.claims import fail_job
+    from db.queries import get_job, request_cancel
+    from db.tables import JobStatus
     from jobs.celery_app import configure
     from jobs.submit import record_batch
 

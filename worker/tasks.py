@@ -39,22 +39,22 @@ from celery.signals import worker_init, worker_shutting_down
 from celery.utils.log import get_task_logger
 from sqlalchemy.exc import OperationalError
 
-from db.models import JobStatus
-from db.queries import (
+from db.claims import (
     Claim,
     ClaimState,
-    claim_job_to_run,
+    claim_job,
     fail_job,
     finish_job,
-    get_job,
     heartbeat,
     interrupt_job,
-    mark_published,
     record_progress,
     release_job,
     settle_stale_job,
 )
+from db.queries import get_job
 from db.session import Database, get_database
+from db.submission import mark_published
+from db.tables import JobStatus
 from jobs.celery_app import RUN_JOB_TASK, app, current_settings
 from jobs.settings import Settings
 from worker.errors import JobCancelled, JobError, JobInterrupted, TransientError, is_sticky_cuda_error
@@ -219,9 +219,7 @@ class _Claimed:
     def write(self, fn: Callable[..., bool], *args: Any, **kwargs: Any) -> bool:
         """Run `fn(connection, job_id, token, ...)`; False (and nothing written) once the claim is lost."""
         def write() -> bool:
-            # A Core connection: every job pays for its claim and outcome writes, and an ORM
-            # session adds bookkeeping to each.
-            with self.database.transaction() as connection:
+            with self.database.begin() as connection:
                 return fn(connection, self.job_id, self.claim.token, *args, **kwargs)
 
         written = _with_db_retries(write)
@@ -287,8 +285,8 @@ def execute_job(job_id: str, settings: Settings, *, worker: str, eager: bool = F
 def _claim(database: Database, job_id: str, worker: str, settings: Settings) -> Claim | None:
     """Claim the job's row; None (and the reason logged) when this delivery must not run it."""
     def claim() -> Claim | None:
-        with database.transaction() as connection:
-            return claim_job_to_run(connection, job_id, worker, settings.stale_after)
+        with database.begin() as connection:
+            return claim_job(connection, job_id, worker, settings.stale_after)
 
     try:
         claimed = _with_db_retries(claim)

@@ -11,11 +11,12 @@ import os
 from alembic import context
 from sqlalchemy import pool
 
-from db.models import Base
-from db.session import DEFAULT_DATABASE_URL, create_database_engine
+from db import DEFAULT_DATABASE_URL
+from db.session import create_database_engine
+from db.tables import metadata
 
 config = context.config
-target_metadata = Base.metadata
+target_metadata = metadata
 
 
 def _url() -> str:
