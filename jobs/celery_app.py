@@ -41,7 +41,7 @@ def configure(settings: Settings) -> Celery:
         accept_content=["json"],
         event_serializer="json",
         # At-least-once delivery: acknowledge after the task returns, redeliver when the worker
-        # process dies. Duplicates are dropped by the claim in the database (RELIABILITY.md 1).
+        # process dies. Duplicates are dropped by the claim in the database (docs/reliability.md).
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,

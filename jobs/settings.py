@@ -5,7 +5,7 @@
 | database_url | GRAFTQ_DATABASE_URL | sqlite:///graftq-data/graftq.db |
 | broker_url | GRAFTQ_BROKER_URL | redis://127.0.0.1:6379/0 |
 | artifacts_dir | GRAFTQ_ARTIFACTS_DIR | ./graftq-data/artifacts |
-| visibility_timeout | GRAFTQ_VISIBILITY_TIMEOUT | 3600 s (kombu's; not a lease, see RELIABILITY.md) |
+| visibility_timeout | GRAFTQ_VISIBILITY_TIMEOUT | 3600 s (kombu's; not a lease, see docs/reliability.md) |
 | heartbeat_interval | GRAFTQ_HEARTBEAT_INTERVAL | 10 s |
 | stale_after | GRAFTQ_STALE_AFTER | 60 s without a heartbeat: the worker is taken for dead |
 | max_attempts | GRAFTQ_MAX_ATTEMPTS | 3 |

@@ -1,4 +1,4 @@
-"""A process that saves artifacts and is SIGKILLed at random moments (scenario 7 of RELIABILITY.md).
+"""A process that saves artifacts and is SIGKILLed at random moments (a scenario of docs/reliability.md).
 
     python -m tests.fault_workload ARTIFACTS_ROOT KILLS SEED
 

@@ -1,4 +1,4 @@
-"""Fault injection: the scenarios of RELIABILITY.md against a real redis-server and real
+"""Fault injection: the scenarios of docs/reliability.md against a real redis-server and real
 `graftq worker` processes, each reporting its figure (`FIGURE <scenario>: key=value ...`).
 
     pytest -m faults -s tests/test_faults.py          # GRAFTQ_FAULT_REPORT=file also collects them
@@ -202,7 +202,7 @@ def fault_redis(tmp_path_factory):
     server = SecuredRedis(tmp_path_factory.mktemp("fault-redis"))
     if not Path(server.binary).exists():
         pytest.skip("redis-server is not installed (apt-get install redis-server); fault tests need it")
-    # As RELIABILITY.md 5 asks of a production Redis: AOF every second, no eviction, a password.
+    # As docs/reliability.md asks of a production Redis: AOF every second, no eviction, a password.
     server.extra_args = ["--appendfsync", "everysec", "--maxmemory-policy", "noeviction", "--requirepass", PASSWORD]
     server.start(appendonly=True)
     yield server
