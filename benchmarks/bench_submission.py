@@ -30,7 +30,7 @@ from _common import (
 )
 
 NAME = "submission"
-TARGET_RATIO = 2.0
+TARGET_RATIO = 1.0
 
 
 def reference_send(broker_url: str, count: int) -> float:
