@@ -10,7 +10,6 @@ import Celery.
 from __future__ import annotations
 
 import functools
-import gc
 import json
 import sys
 import time
@@ -29,6 +28,7 @@ if TYPE_CHECKING:
     from db.session import Database
     from jobs.batch import Batch
     from jobs.settings import Settings
+    from jobs.spec import JobSpec
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -209,9 +209,12 @@ def _print_dry_run(batch: Batch, settings: Settings) -> None:
 
 @cli.command()
 @click.argument("batch_file", metavar="BATCH", type=click.Path(path_type=Path))
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Train each train job for at most N steps (N wins over `epochs`): a quick smoke test of "
+                   "a batch. The recorded specs say N.")
 @click.pass_context
 @_handle_db_errors
-def run(ctx: click.Context, batch_file: Path) -> None:
+def run(ctx: click.Context, batch_file: Path, max_steps: int | None) -> None:
     """Run every job of BATCH on this machine (no broker needed), with live progress.
 
     The jobs are recorded in the results database and executed one after another
@@ -221,9 +224,23 @@ def run(ctx: click.Context, batch_file: Path) -> None:
 
     state = _state(ctx)
     batch = _load(batch_file)
+    if max_steps is not None:
+        batch = _with_max_steps(batch, max_steps)
     _require_worker_extra("run")
     ok = run_batch(batch, state.settings, state.database)
     ctx.exit(0 if ok else 1)
+
+
+def _with_max_steps(batch: Batch, max_steps: int) -> Batch:
+    """`batch` with every train job's `train.max_steps` capped at `max_steps`."""
+    import dataclasses
+
+    def capped(spec: JobSpec) -> JobSpec:
+        if spec.train is None or (spec.train.max_steps is not None and spec.train.max_steps <= max_steps):
+            return spec
+        return spec.model_copy(update={"train": spec.train.model_copy(update={"max_steps": max_steps})})
+
+    return dataclasses.replace(batch, jobs=[capped(spec) for spec in batch.jobs])
 
 
 # --- worker ------------------------------------------------------------------------------------
@@ -600,12 +617,7 @@ def iter_commands(group: click.Group = cli, prefix: tuple[str, ...] = ()) -> Ite
 
 
 def main() -> None:
-    try:
-        cli(prog_name="graftq")
-    finally:
-        # Everything still alive is about to go: skip the interpreter's last full collection
-        # over it (~0.3 s after a 10,000-job submit, whose specs and rows are still alive).
-        gc.freeze()
+    cli(prog_name="graftq")
 
 
 if __name__ == "__main__":
