@@ -2,7 +2,7 @@
 
 The figures are measured by `make bench`, never asserted here; this checks that the commands
 the benchmarks' README gives still work end to end: `run_all.py --quick --only ... --json`,
-the dispatch benchmark's worker shim and lockstep reference process included, and the GPU
+the dispatch benchmark's worker and reference processes included, and the GPU
 benchmark's CPU smoke run (`bench_gpu_training.py --device cpu`).
 """
 
@@ -21,7 +21,7 @@ from tests.conftest import ROOT
 def test_run_all_quick_runs_the_chosen_benchmarks_and_writes_their_figures(tmp_path):
     summary_path = tmp_path / "results.json"
     completed = subprocess.run(
-        [sys.executable, "benchmarks/run_all.py", "--quick", "--only", "cli_start", "--only", "dispatch",
+        [sys.executable, "benchmarks/run_all.py", "--quick", "--only", "submission", "--only", "dispatch",
          "--json", str(summary_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
@@ -29,16 +29,19 @@ def test_run_all_quick_runs_the_chosen_benchmarks_and_writes_their_figures(tmp_p
     assert completed.returncode in (0, 1), completed.stdout[-3000:] + completed.stderr[-3000:]
     summary = json.loads(summary_path.read_text())
     results = {result["name"]: result for result in summary["results"]}
-    assert set(results) == {"cli_start", "dispatch"}
+    assert set(results) == {"submission", "dispatch"}
     assert all(result["error"] is None for result in results.values()), completed.stdout[-3000:]
 
+    [submission] = results["submission"]["checks"]
+    assert submission["ratio"] > 0 and results["submission"]["figures"]["jobs"] == 2000
     dispatch = results["dispatch"]["figures"]
-    # the lockstep reference ran every job of the round, and its turns left the queue's clock:
-    # counted against the queue they would double it (a quick round measures 1.3-1.5 here)
-    assert dispatch["jobs"] == 40 and len(dispatch["lockstep_per_round_ratio"]) == 1
-    assert dispatch["lockstep_reference_total_s"][0] > 0
-    assert 1.0 < dispatch["lockstep_per_round_ratio"][0] < 2.0
-    assert dispatch["overhead_ms_per_job_p50"] > 0
+    # one queue run between two reference runs, every job of each finished
+    assert dispatch["jobs"] == 4 and len(dispatch["per_round_ratio"]) == 1
+    assert len(dispatch["reference_total_s (runs before, between and after)"]) == 2
+    assert results["dispatch"]["checks"][0]["ratio"] == dispatch["per_round_ratio"][0] > 0
+    assert dispatch["overhead_ms_per_job_p95"] >= dispatch["overhead_ms_per_job_p50"]
+    for name in ("submission", "dispatch"):
+        assert f"{name:<15}" in completed.stdout and "ratio" in completed.stdout
     assert "summary written to" in completed.stdout
 
 

@@ -3,7 +3,7 @@
 CPython keeps frames in 16 KiB chunks and unmaps a chunk as soon as its first frame returns:
 recursion that oscillates across a chunk boundary maps and faults in a fresh chunk every time.
 A Celery worker calls the pipeline from a much deeper stack than a plain loop does, and the
-same `create` jobs used to run ~25% slower there (benchmarks/bench_dispatch.py).
+same jobs run measurably slower there without the trampoline (benchmarks/README.md, `dispatch`).
 """
 
 from __future__ import annotations

@@ -92,9 +92,10 @@ _startup_frozen = False
 def _freeze_startup_objects() -> None:
     """Move everything alive after the ML imports into the GC's permanent generation, once.
 
-    torch + transformers + peft leave ~400k objects behind; every full collection (one per job,
-    in DeviceManager.release) would walk them all, ~0.2 s a job: more than a whole tiny
-    `create` job. Frozen objects are never freed, which is right for modules and their globals.
+    It pays on one-second training jobs: the full collection after every job
+    (DeviceManager.release) would otherwise walk the hundreds of thousands of objects that
+    torch + transformers + peft leave behind. Frozen objects are never freed, which is right
+    for modules and their globals.
     """
     global _startup_frozen
     if not _startup_frozen:
@@ -108,13 +109,12 @@ def _roomy_stack_trampoline(slots: int) -> Callable[..., Any]:
 
     CPython (3.11 and later) keeps Python frames on a per-thread stack of 16 KiB chunks: a call
     that does not fit in the current chunk maps a new one, and the chunk is unmapped as soon as
-    its first frame returns. Code that recurses back and forth across a chunk boundary (deepcopy
-    and module-tree walks do, thousands of times per job) maps, faults in and unmaps a chunk
-    each time. Where the boundary falls depends on how deep the caller's stack already is, so the
-    same job ran ~25% slower inside a Celery worker (deep stack: ~1,800 page faults and 11 ms of
-    system time per job) than in a plain loop. A frame too big for any chunk gets a fresh chunk
-    of twice its size that starts with it, so everything the job calls below it has half that
-    chunk to itself, whatever the caller's depth: one chunk per job, mapped once.
+    its first frame returns. Code that recurses back and forth across a chunk boundary (deepcopy,
+    module-tree walks and the training step do) maps, faults in and unmaps a chunk each time.
+    Where the boundary falls depends on how deep the caller's stack already is, and a Celery
+    worker's is deep. A frame too big for any chunk gets a fresh chunk of twice its size that
+    starts with it, so everything the job calls below it has half that chunk to itself,
+    whatever the caller's depth: one chunk per job, mapped once.
     """
     names = [f"_slot{index}" for index in range(slots)]
     source = (
@@ -131,12 +131,14 @@ def _roomy_stack_trampoline(slots: int) -> Callable[..., Any]:
 @functools.cache
 def _roomy_stack_call() -> Callable[..., Any]:
     # ~64 KiB of frame slots: the job's own frames get the other ~64 KiB of a 128 KiB chunk.
-    # Built on the first job (compiling 8,200 names takes ~20 ms), not at import.
+    # Built on the first job, not at import: compiling 8,200 names is not free.
     return _roomy_stack_trampoline(8200)
 
 
 def run_job(ctx: JobContext) -> JobOutcome:
     """Build, (train,) save one job. See the module docstring for what is raised."""
+    # The trampoline pays on one-second training jobs called from a Celery worker's deep stack
+    # (benchmarks/README.md, `dispatch`).
     return _roomy_stack_call()(_run_job, ctx)
 
 
