@@ -1,7 +1,7 @@
 """Dispatch overhead: ~1 s training jobs through `graftq submit` + one worker vs the pipeline in a loop.
 
 The jobs are the smallest a user would queue: LoRA `train` jobs of 20 steps on random:t5-tiny
-(batch 16, the quickstart's reverse task), about a second each on a 2-core machine.
+(batch 16, the quickstart's reverse task), 0.5-1.4 s each on a shared 2-core machine.
 
 Queue side: a private redis-server, a SQLite file and `graftq worker --gpus none`, started the
 way a user starts them; one warm-up job makes the worker import everything and cache the base
