@@ -13,6 +13,7 @@ is here too.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -112,6 +113,10 @@ def _declared(job_id: str, what: str, values: Mapping[str, Any], fields: tuple[s
         raise ValueError(f"job {job_id}: {what} key(s) {', '.join(map(repr, unknown))} are not result fields; "
                          f"record only {', '.join(fields)} (or declare the new field in db.tables.FIELDS, "
                          "with an Alembic revision)")
+    for name, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"job {job_id}: {what} key {name!r} is {value}; a succeeded job records finite "
+                             "values (fail the job instead)")
     return {name: values.get(name) for name in fields}
 
 
@@ -136,6 +141,14 @@ def finish_job(
     for a `stats` or `metrics` key that is not a field of that section (`db.tables.FIELDS`);
     a missing one is recorded as null.
     """
+    points = [
+        {"job_id": job_id, "step": int(step), "split": str(split), "loss": float(loss)}
+        for step, split, loss in loss_curve
+    ]
+    for point in points:
+        if not math.isfinite(point["loss"]):
+            raise ValueError(f"job {job_id}: the loss curve's point at step {point['step']} is {point['loss']}; "
+                             "a succeeded job records finite values (fail the job instead)")
     now = utcnow()
     result = connection.execute(
         update(jobs)
@@ -149,10 +162,6 @@ def finish_job(
     )
     if result.rowcount != 1:
         return False
-    points = [
-        {"job_id": job_id, "step": int(step), "split": str(split), "loss": float(loss)}
-        for step, split, loss in loss_curve
-    ]
     if points:
         connection.execute(delete(metric_points).where(metric_points.c.job_id == job_id))
         connection.execute(insert(metric_points), points)
