@@ -103,6 +103,9 @@ class TrainSpec(_Spec):
         float | None, Field(gt=0, description="Passes over the training split, used when max_steps is not set.")
     ] = None
     batch_size: Annotated[int, Field(gt=0, le=4096, description="Examples per optimizer step.")] = 8
+    eval_batch_size: Annotated[
+        int | None, Field(gt=0, le=4096, description="Examples per evaluation forward pass; default: batch_size.")
+    ] = None
     learning_rate: Annotated[float, Field(gt=0, lt=1, description="AdamW learning rate.")] = 1e-3
     weight_decay: Annotated[float, Field(ge=0, lt=1, description="AdamW weight decay.")] = 0.0
     warmup_steps: Annotated[int, Field(ge=0, description="Linear learning-rate warm-up steps.")] = 0
@@ -146,6 +149,12 @@ class JobSpec(_Spec):
     ]
     device: Annotated[str, Field(description="`auto`, `cpu`, `cuda`, `mps`, or `cuda:N` with `graftq run` "
                                  "(a pool worker owns one GPU: `cuda`).")] = "auto"
+    dtype: Annotated[
+        Literal["auto", "float32", "bfloat16", "float16"],
+        Field(description="Dtype of the frozen base weights (trainable ones are float32). `auto`: bfloat16 on "
+              "CUDA of compute capability 8.0+, float16 on older CUDA (float32 for T5-family bases), float32 "
+              "on MPS and CPU. On a CPU, bfloat16 halves the base's memory."),
+    ] = "auto"
     lora: Annotated[LoRASpec | None, Field(description="LoRA settings (lora and hybrid jobs).")] = None
     layer: Annotated[LayerSpec | None, Field(description="Added-layer settings (layer and hybrid jobs).")] = None
     train: Annotated[TrainSpec | None, Field(description="Training settings (train jobs).")] = None

@@ -40,9 +40,11 @@ def test_cpu_policy_is_fp32_everywhere(tmp_path):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("extension", ["lora", "layer", "hybrid"])
-def test_cuda_policy_bf16_base_fp32_trainable_and_training_works(extension, tmp_path):
-    manager = DeviceManager("cuda")
-    expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+def test_cuda_policy_low_precision_base_fp32_trainable_and_training_works(extension, tmp_path):
+    manager = DeviceManager("cuda", family="t5")
+    # is_bf16_supported() is True on T4/V100, where bf16 is emulated: capability 8.0 is the line;
+    # below it a T5 base stays float32 (it overflows in float16)
+    expected = torch.bfloat16 if torch.cuda.get_device_capability(manager.device) >= (8, 0) else torch.float32
     assert manager.base_dtype == expected
     from worker.extensions import ExtensionConfig, extension_class
     from worker.models import load_base_model
@@ -82,20 +84,5 @@ def test_cpu_peak_memory_covers_a_peak_that_was_gone_before_the_job_ended():
     assert manager.peak_memory_mb() >= before + 150
     # the next job starts from its own peak, not the process's lifetime peak
     manager.reset_peak_memory()
-    if manager.tracks_peak:  # Linux (VmHWM); elsewhere the peak is sampled between steps
+    if Path("/proc/self/clear_refs").exists():  # Linux keeps the peak (VmHWM); elsewhere it is sampled
         assert manager.peak_memory_mb() < before + 100
-
-
-def test_seeding_a_cpu_job_draws_as_torch_manual_seed_does_without_walking_the_stack(monkeypatch):
-    import traceback
-
-    torch.manual_seed(7)
-    expected = torch.rand(4)
-    manager = DeviceManager("cpu")
-
-    def no_stack_walks(*args, **kwargs):  # torch's lazy accelerator seeding formats the stack
-        raise AssertionError("seeding a CPU job formatted the call stack")
-
-    monkeypatch.setattr(traceback, "format_stack", no_stack_walks)
-    manager.seed(7)
-    assert torch.equal(torch.rand(4), expected)

@@ -1,16 +1,20 @@
-"""Device and dtype policy.
+"""Device and dtype policy (the README's "Devices" paragraph).
 
-One documented policy (DESIGN.md "Devices"):
-- frozen base weights: bf16 on CUDA devices that support it, fp16 on older CUDA, fp32 on MPS/CPU;
+- frozen base weights (`dtype: auto`): bf16 on CUDA of compute capability 8.0 or newer (where
+  bf16 runs natively), fp16 on older CUDA except for T5-family bases (T5 overflows in fp16),
+  which stay fp32 there; fp32 on MPS/CPU. A job's `dtype` key overrides the policy. Only
+  floating parameters take the base dtype: buffers (rotary `inv_freq`) keep theirs;
 - trainable parameters (LoRA adapters, the added block): always fp32;
-- on CUDA the forward pass runs under autocast in the base dtype, so fp32 trainable modules
-  and low-precision frozen ones mix without casts in model code.
+- with a low-precision base the forward pass runs under the device's autocast, so fp32
+  trainable modules and low-precision frozen ones mix without casts in model code; fp16 adds
+  loss scaling (`grad_scaler`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
 import random
 
@@ -18,7 +22,14 @@ import torch
 
 from worker.errors import DeviceError, is_sticky_cuda_error
 
+log = logging.getLogger(__name__)
+
 _DEVICE_HELP = "use auto, cpu, cuda, cuda:N or mps"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: native bf16 matmuls start with Ampere; older GPUs report bf16 support but emulate it, slowly
+BF16_MIN_CAPABILITY = (8, 0)
+#: families whose activations overflow fp16 (trained in bf16)
+FP16_UNSAFE_FAMILIES = frozenset({"t5"})
 
 
 def get_device(requested: str = "auto") -> torch.device:
@@ -88,11 +99,18 @@ def check_gpu_worker() -> str | None:
     return None
 
 
-def get_dtype(device: torch.device) -> torch.dtype:
-    """The dtype of frozen base weights on `device` (see the module docstring)."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+def get_dtype(device: torch.device, family: str | None = None) -> torch.dtype:
+    """The `dtype: auto` policy: the dtype of frozen base weights of a `family` base on `device`.
+
+    `family` is `worker.architectures.Architecture.family` ("t5", "llama", ...), or None when unknown.
+    """
+    if device.type != "cuda":
+        return torch.float32
+    if torch.cuda.get_device_capability(device) >= BF16_MIN_CAPABILITY:
+        return torch.bfloat16
+    if family in FP16_UNSAFE_FAMILIES:
+        return torch.float32
+    return torch.float16
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -102,12 +120,22 @@ def dtype_name(dtype: torch.dtype) -> str:
 class DeviceManager:
     """Resolves the device once and applies the dtype policy, seeding and memory measurement."""
 
-    def __init__(self, device: str = "auto"):
+    def __init__(self, device: str = "auto", base_dtype: str = "auto", family: str | None = None):
+        """`base_dtype`: `auto` (the policy, see `get_dtype`) or a name in DTYPES; `family`: the base's."""
         self.requested = device
         self.device = get_device(device)
-        self.base_dtype = get_dtype(self.device)
+        if base_dtype == "auto":
+            self.base_dtype = get_dtype(self.device, family)
+            if family in FP16_UNSAFE_FAMILIES and self.base_dtype == torch.float32 and self.device.type == "cuda":
+                log.info("%s base kept in float32 on %s: no native bfloat16 there, and %s overflows in "
+                         "float16", family, self.device, family)
+        else:
+            self.base_dtype = DTYPES[base_dtype]
+            if family in FP16_UNSAFE_FAMILIES and self.base_dtype == torch.float16:
+                log.warning("dtype: float16 on a %s base as asked; %s tends to overflow in float16 "
+                            "(a non-finite loss fails the job): bfloat16 or float32 are safe", family, family)
         self.trainable_dtype = torch.float32
-        self._rss_peak = 0
+        self._peak = 0
         #: the kernel keeps this job's peak RSS (Linux: VmHWM, reset per job); no sampling needed
         self._kernel_peak = False
 
@@ -116,37 +144,39 @@ class DeviceManager:
         return dtype_name(self.base_dtype)
 
     def place_base(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Move a frozen base model to the device in the base dtype."""
-        return model.to(device=self.device, dtype=self.base_dtype)
+        """Move a frozen base model to the device with its fp32 parameters in the base dtype.
+
+        Buffers keep their dtype: LLaMA's rotary `inv_freq` in bf16 turns far positions by
+        radians. Parameters already in another dtype stay.
+        """
+        cast: dict[int, torch.nn.Parameter] = {}  # tied parameters stay tied
+        for module in model.modules():
+            for name, param in module.named_parameters(recurse=False):
+                if param.dtype == torch.float32 and self.base_dtype != torch.float32:
+                    if id(param) not in cast:
+                        cast[id(param)] = torch.nn.Parameter(param.detach().to(self.base_dtype),
+                                                             requires_grad=param.requires_grad)
+                    setattr(module, name, cast[id(param)])
+        return model.to(self.device)  # after the cast: no fp32 copy on the device
 
     def place_trainable(self, module: torch.nn.Module) -> torch.nn.Module:
         """Move a trainable module to the device in fp32."""
         return module.to(device=self.device, dtype=self.trainable_dtype)
 
     def autocast(self):
-        """Context for forward passes: autocast in the base dtype on CUDA, nothing elsewhere."""
-        if self.device.type == "cuda" and self.base_dtype != torch.float32:
-            return torch.autocast(device_type="cuda", dtype=self.base_dtype)
+        """Context for forward passes: the device's autocast in a low-precision base dtype, else nothing."""
+        if self.base_dtype != torch.float32:
+            return torch.autocast(device_type=self.device.type, dtype=self.base_dtype)
         return contextlib.nullcontext()
 
-    def seed(self, seed: int) -> None:
-        """Seed Python's and torch's generators for this job's device."""
-        random.seed(seed)
-        if self.device.type == "cpu":
-            # A CPU job draws only from the CPU generator. torch.manual_seed would also queue a
-            # lazy seeding of each accelerator backend not initialised (CUDA, XPU, MTIA), and
-            # each of those formats the whole call stack: ~0.5 ms a job at a Celery worker's depth.
-            torch.default_generator.manual_seed(seed)
-            return
-        torch.manual_seed(seed)
-        if torch.cuda.is_available():
-            torch.cuda.manual_seed_all(seed)
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """Loss scaling for fp16 (small gradients underflow to zero without it); a no-op otherwise."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.base_dtype == torch.float16)
 
-    @property
-    def tracks_peak(self) -> bool:
-        """True when the device or the kernel keeps the job's peak memory (CUDA; Linux on the CPU);
-        otherwise the peak is sampled with `sample_memory` between training steps."""
-        return self.device.type == "cuda" or self._kernel_peak
+    def seed(self, seed: int) -> None:
+        """Seed Python's and torch's generators (every device's)."""
+        random.seed(seed)
+        torch.manual_seed(seed)
 
     def reset_peak_memory(self) -> None:
         """Start measuring this job's peak memory."""
@@ -157,33 +187,38 @@ class DeviceManager:
             # sampling between steps misses, and resets it on request: no per-step sampling
             # (reading /proc each step cost ~0.17 ms, 1% of a tiny model's training step).
             self._kernel_peak = _reset_kernel_peak_rss()
-        self._rss_peak = _rss_bytes()
+        self._peak = 0
+        self.sample_memory()
 
     def sample_memory(self) -> None:
         """Record the current memory use where nothing keeps the peak; call now and then during a job."""
-        if self.device.type == "cpu" and not self._kernel_peak:
-            self._rss_peak = max(self._rss_peak, _rss_bytes())
+        if self.device.type == "mps":  # MPS keeps no peak: the driver's allocation, sampled
+            self._peak = max(self._peak, torch.mps.driver_allocated_memory())
+        elif self.device.type == "cpu" and not self._kernel_peak:
+            self._peak = max(self._peak, _rss_bytes())
 
     def peak_memory_mb(self) -> float:
-        """Peak accelerator memory on CUDA, otherwise the peak process RSS during the job."""
+        """Peak accelerator memory on CUDA, the sampled peak on MPS, the peak process RSS on the CPU."""
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        if self.device.type == "mps":
-            return torch.mps.current_allocated_memory() / 2**20
-        if self._kernel_peak:
-            peak = _kernel_peak_rss_bytes()  # never below the RSS when the job started
-            if peak is not None:
-                return peak / 2**20
-        self._rss_peak = max(self._rss_peak, _rss_bytes())
-        return self._rss_peak / 2**20
+        if self._kernel_peak and (peak := _kernel_peak_rss_bytes()) is not None:
+            return peak / 2**20  # never below the RSS when the job started
+        self._kernel_peak = False
+        self.sample_memory()
+        return self._peak / 2**20
 
     def release(self) -> None:
         """Free cached memory between jobs. Call after the job's references are dropped."""
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        elif self.device.type == "mps":
-            torch.mps.empty_cache()
+        release_memory()
+
+
+def release_memory() -> None:
+    """Collect garbage and return cached accelerator memory to the driver."""
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        torch.mps.empty_cache()
 
 
 def _rss_bytes() -> int:

@@ -62,19 +62,33 @@ def build_random_preset(name: str) -> tuple[torch.nn.Module, ByteTokenizer]:
     return model, ByteTokenizer()
 
 
+def base_family(name: str) -> str | None:
+    """The architecture family of base model `name` (for the dtype policy); None if it cannot be read."""
+    path = Path(name).expanduser()
+    try:
+        if name.startswith("random:"):
+            config = transformers.AutoConfig.for_model(**PRESETS[name.removeprefix("random:")]["config"])
+        else:
+            config = transformers.AutoConfig.from_pretrained(str(path) if path.is_dir() else name,
+                                                             local_files_only=True)
+        return architecture_for(config).family
+    except (KeyError, OSError, ValueError, JobError):  # loading the model reports it with advice
+        return None
+
+
 def load_base_model(name: str, device_manager: DeviceManager) -> BaseModel:
     """Load a base model, freeze it and place it per the dtype policy. Raises JobError/ConfigError."""
     if name.startswith("random:"):
         model, tokenizer = build_random_preset(name.removeprefix("random:"))
+        device_manager.place_base(model)
     else:
-        model, tokenizer = _load_pretrained(name)
+        model, tokenizer = _load_pretrained(name, device_manager)
     model.requires_grad_(False)
     model.eval()
-    device_manager.place_base(model)
     return BaseModel(name=name, model=model, tokenizer=tokenizer, arch=architecture_for(model))
 
 
-def _load_pretrained(name: str):
+def _load_pretrained(name: str, device_manager: DeviceManager):
     path = Path(name).expanduser()
     local = path.is_dir()
     source = str(path) if local else name
@@ -83,7 +97,10 @@ def _load_pretrained(name: str):
         # hangs on a download or retries one.
         config = transformers.AutoConfig.from_pretrained(source, local_files_only=True)
         arch = architecture_for(config)
-        model = _AUTO_CLASSES[arch.task_type].from_pretrained(source, local_files_only=True, dtype=torch.float32)
+        # Loaded straight into the device and the base dtype: no fp32 copy in host memory, and
+        # transformers keeps its fp32 buffers and `keep_in_fp32` modules.
+        model = _AUTO_CLASSES[arch.task_type].from_pretrained(
+            source, local_files_only=True, dtype=device_manager.base_dtype, device_map=str(device_manager.device))
     except (OSError, ValueError) as error:
         if local:
             raise JobError(f"base_model: cannot load the model directory {source!r}: {error}") from error

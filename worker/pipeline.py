@@ -15,6 +15,7 @@ import gc
 import logging
 import shutil
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,15 +138,32 @@ def _roomy_stack_call() -> Callable[..., Any]:
 
 def run_job(ctx: JobContext) -> JobOutcome:
     """Build, (train,) save one job. See the module docstring for what is raised."""
-    # The trampoline pays on one-second training jobs called from a Celery worker's deep stack
-    # (benchmarks/README.md, `dispatch`).
-    return _roomy_stack_call()(_run_job, ctx)
+    try:
+        # The trampoline pays on one-second training jobs called from a Celery worker's deep stack
+        # (benchmarks/README.md, `dispatch`).
+        return _roomy_stack_call()(_run_job, ctx)
+    except BaseException as error:
+        # The traceback's frames hold the failed job's model, optimizer and graph: drop their
+        # locals and free the memory, so that this worker runs its next job with all of it.
+        from worker.device import release_memory
+
+        _clear_frames(error)
+        release_memory()
+        raise
+
+
+def _clear_frames(error: BaseException) -> None:
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
 
 
 def _run_job(ctx: JobContext) -> JobOutcome:
     from worker.device import DeviceManager
     from worker.extensions import ExtensionConfig, extension_class
-    from worker.models import BASE_MODELS
+    from worker.models import BASE_MODELS, base_family
     from worker.training import Trainer
 
     _freeze_startup_objects()
@@ -160,7 +178,7 @@ def _run_job(ctx: JobContext) -> JobOutcome:
 
     report(Progress(step=0, total_steps=0, phase="setup"))
     started = time.perf_counter()
-    device_manager = DeviceManager(spec.device)
+    device_manager = DeviceManager(spec.device, spec.dtype, family=base_family(spec.base_model))
     device_manager.reset_peak_memory()
     base, from_cache = BASE_MODELS.get(spec.base_model, device_manager)
     seed = spec.train.seed if spec.train is not None else 0
@@ -234,23 +252,28 @@ def _write_artifacts(extension, spec: JobSpec, payload: dict, directory: Path) -
     return {role: Path(path).relative_to(directory) for role, path in saved.items()}
 
 
-def load_job_model(job_dir: str | Path, device: str = "cpu"):
-    """Rebuild a trained model from a job directory: (model in eval mode, tokenizer, job.json dict)."""
+def load_job_model(job_dir: str | Path, device: str = "cpu", dtype: str = "auto"):
+    """Rebuild a trained model from a job directory: (model in eval mode, tokenizer, job.json dict).
+
+    `dtype` is the base's (see the `dtype` job key); an added block takes it too, so that the
+    model runs (forward, generate) without autocast.
+    """
     from peft import PeftModel
 
     from worker.artifacts import read_job_json
     from worker.device import DeviceManager
     from worker.extensions.layer import apply_saved_layer
-    from worker.models import load_base_model, structural_copy
+    from worker.models import base_family, load_base_model, structural_copy
 
     job_dir = Path(job_dir)
     info = read_job_json(job_dir)
-    device_manager = DeviceManager(device)
-    base = load_base_model(info["spec"]["base_model"], device_manager)
+    base_model = info["spec"]["base_model"]
+    device_manager = DeviceManager(device, dtype, family=base_family(base_model))
+    base = load_base_model(base_model, device_manager)
     model = structural_copy(base.model)
     if (job_dir / "layer").is_dir():
         block, _ = apply_saved_layer(model, job_dir / "layer")
-        device_manager.place_trainable(block)
+        device_manager.place_base(block)
     if (job_dir / "adapter").is_dir():
         model = PeftModel.from_pretrained(model, str(job_dir / "adapter"))
     model.eval()

@@ -1,7 +1,7 @@
 """Training with a fixed skeleton: setup() -> train() -> save_checkpoint() -> cleanup().
 
 Seq2seq for encoder-decoder families, causal LM (loss on the target only) for decoder-only ones.
-Checkpoints (trainable weights, optimizer and scheduler state, step) are safetensors + JSON,
+Checkpoints (trainable weights, optimizer, scheduler and loss-scaler state, step) are safetensors + JSON,
 written atomically, so a job re-run after its worker died resumes where it stopped. When the
 stop check raises `JobInterrupted` (the worker is shutting down) a checkpoint of the current step
 is written before the exception leaves `train()`.
@@ -47,8 +47,7 @@ class Trainer:
                  device_manager: DeviceManager, *,
                  on_step: Callable[[int, int, float], None] | None = None,
                  should_cancel: Callable[[], bool] | None = None,
-                 checkpoint_dir: Path | None = None,
-                 eval_batch_size: int | None = None):
+                 checkpoint_dir: Path | None = None):
         if task_type not in ("seq2seq", "causal"):
             raise JobError("kind: train is not supported for encoder-only models yet; use kind: create")
         self.model = model
@@ -59,7 +58,7 @@ class Trainer:
         self.on_step = on_step
         self.should_cancel = should_cancel
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
-        self.eval_batch_size = eval_batch_size or max(spec.batch_size, 16)
+        self.eval_batch_size = spec.eval_batch_size or spec.batch_size
         self.step = 0
         self.checkpointed_step = 0
         self.curve: list[tuple[int, str, float]] = []
@@ -83,10 +82,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
         self.pad_id = self.tokenizer.pad_token_id
-        # fp16 autocast (CUDA without bf16) needs loss scaling or small gradients underflow to
-        # zero; with bf16 or fp32 the scaler is a pass-through.
-        self.scaler = torch.amp.GradScaler(
-            "cuda", enabled=self.dm.device.type == "cuda" and self.dm.base_dtype == torch.float16)
+        self.scaler = self.dm.grad_scaler()
         if self.checkpoint_dir is not None and (self.checkpoint_dir / CHECKPOINT_STATE).exists():
             self._load_checkpoint()
 
@@ -123,38 +119,38 @@ class Trainer:
             total += float(loss) * n
             count += n
         self.model.train(was_training)
-        return total / max(count, 1)
+        loss = total / max(count, 1)
+        if not math.isfinite(loss):
+            raise JobError(self._non_finite("eval loss", loss, f"after step {self.step}"))
+        return loss
+
+    def _non_finite(self, what: str, value: float, when: str) -> str:
+        return (f"{what} is {value} {when} with dtype {self.dm.dtype_name} on {self.dm.device}; set dtype: "
+                "float32 (or bfloat16 where the device has it) or lower train.learning_rate")
 
     # -- train ------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         resumed_from = self.step
-        initial_eval = self.evaluate() if resumed_from == 0 else None
-        if initial_eval is not None:
-            self.curve.append((0, "eval", initial_eval))
-        self.model.train()
+        initial_eval = final_eval = last_loss = None
         tokens = 0
-        last_loss = None
-        started = time.perf_counter()
+        phase = "eval"
+        # An OOM anywhere here is recovered outside the except block: the traceback holds the
+        # frames of the failed step, and with them its graph (see _raise_oom).
         try:
+            if resumed_from == 0:
+                initial_eval = self.evaluate()
+                if initial_eval is not None:
+                    self.curve.append((0, "eval", initial_eval))
+            self.model.train()
+            phase = "train"
+            started = time.perf_counter()
             while self.step < self.total_steps:
                 if self.should_cancel is not None and self._stop_requested():
                     raise JobCancelled(f"cancelled at step {self.step}")
                 examples = self.batches.batch(self.step)
-                loss = self._loss(collate(examples, self.task_type, self.pad_id))
-                if self.scaler.is_enabled():
-                    self.scaler.scale(loss).backward()
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                else:  # fp32 or bf16: no loss scaling, so no calls through the disabled scaler
-                    loss.backward()
-                    self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                last_loss = self._train_step(examples)
                 self.step += 1
                 tokens += self._tokens(examples)
-                last_loss = float(loss.detach())
-                # free the graph's outputs now, otherwise they stay alive into the next forward
-                del loss
                 self.curve.append((self.step, "train", last_loss))
                 self.dm.sample_memory()
                 if self.on_step is not None:
@@ -162,15 +158,15 @@ class Trainer:
                 if (self.checkpoint_dir is not None and self.spec.checkpoint_every
                         and self.step % self.spec.checkpoint_every == 0 and self.step < self.total_steps):
                     self.save_checkpoint()
+            seconds = time.perf_counter() - started
+            phase = "eval"
+            final_eval = self.evaluate()
         except torch.OutOfMemoryError:
-            # Recover outside the except block (the traceback holds the big tensors): see _raise_oom.
             oom = True
         else:
             oom = False
         if oom:
-            self._raise_oom()
-        seconds = time.perf_counter() - started
-        final_eval = self.evaluate()
+            self._raise_oom(phase)
         if final_eval is not None:
             self.curve.append((self.step, "eval", final_eval))
         return TrainResult(
@@ -178,6 +174,20 @@ class Trainer:
             tokens_per_second=tokens / seconds if seconds > 0 else 0.0, train_seconds=seconds,
             resumed_from=resumed_from, curve=self.curve,
         )
+
+    def _train_step(self, examples: list[Example]) -> float:
+        """One optimizer step; returns its loss. The graph lives in this frame only."""
+        loss = self._loss(collate(examples, self.task_type, self.pad_id))
+        # Always through the scaler: disabled (fp32, bf16) it passes everything through.
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise JobError(self._non_finite("training loss", value, f"at step {self.step + 1}"))
+        return value
 
     def _stop_requested(self) -> bool:
         try:
@@ -188,14 +198,18 @@ class Trainer:
                 self.save_checkpoint()
             raise
 
-    def _raise_oom(self) -> None:
+    def _raise_oom(self, phase: str) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.dm.release()
-        raise OutOfMemory(
-            f"out of memory on {self.dm.device} at step {self.step} with train.batch_size={self.spec.batch_size} "
-            f"and train.max_length={self.spec.max_length}; lower train.batch_size or train.max_length, "
-            "or use a smaller lora.r"
-        )
+        spec = self.spec
+        if phase == "eval":
+            advice = (f"evaluating after step {self.step} with train.eval_batch_size={self.eval_batch_size}; "
+                      "lower train.eval_batch_size")
+        else:
+            advice = (f"at step {self.step + 1} with train.batch_size={spec.batch_size}; lower "
+                      "train.batch_size, or use a smaller lora.r")
+        raise OutOfMemory(f"out of memory on {self.dm.device} {advice} or train.max_length "
+                          f"(now {spec.max_length})")
 
     # -- checkpoints ------------------------------------------------------------------------
     def _trainable_names(self) -> dict[int, str]:
@@ -221,7 +235,8 @@ class Trainer:
         save_file(tensors, str(staging / "optimizer.safetensors"))
         state = {"step": self.step, "param_names": [names[id(p)] for p in self.params],
                  "param_groups": optimizer_state["param_groups"], "optimizer_scalars": scalars,
-                 "scheduler": self.scheduler.state_dict(), "curve": self.curve}
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                 "curve": self.curve}
         (staging / CHECKPOINT_STATE).write_text(json.dumps(state))
         for file in staging.iterdir():
             with open(file, "rb") as handle:
@@ -257,6 +272,8 @@ class Trainer:
             per_param.setdefault(int(index), {})[name] = value
         self.optimizer.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):  # empty when saved without loss scaling
+            self.scaler.load_state_dict(state["scaler"])
         self.step = self.checkpointed_step = state["step"]
         self.curve = [tuple(point) for point in state["curve"]]
 
