@@ -164,8 +164,9 @@ def test_the_probe_raises_a_sticky_cuda_error_as_it_is_and_names_the_fix_for_cud
 
 
 def test_a_sticky_cuda_error_in_the_probe_replaces_the_worker_process(tmp_path, monkeypatch):
-    from db.queries import create_batch, get_job
+    from db.queries import get_job
     from db.session import get_database
+    from db.submission import create_batch
     from worker import tasks
 
     database_url = f"sqlite:///{tmp_path / 'g.db'}"

@@ -135,3 +135,29 @@ def test_finish_job_refuses_non_finite_values_with_a_clear_error(backend, metric
     with database.read() as connection:
         assert (get_job(connection, job_id).status, loss_curve(connection, job_id)) == ("running", [])
     clear_cache()
+
+
+def test_an_outcome_the_database_refuses_fails_the_job_instead_of_leaving_it_running(sqlite_url, artifacts_dir,
+                                                                                      monkeypatch):
+    """A non-finite value that got past the trainer: the job ends failed, with the field named, not `running`."""
+    from jobs.settings import Settings
+    from worker import pipeline
+    from worker.tasks import execute_job
+
+    def diverged(ctx):
+        return pipeline.JobOutcome(stats={}, metrics={"train_loss": float("inf")}, device="cpu", dtype="float32",
+                                   versions={}, job_dir=str(ctx.job_dir))
+
+    monkeypatch.setattr(pipeline, "run_job", diverged)
+    spec = JobSpec(task="t", kind="create", extension="lora", base_model="random:t5-tiny", device="cpu")
+    database = get_database(sqlite_url)
+    with database.begin() as connection:
+        _, [job_id] = create_batch(connection, "refused", [{
+            "task": "t", "kind": "create", "extension": "lora", "base_model": spec.base_model, "queue": "graftq",
+            "spec": spec.to_json()}])
+    assert execute_job(job_id, Settings(database_url=sqlite_url, artifacts_dir=artifacts_dir), worker="w") == "failed"
+    with database.read() as connection:
+        job = get_job(connection, job_id)
+        assert job.status == "failed" and job.train_loss is None
+        assert "outcome cannot be recorded" in job.error and "train_loss" in job.error
+    clear_cache()

@@ -31,6 +31,9 @@ class Architecture:
     stack_config_count_key: str | None = None
     #: the adaptable projections store their weight transposed (GPT-2's Conv1D): PEFT's `fan_in_fan_out`
     weights_fan_in_fan_out: bool = False
+    #: activations overflow in float16 (T5 was trained in bf16): the dtype policy keeps such bases in
+    #: fp32 where bf16 is not native
+    overflows_in_fp16: bool = False
     model_types: tuple[str, ...] = field(default=())
 
 
@@ -55,6 +58,7 @@ register(Architecture(
     default_lora_targets=("q", "k", "v", "o"),
     first_block_owns_position_bias=True,
     stack_config_count_key="num_layers",
+    overflows_in_fp16=True,
     model_types=("mt5", "umt5"),
 ))
 register(Architecture(

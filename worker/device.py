@@ -20,6 +20,7 @@ import random
 
 import torch
 
+from worker.architectures import ARCHITECTURES
 from worker.errors import DeviceError, is_sticky_cuda_error
 
 log = logging.getLogger(__name__)
@@ -28,8 +29,6 @@ _DEVICE_HELP = "use auto, cpu, cuda, cuda:N or mps"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: native bf16 matmuls start with Ampere; older GPUs report bf16 support but emulate it, slowly
 BF16_MIN_CAPABILITY = (8, 0)
-#: families whose activations overflow fp16 (trained in bf16)
-FP16_UNSAFE_FAMILIES = frozenset({"t5"})
 
 
 def get_device(requested: str = "auto") -> torch.device:
@@ -108,9 +107,14 @@ def get_dtype(device: torch.device, family: str | None = None) -> torch.dtype:
         return torch.float32
     if torch.cuda.get_device_capability(device) >= BF16_MIN_CAPABILITY:
         return torch.bfloat16
-    if family in FP16_UNSAFE_FAMILIES:
+    if _overflows_in_fp16(family):
         return torch.float32
     return torch.float16
+
+
+def _overflows_in_fp16(family: str | None) -> bool:
+    arch = ARCHITECTURES.get(family) if family is not None else None
+    return arch is not None and arch.overflows_in_fp16
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -126,12 +130,12 @@ class DeviceManager:
         self.device = get_device(device)
         if base_dtype == "auto":
             self.base_dtype = get_dtype(self.device, family)
-            if family in FP16_UNSAFE_FAMILIES and self.base_dtype == torch.float32 and self.device.type == "cuda":
+            if _overflows_in_fp16(family) and self.base_dtype == torch.float32 and self.device.type == "cuda":
                 log.info("%s base kept in float32 on %s: no native bfloat16 there, and %s overflows in "
                          "float16", family, self.device, family)
         else:
             self.base_dtype = DTYPES[base_dtype]
-            if family in FP16_UNSAFE_FAMILIES and self.base_dtype == torch.float16:
+            if _overflows_in_fp16(family) and self.base_dtype == torch.float16:
                 log.warning("dtype: float16 on a %s base as asked; %s tends to overflow in float16 "
                             "(a non-finite loss fails the job): bfloat16 or float32 are safe", family, family)
         self.trainable_dtype = torch.float32

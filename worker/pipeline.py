@@ -64,7 +64,7 @@ class JobContext:
 
 @dataclass
 class JobOutcome:
-    """What a finished job records: the keys match DESIGN.md's result fields."""
+    """What a finished job records: the keys are result fields (`db.tables.FIELDS`)."""
 
     stats: dict[str, Any]  # base_params, total_params, trainable_params, lora_params, layer_params, trainable_pct
     metrics: dict[str, Any]  # train_loss, eval_loss, steps, tokens_per_second, train_seconds, peak_memory_mb

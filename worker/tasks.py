@@ -316,12 +316,16 @@ def _load_spec(job: _Claimed) -> JobSpec | None:
 
 
 def _record_success(job: _Claimed, outcome: JobOutcome) -> str:
-    if not job.write(
-        finish_job, stats=outcome.stats, metrics=outcome.metrics, device=outcome.device, dtype=outcome.dtype,
-        versions=outcome.versions, job_dir=str(outcome.job_dir), loss_curve=outcome.loss_curve,
-        adapter_path=None if outcome.adapter_path is None else str(outcome.adapter_path),
-        layer_path=None if outcome.layer_path is None else str(outcome.layer_path),
-    ):
+    try:
+        written = job.write(
+            finish_job, stats=outcome.stats, metrics=outcome.metrics, device=outcome.device, dtype=outcome.dtype,
+            versions=outcome.versions, job_dir=str(outcome.job_dir), loss_curve=outcome.loss_curve,
+            adapter_path=None if outcome.adapter_path is None else str(outcome.adapter_path),
+            layer_path=None if outcome.layer_path is None else str(outcome.layer_path),
+        )
+    except ValueError as error:  # an outcome the database refuses (a non-finite value, an unknown field)
+        return _record_failure(job, JobError(f"the job ran but its outcome cannot be recorded: {error}"), eager=True)
+    if not written:
         return "skipped"
     log.info("job %s succeeded", job.job_id)
     return JobStatus.SUCCEEDED.value
