@@ -10,10 +10,12 @@ check said stop), `JobInterrupted` (the worker is shutting down: a checkpoint wa
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import logging
 import shutil
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -105,43 +107,10 @@ def _freeze_startup_objects() -> None:
         _startup_frozen = True
 
 
-def _roomy_stack_trampoline(slots: int) -> Callable[..., Any]:
-    """`call(function, *args, **kwargs)`, whose own frame takes `slots` words of the frame stack.
-
-    CPython (3.11 and later) keeps Python frames on a per-thread stack of 16 KiB chunks: a call
-    that does not fit in the current chunk maps a new one, and the chunk is unmapped as soon as
-    its first frame returns. Code that recurses back and forth across a chunk boundary (deepcopy,
-    module-tree walks and the training step do) maps, faults in and unmaps a chunk each time.
-    Where the boundary falls depends on how deep the caller's stack already is, and a Celery
-    worker's is deep. A frame too big for any chunk gets a fresh chunk of twice its size that
-    starts with it, so everything the job calls below it has half that chunk to itself,
-    whatever the caller's depth: one chunk per job, mapped once.
-    """
-    names = [f"_slot{index}" for index in range(slots)]
-    source = (
-        "def call(function, *args, **kwargs):\n"
-        "    if function is None:  # never true: the names below only size the frame\n"
-        f"        {' = '.join(names)} = None\n"
-        "    return function(*args, **kwargs)\n"
-    )
-    namespace: dict[str, Any] = {}
-    exec(compile(source, "<graftq roomy stack>", "exec"), namespace)  # noqa: S102 - generated, constant code
-    return namespace["call"]
-
-
-@functools.cache
-def _roomy_stack_call() -> Callable[..., Any]:
-    # ~64 KiB of frame slots: the job's own frames get the other ~64 KiB of a 128 KiB chunk.
-    # Built on the first job, not at import: compiling 8,200 names is not free.
-    return _roomy_stack_trampoline(8200)
-
-
 def run_job(ctx: JobContext) -> JobOutcome:
     """Build, (train,) save one job. See the module docstring for what is raised."""
     try:
-        # The trampoline pays on one-second training jobs called from a Celery worker's deep stack
-        # (benchmarks/README.md, `dispatch`).
-        return _roomy_stack_call()(_run_job, ctx)
+        return _on_own_thread(_run_job, ctx)
     except BaseException as error:
         # The traceback's frames hold the failed job's model, optimizer and graph: drop their
         # locals and free the memory, so that this worker runs its next job with all of it.
@@ -150,6 +119,38 @@ def run_job(ctx: JobContext) -> JobOutcome:
         _clear_frames(error)
         release_memory()
         raise
+
+
+def _on_own_thread(run: Callable[[JobContext], JobOutcome], ctx: JobContext) -> JobOutcome:
+    """`run(ctx)` on a thread of its own; returns or raises what it did.
+
+    A new thread starts with an empty frame stack, so the job runs as in a plain loop whatever
+    its caller's depth: from a Celery worker's deep stack, CPython maps and unmaps frame-stack
+    chunks as the job's calls cross their boundaries (benchmarks/README.md, `dispatch`).
+    Interrupted while it waits (Ctrl-C), the job is told to stop at its next step.
+    """
+    stop = threading.Event()
+    asked = ctx.should_cancel or (lambda: False)
+    ctx = dataclasses.replace(ctx, should_cancel=lambda: stop.is_set() or asked())
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["outcome"] = run(ctx)
+        except BaseException as error:  # handed to the caller's thread below
+            result["error"] = error
+
+    thread = threading.Thread(target=target, name=f"graftq-job-{ctx.job_id}", daemon=True)
+    thread.start()
+    try:
+        thread.join()
+    except BaseException:
+        stop.set()
+        thread.join(timeout=30)
+        raise
+    if "error" in result:
+        raise result.pop("error")
+    return result["outcome"]
 
 
 def _clear_frames(error: BaseException) -> None:
