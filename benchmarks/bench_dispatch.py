@@ -1,7 +1,7 @@
 """Dispatch overhead: ~1 s training jobs through `graftq submit` + one worker vs the pipeline in a loop.
 
-The jobs are the smallest a user would queue: LoRA `train` jobs of 20 steps on random:t5-tiny
-(batch 16, the quickstart's reverse task), 0.5-1.4 s each on a shared 2-core machine.
+The jobs are the smallest a user would queue: LoRA `train` jobs of 40 steps on random:t5-tiny
+(batch 16, the quickstart's reverse task), about a second each on an idle 2-core machine.
 
 Queue side: a private redis-server, a SQLite file and `graftq worker --gpus none`, started the
 way a user starts them; one warm-up job makes the worker import everything and cache the base
@@ -49,7 +49,7 @@ from _common import (
 NAME = "dispatch"
 TARGET_RATIO = 1.05
 PRESET = "random:t5-tiny"
-TRAIN = {"dataset": str(EXAMPLES / "reverse.jsonl"), "max_steps": 20, "batch_size": 16, "max_length": 32,
+TRAIN = {"dataset": str(EXAMPLES / "reverse.jsonl"), "max_steps": 40, "batch_size": 16, "max_length": 32,
          "learning_rate": 3e-3, "seed": 0}
 
 #: Both sides train on one thread: on a shared 2-core machine, two OpenMP threads per process
@@ -113,8 +113,8 @@ def queue_run(env: dict[str, str], database_url: str, batch_file: Path, count: i
 
 
 def run(quick: bool) -> Result:
-    count = 4 if quick else 16
-    queue_rounds = 1 if quick else 2
+    count = 4 if quick else 32
+    queue_rounds = 1 if quick else 3
     result = Result(NAME, f"{count} LoRA train jobs ({TRAIN['max_steps']} steps, {PRESET}) through `graftq submit` + "
                           "one `graftq worker` vs the pipeline function in a loop")
     references: list[list[float]] = []
