@@ -34,7 +34,6 @@ CHECKPOINT_STATE = "trainer_state.json"
 class TrainResult:
     train_loss: float | None
     eval_loss: float | None
-    initial_eval_loss: float | None
     steps: int
     tokens_per_second: float
     train_seconds: float
@@ -170,7 +169,7 @@ class Trainer:
         if final_eval is not None:
             self.curve.append((self.step, "eval", final_eval))
         return TrainResult(
-            train_loss=last_loss, eval_loss=final_eval, initial_eval_loss=initial_eval, steps=self.step,
+            train_loss=last_loss, eval_loss=final_eval, steps=self.step,
             tokens_per_second=tokens / seconds if seconds > 0 else 0.0, train_seconds=seconds,
             resumed_from=resumed_from, curve=self.curve,
         )
