@@ -72,8 +72,9 @@ def gc_paused() -> Iterator[None]:
     on (YAML nodes, job dicts, specs, rows); each allocation threshold reached makes the
     collector walk them all again, a measurable share of `graftq submit` on a 10,000-job
     batch (benchmarks/README.md, `submission`). Reference counting still frees everything
-    acyclic; the collector runs again when the block ends. Nested use is fine: only the outermost block re-enables it. Also a
-    decorator (`@gc_paused()`), for functions that do such a burst.
+    acyclic; the collector runs again when the block ends. Nested use is fine: only the
+    outermost block re-enables it. Also a decorator (`@gc_paused()`), for functions that do
+    such a burst.
     """
     was_enabled = gc.isenabled()
     gc.disable()

@@ -277,7 +277,10 @@ def execute_job(job_id: str, settings: Settings, *, worker: str, eager: bool = F
         return _record_retry(job, error)
     except Exception as error:
         beat.stop()
-        return _record_failure(job, error, eager=eager)
+        status = _record_failure(job, error)
+        if not eager and is_sticky_cuda_error(error):
+            _replace_this_process()
+        return status
     beat.stop()
     return _record_success(job, outcome)
 
@@ -324,7 +327,7 @@ def _record_success(job: _Claimed, outcome: JobOutcome) -> str:
             layer_path=None if outcome.layer_path is None else str(outcome.layer_path),
         )
     except ValueError as error:  # an outcome the database refuses (a non-finite value, an unknown field)
-        return _record_failure(job, JobError(f"the job ran but its outcome cannot be recorded: {error}"), eager=True)
+        return _record_failure(job, JobError(f"the job ran but its outcome cannot be recorded: {error}"))
     if not written:
         return "skipped"
     log.info("job %s succeeded", job.job_id)
@@ -348,20 +351,22 @@ def _record_retry(job: _Claimed, error: BaseException) -> str:
     return JobStatus.FAILED.value
 
 
-def _record_failure(job: _Claimed, error: Exception, *, eager: bool) -> str:
+def _record_failure(job: _Claimed, error: Exception) -> str:
     """A deterministic failure: the job ends `failed`, never retried."""
     if isinstance(error, JobError):
         job.write(fail_job, str(error) or type(error).__name__, _traceback(error))
         log.error("job %s failed: %s", job.job_id, error)
-        return JobStatus.FAILED.value
-    job.write(fail_job, f"{type(error).__name__}: {error}", _traceback(error))
-    log.error("job %s failed", job.job_id, exc_info=error)
-    if not eager and is_sticky_cuda_error(error):
-        # The CUDA context of this process is broken: exit after this task (warm shutdown)
-        # so that `graftq worker` starts a fresh process for the next job.
-        log.error("sticky CUDA error: this worker process stops and is replaced")
-        os.kill(os.getpid(), signal.SIGTERM)
+    else:
+        job.write(fail_job, f"{type(error).__name__}: {error}", _traceback(error))
+        log.error("job %s failed", job.job_id, exc_info=error)
     return JobStatus.FAILED.value
+
+
+def _replace_this_process() -> None:
+    """After a sticky CUDA error the process's CUDA context is broken: a warm shutdown ends it after
+    this task, and `graftq worker` starts a fresh process for the next job."""
+    log.error("sticky CUDA error: this worker process stops and is replaced")
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _traceback(error: BaseException) -> str:
