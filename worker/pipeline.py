@@ -256,26 +256,22 @@ def _write_artifacts(extension, spec: JobSpec, payload: dict, directory: Path) -
 def load_job_model(job_dir: str | Path, device: str = "cpu", dtype: str = "auto"):
     """Rebuild a trained model from a job directory: (model in eval mode, tokenizer, job.json dict).
 
-    `dtype` is the base's (see the `dtype` job key); an added block takes it too, so that the
-    model runs (forward, generate) without autocast.
+    The job's extension kind loads what its `save` wrote. `dtype` is the base's (see the `dtype`
+    job key); added blocks take it too, so that the model runs (forward, generate) without autocast.
     """
-    from peft import PeftModel
-
     from worker.artifacts import read_job_json
     from worker.device import DeviceManager
-    from worker.extensions.layer import apply_saved_layer
-    from worker.models import base_family, load_base_model, structural_copy
+    from worker.extensions import ExtensionConfig, extension_class
+    from worker.models import base_family, load_base_model
 
     job_dir = Path(job_dir)
     info = read_job_json(job_dir)
-    base_model = info["spec"]["base_model"]
-    device_manager = DeviceManager(device, dtype, family=base_family(base_model))
-    base = load_base_model(base_model, device_manager)
-    model = structural_copy(base.model)
-    if (job_dir / "layer").is_dir():
-        block, _ = apply_saved_layer(model, job_dir / "layer")
+    spec = JobSpec.model_validate(info["spec"])
+    device_manager = DeviceManager(device, dtype, family=base_family(spec.base_model))
+    base = load_base_model(spec.base_model, device_manager)
+    extension = extension_class(spec.extension)(base.model, ExtensionConfig.from_job_spec(spec), device_manager)
+    model = extension.load(spec.task, job_dir)
+    for block in extension.new_blocks[spec.task]:
         device_manager.place_base(block)
-    if (job_dir / "adapter").is_dir():
-        model = PeftModel.from_pretrained(model, str(job_dir / "adapter"))
     model.eval()
     return model, base.tokenizer, info
