@@ -26,9 +26,9 @@ from worker.extensions import (
     TransformerLayerExtension,
     extension_class,
 )
-from worker.extensions.lora import adapter_name_for, save_adapter
+from worker.extensions.lora import adapter_name_for
 from worker.models import build_random_preset, structural_copy
-from worker.pipeline import JobContext, run_job
+from worker.pipeline import JobContext, load_job_model, run_job
 from worker.stats import adapter_parameters
 
 R = 4  # LoRA rank used throughout
@@ -289,20 +289,15 @@ def test_every_registered_kind_has_a_builder_and_known_sections():
         assert set(kind.sections) <= set(SECTION_SPECS) - {"train"}, name
 
 
-class IA3Extension(BaseExtension):
-    """A PEFT method graftq does not ship, registered by the test below."""
+class IA3Extension(LoRAExtension):
+    """A PEFT method graftq does not ship, registered by the tests below: built as IA3, saved, counted
+    and reloaded as LoRA adapters are (PEFT's own format and bookkeeping)."""
 
     def build(self, task):
-        model = get_peft_model(structural_copy(self.base_model), IA3Config(
+        self.peft_model = get_peft_model(structural_copy(self.base_model), IA3Config(
             task_type="SEQ_2_SEQ_LM", target_modules=list(self.arch.default_lora_targets), feedforward_modules=[]),
             adapter_name=adapter_name_for(task))
-        return self._remember(task, model, [])
-
-    def parameter_groups(self, task):
-        return {"lora": adapter_parameters(self.model_for(task), adapter_name_for(task))}
-
-    def save(self, task, directory):
-        return {"adapter": save_adapter(self.model_for(task), directory / "adapter", adapter_name_for(task))}
+        return self._remember(task, self.peft_model, [])
 
 
 @pytest.fixture
@@ -331,6 +326,8 @@ def test_a_registered_kind_is_built_saved_and_counted_by_the_pipeline(ia3_kind, 
     assert outcome.layer_path is None
     adapter = json.loads(Path(outcome.adapter_path, "adapter_config.json").read_text())
     assert adapter["peft_type"] == "IA3" and Path(outcome.adapter_path).parent == Path(outcome.job_dir)
+    model, _, _ = load_job_model(outcome.job_dir)  # the kind reloads what it saved
+    assert sum(p.numel() for p in adapter_parameters(model)) == ia3
 
 
 # ---- errors that name the key and the fix ----------------------------------------------------

@@ -51,7 +51,8 @@ class BaseExtension:
     - `save(task, directory)`: writes the task's artifacts, returns {role: path} ("adapter"
       for PEFT's format, "layer" for an added block);
     - `parameter_groups(task)`: {group: parameters} of what trains for the task; a group named
-      in worker.stats.GROUPS counts in that statistic ("lora" in `lora_params`: PEFT adapters).
+      in worker.stats.GROUPS counts in that statistic ("lora" in `lora_params`: PEFT adapters);
+    - `load(task, directory)`: the task's model rebuilt from what `save` wrote.
     """
 
     def __init__(self, base_model: torch.nn.Module, config: ExtensionConfig | None = None,
