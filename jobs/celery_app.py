@@ -52,9 +52,9 @@ def configure(settings: Settings) -> Celery:
         task_queues=[Queue(name, routing_key=name) for name in settings.queues],
         task_create_missing_queues=True,
         task_track_started=False,
-        # Task events cost every job three extra broker publishes (~0.5 ms of a 45 ms `create`
-        # job); workers send them only while a monitor asks: Flower does (its enable_events,
-        # on by default), and `celery control enable_events` does by hand.
+        # Task events cost every job three extra broker publishes; workers send them only while
+        # a monitor asks: Flower does (its enable_events, on by default), and
+        # `celery control enable_events` does by hand.
         worker_send_task_events=False,
         worker_hijack_root_logger=False,
         enable_utc=True,
