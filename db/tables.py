@@ -73,18 +73,20 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
 
 
 class JobStatus(StrEnum):
+    WAITING = "waiting"  # for the jobs it needs; not published until they all succeed
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    SKIPPED = "skipped"  # a job it needs did not succeed; it never ran
 
     @property
     def finished(self) -> bool:
         return self in FINISHED_STATUSES
 
 
-FINISHED_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+FINISHED_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.SKIPPED})
 
 
 @dataclass(frozen=True)
@@ -114,8 +116,10 @@ FIELDS = (
     Field("batch_id", ForeignKey("batches.id", ondelete="CASCADE"), required=True, index=True),
     Field("batch", None),
     Field("task", String(64), sortable=True, required=True),
+    Field("name", String(64), note="the job's `name` in the batch file, or null"),
     Field("kind", String(16), sortable=True, required=True),
     Field("extension", String(16), sortable=True, required=True),
+    Field("params", JSON, note="the `matrix`/`sample` values that made the job: dotted key → value, `{}` if none"),
     Field("status", String(16), sortable=True, required=True, default=JobStatus.QUEUED.value),
     Field("attempts", Integer, sortable=True, required=True, default=0),
     Field("max_attempts", Integer, required=True, default=3, result=False),
@@ -147,6 +151,10 @@ FIELDS = (
     Field("finished_at", UTCDateTime, sortable=True),
     Field("heartbeat_at", UTCDateTime, result=False),
     Field("cancel_requested", Boolean, required=True, default=False, result=False),
+    # When the job last became `queued` (created, released by the jobs it needs, retried): the
+    # reaper's grace period for a missing message counts from it.
+    Field("queued_at", UTCDateTime, result=False),
+    Field("history", JSON, None, result=False),  # earlier runs' outcomes, kept by `graftq retry`
 )
 _FIELDS = {field.name: field for field in FIELDS}
 
@@ -213,8 +221,16 @@ jobs = Table(
     *_fields("error"),
     _optional("traceback", Text),
     *_fields("created_at", "started_at", "finished_at"),
+    # Revision 0002 (campaigns) added these at the end.
+    *_fields("name", "params", "queued_at", "history"),
     Index("ix_jobs_batch_id_status", "batch_id", "status"),
     Index("ix_jobs_status_heartbeat_at", "status", "heartbeat_at"),
+)
+
+job_needs = Table(
+    "job_needs", metadata,  # job `job_id` waits for job `needed_id` (which may be of another batch)
+    _required("job_id", ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    _required("needed_id", ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True, index=True),
 )
 
 metric_points = Table(

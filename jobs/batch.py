@@ -16,7 +16,7 @@ import difflib
 import gc
 import json
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +34,25 @@ MAX_BATCH_NAME = 200
 
 @dataclass(frozen=True)
 class Batch:
-    """A validated batch: its name, the file it came from, and one JobSpec per job."""
+    """A validated batch: its name, the file it came from, and one JobSpec per job.
+
+    `params` and `needs` run parallel to `jobs` (empty lists mean none for every job).
+    """
 
     name: str
     source: Path | None
     base_model: str | None
     jobs: list[JobSpec]
+    #: per job: the `matrix`/`sample` values that made it (dotted key -> value); {} for a job written out
+    params: list[dict[str, Any]] = field(default_factory=list)
+    #: per job: what it waits for: positions in `jobs`, or ids (str) of jobs recorded earlier
+    needs: list[list[int | str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.params:
+            object.__setattr__(self, "params", [{} for _ in self.jobs])
+        if not self.needs:
+            object.__setattr__(self, "needs", [[] for _ in self.jobs])
 
 
 _SCALARS = (str, int, float, bool, type(None))

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+STATUSES = ("waiting", "queued", "running", "succeeded", "failed", "cancelled", "skipped")
 TABLE_COLUMNS = (
     "id", "batch", "task", "kind", "extension", "status", "attempts", "device", "trainable_params",
     "trainable_pct", "train_loss", "eval_loss", "steps", "train_seconds",
@@ -158,7 +158,7 @@ def _print_key_reference(ctx: click.Context, _param: click.Parameter, value: boo
         lines += ["", f"  {section}:"]
         for name, field in model.model_fields.items():
             default = "" if field.is_required() else f" [default: {field.default}]"
-            lines.append(f"    {name:<16} {field.description or ''}{default}")
+            lines.append(f"    {field.alias or name:<16} {field.description or ''}{default}")
     click.echo("\n".join(lines))
     ctx.exit(0)
 

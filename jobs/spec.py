@@ -16,6 +16,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from jobs.extensions import EXTENSION_KINDS
 
 TASK_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+#: A reference to a job recorded earlier (any batch), in `needs` and the `from` keys.
+JOB_REF_RE = re.compile(r"^job:([0-9a-f]{4,32})$")
+
+
+def _check_reference(value: str | None) -> str | None:
+    if value is not None and not JOB_REF_RE.fullmatch(value) and not TASK_NAME_RE.fullmatch(value):
+        raise ValueError(f"{value!r} is neither a job name of this batch nor `job:ID` (an id that "
+                         "`graftq results` shows)")
+    return value
 
 
 class JobKind(StrEnum):
@@ -24,7 +33,8 @@ class JobKind(StrEnum):
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # populate_by_name: `from` is a Python keyword, so its field is `from_` with the alias `from`.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, populate_by_name=True)
 
 
 class LoRASpec(_Spec):
@@ -44,6 +54,18 @@ class LoRASpec(_Spec):
             "T5 q,k,v,o; LLaMA q_proj,k_proj,v_proj,o_proj; GPT-2 c_attn,c_proj; BERT query,key,value."
         ),
     ] = None
+
+    from_: Annotated[
+        str | None,
+        Field(alias="from", description="Start from the adapter that another job trained: a job `name` of this "
+              "batch or `job:ID`; the job waits for it (continued training, curricula). The adapter's own "
+              "settings (r, alpha, target_modules) come with it."),
+    ] = None
+
+    @field_validator("from_")
+    @classmethod
+    def _from(cls, value: str | None) -> str | None:
+        return _check_reference(value)
 
     @field_validator("target_modules")
     @classmethod
@@ -80,6 +102,21 @@ class LayerSpec(_Spec):
               "output and MLP output); 0 makes the new block an exact identity at start on pre-norm models."),
     ] = 0.01
 
+    from_: Annotated[
+        str | None,
+        Field(alias="from", description="Build on the added block(s) that another job trained (a job `name` of "
+              "this batch, or `job:ID`), loaded from its artifacts, instead of a new copy; the job waits for it. "
+              "The block keeps that job's placement (stack, position)."),
+    ] = None
+    freeze: Annotated[
+        bool, Field(description="With `from`: keep the loaded block frozen (only LoRA trains; hybrid jobs).")
+    ] = False
+
+    @field_validator("from_")
+    @classmethod
+    def _from(cls, value: str | None) -> str | None:
+        return _check_reference(value)
+
     @field_validator("position")
     @classmethod
     def _position_non_negative(cls, value: int | str) -> int | str:
@@ -92,9 +129,9 @@ class TrainSpec(_Spec):
     """Training settings."""
 
     dataset: Annotated[
-        str,
-        Field(description="JSONL or CSV file with `input` and `target` columns; relative paths are resolved "
-              "against the batch file's directory."),
+        str | list[str],
+        Field(description="JSONL or CSV file with `input` and `target` columns, or a list of them (a mixture: "
+              "their rows together); relative paths are resolved against the batch file's directory."),
     ]
     max_steps: Annotated[
         int | None, Field(gt=0, description="Number of optimizer steps; wins over `epochs` when both are set; 100 when neither is.")
@@ -120,6 +157,18 @@ class TrainSpec(_Spec):
         int, Field(ge=0, description="Save a resumable training checkpoint every N steps (0 = never).")
     ] = 50
 
+    @field_validator("dataset")
+    @classmethod
+    def _datasets(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not value:
+            raise ValueError("give a file, or a non-empty list of files")
+        return value
+
+    @property
+    def datasets(self) -> list[str]:
+        """`dataset` as a list of files."""
+        return [self.dataset] if isinstance(self.dataset, str) else list(self.dataset)
+
     @model_validator(mode="after")
     def _length(self) -> TrainSpec:
         if self.max_steps is None and self.epochs is None:
@@ -135,6 +184,16 @@ class JobSpec(_Spec):
         Field(description="Task name: letters, digits, '.', '_' and '-', at most 64 characters. Used in "
               "artifact paths."),
     ]
+    name: Annotated[
+        str | None,
+        Field(description="A name for the job, unique in the batch (same characters as `task`): what `needs` "
+              "and the `from` keys of other jobs refer to. Every job a `matrix` makes of it shares it."),
+    ] = None
+    needs: Annotated[
+        list[str],
+        Field(description="Jobs this one waits for: names in this batch, or `job:ID` of an earlier batch. It "
+              "stays `waiting` until they all succeed, and is `skipped` if one does not."),
+    ] = []
     kind: Annotated[
         JobKind, Field(description="`train` (build, train, save) or `create` (build, statistics, save).")
     ] = JobKind.TRAIN
@@ -168,6 +227,22 @@ class JobSpec(_Spec):
                 f"invalid task name {shown!r}: use 1-64 letters, digits, '.', '_' or '-' "
                 "(no slashes, no spaces); it becomes part of the artifact path"
             )
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and (not TASK_NAME_RE.fullmatch(value) or value in {".", ".."}):
+            raise ValueError(f"invalid job name {value!r}: use 1-64 letters, digits, '.', '_' or '-'")
+        return value
+
+    @field_validator("needs")
+    @classmethod
+    def _needs(cls, value: list[str]) -> list[str]:
+        for item in value:
+            _check_reference(item)
+        if len(set(value)) != len(value):
+            raise ValueError("a job is named twice in `needs`")
         return value
 
     @field_validator("extension")
@@ -228,7 +303,7 @@ class JobSpec(_Spec):
         return "any"
 
     def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", by_alias=True)
 
 
 #: section name -> its spec: every JobSpec key whose value is a mapping of settings
@@ -257,5 +332,5 @@ def batch_reference_markdown() -> str:
     lines = ["| key | default | meaning |", "|---|---|---|"]
     for model, prefix in sections:
         for name, field in model.model_fields.items():
-            lines.append(f"| `{prefix}{name}` | {_default_text(field)} | {field.description} |")
+            lines.append(f"| `{prefix}{field.alias or name}` | {_default_text(field)} | {field.description} |")
     return "\n".join(lines) + "\n"

@@ -253,7 +253,8 @@ def test_graftq_db_upgrade_keeps_every_row_of_the_previous_release_on_postgresql
         config.attributes["connection"] = connection
         command.upgrade(config, _release_revision())
         for table in metadata.sorted_tables:
-            connection.execute(table.insert(), expected[table.name])
+            if table.name in expected:  # tables added since the release start empty
+                connection.execute(table.insert(), expected[table.name])
         connection.execute(text("SELECT setval(pg_get_serial_sequence('metric_points', 'id'), "
                                 "(SELECT max(id) FROM metric_points))"))
     engine.dispose()

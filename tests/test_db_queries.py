@@ -277,7 +277,7 @@ def test_claims_and_fenced_writes_on_postgresql(postgres_database):
 
 
 def test_job_status_values_are_the_documented_ones():
-    assert [s.value for s in JobStatus] == ["queued", "running", "succeeded", "failed", "cancelled"]
+    assert [s.value for s in JobStatus] == ["waiting", "queued", "running", "succeeded", "failed", "cancelled", "skipped"]
 
 
 def test_a_dead_graftq_run_job_is_failed_not_requeued(database):

@@ -69,7 +69,7 @@ def test_batch_reference_is_generated_from_the_specs():
     from jobs.spec import batch_reference_markdown
 
     section = README.split("<!-- batch-reference:start -->\n", 1)[1].split("<!-- batch-reference:end -->", 1)[0]
-    assert section == batch_reference_markdown(), "regenerate with jobs.spec.batch_reference_markdown()"
+    assert section == batch_reference_markdown(), "regenerate with `python scripts/update_readme.py`"
 
 
 def test_readme_batch_example_is_a_valid_batch(tmp_path):
@@ -96,7 +96,7 @@ def test_result_field_list_is_generated_from_the_field_declarations():
     from db.tables import result_fields_markdown
 
     section = README.split("<!-- result-fields:start -->\n", 1)[1].split("<!-- result-fields:end -->", 1)[0]
-    assert section == result_fields_markdown(), "regenerate with db.tables.result_fields_markdown()"
+    assert section == result_fields_markdown(), "regenerate with `python scripts/update_readme.py`"
 
 
 def test_make_targets_run_what_the_readme_says():
