@@ -11,12 +11,13 @@ Jobs are returned as `Row`s, whose columns read as attributes (`job.status`).
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, Row, func, or_, select, update
 
+from db.conditions import Condition
 from db.submission import chunks
 from db.tables import RESULT_FIELDS, SORTABLE_COLUMNS, JobStatus, batches, jobs, metric_points, utcnow
 
@@ -104,15 +105,18 @@ def result_rows(
     batch: str | None = None,
     task: str | None = None,
     extension: str | None = None,
-    status: str | None = None,
+    status: str | Collection[str] | None = None,
+    where: Sequence[Condition] = (),
     limit: int | None = None,
     sort: str = "created_at",
     descending: bool = False,
 ) -> list[dict[str, Any]]:
     """Result rows (dicts with `RESULT_FIELDS`) filtered and sorted; nulls sort last.
 
-    `batch` matches a batch id or a batch name; ties are broken by job id (in the same
-    direction). Raises ValueError for a sort field that is not in `SORTABLE_COLUMNS`.
+    `batch` matches a batch id or a batch name; `status` is one status or several; every
+    `where` condition must hold (those on result fields in SQL, those on params keys on the
+    fetched rows, before the limit). Ties are broken by job id (in the same direction).
+    Raises ValueError for a sort field that is not in `SORTABLE_COLUMNS`.
     """
     if sort not in SORTABLE_COLUMNS:
         raise ValueError(f"cannot sort by {sort!r}; choose one of {', '.join(SORTABLE_COLUMNS)}")
@@ -125,16 +129,43 @@ def result_rows(
     if extension is not None:
         base = base.where(jobs.c.extension == extension)
     if status is not None:
-        base = base.where(jobs.c.status == status)
+        base = base.where(jobs.c.status.in_([status] if isinstance(status, str) else list(status)))
+    on_params = [condition for condition in where if not condition.on_column]
+    for condition in where:
+        if condition.on_column:
+            base = base.where(condition.clause(connection.dialect.name))
+        else:
+            # A job without the key never matches: leave those rows in the database.
+            base = base.where(jobs.c.params[condition.key].as_string().is_not(None))
+    # Params conditions are checked here, after the query, so the limit waits for them.
+    query_limit = None if on_params else limit
     order = column.desc() if descending else column.asc()
     tie = jobs.c.id.desc() if descending else jobs.c.id.asc()
     # Two range scans instead of `ORDER BY col IS NULL, col`, which no index can serve:
     # the non-null values in index order, then (if the limit is not reached) the nulls.
-    rows = list(connection.execute(base.where(column.is_not(None)).order_by(order, tie).limit(limit)))
-    if limit is None or len(rows) < limit:
-        remaining = None if limit is None else limit - len(rows)
+    rows = list(connection.execute(base.where(column.is_not(None)).order_by(order, tie).limit(query_limit)))
+    if query_limit is None or len(rows) < query_limit:
+        remaining = None if query_limit is None else query_limit - len(rows)
         rows += list(connection.execute(base.where(column.is_(None)).order_by(tie).limit(remaining)))
-    return [dict(row._mapping) for row in rows]
+    found = [dict(row._mapping) for row in rows]
+    if on_params:
+        found = [row for row in found if all(condition.matches(row) for condition in on_params)][:limit]
+    return found
+
+
+def param_keys_in_use(connection: Connection, keys: Collection[str]) -> set[str]:
+    """Which of `keys` some job of the database has in its `params`."""
+    return {key for key in keys
+            if connection.scalar(select(jobs.c.id).where(jobs.c.params[key].as_string().is_not(None)).limit(1))}
+
+
+def specs_without_queue(connection: Connection, job_ids: Sequence[str]) -> dict[str, Any]:
+    """id -> stored spec of those of `job_ids` that have no queue (jobs recorded by `graftq run`)."""
+    found: dict[str, Any] = {}
+    for chunk in chunks(list(job_ids)):
+        found.update(connection.execute(
+            select(jobs.c.id, jobs.c.spec).where(jobs.c.id.in_(chunk), jobs.c.queue.is_(None))).all())
+    return found
 
 
 @dataclass

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, insert, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 
-from db.tables import JobStatus, batches, utcnow
+from db.tables import JobStatus, batches, job_needs, utcnow
 from db.tables import jobs as _jobs
 
 _IN_CHUNK = 500  # ids per IN (...) clause; SQLite limits bound parameters per statement
@@ -93,3 +94,101 @@ def fail_unpublished(connection: Connection, job_ids: Sequence[str], error: str)
         )
         count += result.rowcount
     return count
+
+
+#: What `graftq retry` takes back to the queue: finished jobs that did not succeed.
+RETRYABLE_STATUSES = (JobStatus.FAILED.value, JobStatus.CANCELLED.value, JobStatus.SKIPPED.value)
+
+
+@dataclass
+class Retried:
+    """What `retry_jobs` did: queued jobs (with their queue), waiting ones (with the jobs they
+    still need), and the jobs it left alone (with their status, or `missing`)."""
+
+    queued: dict[str, str | None] = field(default_factory=dict)
+    waiting: dict[str, list[str]] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+
+
+def retry_jobs(
+    connection: Connection,
+    job_ids: Sequence[str],
+    *,
+    statuses: Collection[str] = RETRYABLE_STATUSES,
+    queues: Mapping[str, str] | None = None,
+) -> Retried:
+    """Put finished jobs whose status is in `statuses` back to `queued` with a fresh attempt budget.
+
+    A job that needs (`job_needs`) a job that has not succeeded becomes `waiting` instead.
+    The earlier run (status, error, attempts, worker, started_at, finished_at) is appended to the
+    job's `history`; its claim, error, traceback, progress and times are cleared. `queues` gives
+    a queue to jobs that have none (recorded by `graftq run`). Other jobs are left alone and
+    returned in `refused`. The caller publishes the queued jobs after commit (`mark_published`).
+    """
+    now = utcnow()
+    statuses = set(statuses) & set(RETRYABLE_STATUSES)
+    queues = queues or {}
+    retried = Retried()
+    updates = []
+    for chunk in chunks(list(dict.fromkeys(job_ids))):
+        # FOR UPDATE: a concurrent retry or cancel waits, so each job's history gains its run once.
+        found = {row.id: row for row in connection.execute(
+            select(_jobs.c.id, _jobs.c.status, _jobs.c.error, _jobs.c.attempts, _jobs.c.worker, _jobs.c.started_at,
+                   _jobs.c.finished_at, _jobs.c.history, _jobs.c.queue)
+            .where(_jobs.c.id.in_(chunk)).with_for_update()
+        )}
+        chosen = [job_id for job_id in chunk if job_id in found and found[job_id].status in statuses]
+        unmet = _unmet_needs(connection, chosen)
+        for job_id in chunk:
+            row = found.get(job_id)
+            if row is None or row.status not in statuses:
+                retried.refused[job_id] = "missing" if row is None else row.status
+                continue
+            queue = row.queue or queues.get(job_id)
+            if job_id in unmet:
+                retried.waiting[job_id] = unmet[job_id]
+            else:
+                retried.queued[job_id] = queue
+            updates.append({
+                "b_id": job_id, "b_status": JobStatus.WAITING.value if job_id in unmet else JobStatus.QUEUED.value,
+                "b_queue": queue, "b_queued_at": None if job_id in unmet else now,
+                "b_history": [*(row.history or []), _earlier_run(row)],
+            })
+    if updates:
+        connection.execute(
+            update(_jobs).where(_jobs.c.id == bindparam("b_id"))
+            .values(status=bindparam("b_status"), queue=bindparam("b_queue"),
+                    queued_at=bindparam("b_queued_at", type_=_jobs.c.queued_at.type),
+                    history=bindparam("b_history", type_=_jobs.c.history.type),
+                    attempts=0, cancel_requested=False, claim_token=None, worker=None, device=None, dtype=None,
+                    error=None, traceback=None, heartbeat_at=None, started_at=None, finished_at=None,
+                    published_at=None, progress_step=None, progress_total=None, progress_loss=None,
+                    progress_phase=None),
+            updates,
+        )
+    return retried
+
+
+def _unmet_needs(connection: Connection, job_ids: Sequence[str]) -> dict[str, list[str]]:
+    """job id -> the jobs it needs that have not succeeded (only jobs with any)."""
+    if not job_ids:
+        return {}
+    needed = _jobs.alias("needed")
+    unmet: dict[str, list[str]] = {}
+    for job_id, needed_id in connection.execute(
+        select(job_needs.c.job_id, job_needs.c.needed_id)
+        .join(needed, needed.c.id == job_needs.c.needed_id)
+        .where(job_needs.c.job_id.in_(job_ids), needed.c.status != JobStatus.SUCCEEDED.value)
+        .order_by(job_needs.c.job_id, job_needs.c.needed_id)
+    ):
+        unmet.setdefault(job_id, []).append(needed_id)
+    return unmet
+
+
+def _earlier_run(row: Any) -> dict[str, Any]:
+    """A finished run as `history` keeps it (times as ISO text)."""
+    def iso(value: dt.datetime | None) -> str | None:
+        return value.isoformat() if value is not None else None
+
+    return {"status": row.status, "error": row.error, "attempts": row.attempts, "worker": row.worker,
+            "started_at": iso(row.started_at), "finished_at": iso(row.finished_at)}

@@ -424,28 +424,108 @@ def _sort_option(value: str) -> tuple[str, bool]:
     return value.lstrip("-"), descending
 
 
+def _statuses(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
+    """`--status`: a comma list of statuses, or `all` (no filter, given as ())."""
+    if value is None:
+        return None
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if names == ["all"]:
+        return ()
+    unknown = [name for name in names if name not in STATUSES]
+    if unknown or not names:
+        raise click.BadParameter(f"{value!r}: give statuses from {', '.join(STATUSES)} (comma-separated), or all")
+    return tuple(dict.fromkeys(names))
+
+
+def _parse_each(values: Sequence[str], parse: Callable[[str], Any], option: str) -> list[Any]:
+    parsed = []
+    for value in values:
+        try:
+            parsed.append(parse(value))
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint=option) from None
+    return parsed
+
+
+def _check_param_keys(connection: Any, keys: Sequence[str], option: str) -> None:
+    """Refuse a key without a dot that is neither a result field nor any job's param (a typo of a
+    field, most likely); note on stderr a dotted key that no job has, which matches nothing."""
+    from db.conditions import COLUMN_KEYS
+    from db.queries import param_keys_in_use
+
+    keys = [key for key in dict.fromkeys(keys) if key not in COLUMN_KEYS]
+    if not keys:
+        return
+    unused = [key for key in keys if key not in param_keys_in_use(connection, keys)]
+    for key in unused:
+        if "." not in key:
+            raise click.BadParameter(f"unknown key {key!r}: not a result field ({', '.join(COLUMN_KEYS)}) and no "
+                                     "job has such a param; params keys are dotted spec paths such as lora.r",
+                                     param_hint=option)
+        click.echo(f"note: no job has the param {key!r} ({option} {key} matches no job)", err=True)
+
+
+def _param_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The params keys of `rows` that are not result fields of their own, sorted."""
+    from db.conditions import COLUMN_KEYS
+
+    return sorted({key for row in rows for key in (row["params"] or {}) if key not in COLUMN_KEYS})
+
+
+def _param_cell(row: dict[str, Any], key: str) -> Any:
+    return (row["params"] or {}).get(key)
+
+
 @cli.command()
 @click.option("--batch", "batch", metavar="ID|NAME", help="Only this batch (id or name).")
 @click.option("--task", metavar="NAME", help="Only jobs of this task.")
 @click.option("--extension", type=click.Choice(list(EXTENSION_KINDS)), help="Only this extension kind.")
-@click.option("--status", "status_", type=click.Choice(STATUSES), help="Only jobs with this status.")
+@click.option("--status", "status_", metavar="S1,S2|all", callback=_statuses,
+              help=f"Only jobs with these statuses ({', '.join(STATUSES)}), or all. [default: all; with "
+                   "--group-by/--agg: succeeded]")
+@click.option("--where", "where", multiple=True, metavar="KEY<OP>VALUE",
+              help="Only jobs for which KEY OP VALUE holds; repeatable (all must hold). OP: = != < <= > >=. "
+                   "KEY: a result field (numbers compare as numbers) or a params key such as lora.r or "
+                   "train.learning_rate (as numbers when both sides are). A job with no value for KEY never "
+                   "matches. E.g. --where lora.r=8 --where 'train.learning_rate<0.001' --where status!=failed")
+@click.option("--group-by", "group_by", metavar="KEYS",
+              help="One row per combination of these result fields / params keys (comma list, e.g. "
+                   "task,extension,lora.r), with the --agg aggregates; groups sorted by KEYS, nulls last.")
+@click.option("--agg", "agg", multiple=True, metavar="FIELD:AGG[,AGG]",
+              help="Aggregate a numeric result field over each group; AGG: mean, std, min, max, count; "
+                   "repeatable. Nulls are ignored: count counts non-null values, std is the sample standard "
+                   "deviation (n-1; empty below two values). [default: eval_loss:mean,std,min,count]")
 @click.option("--limit", type=click.IntRange(min=1),
-              help=f"At most this many rows. [default for the table: {TABLE_DEFAULT_LIMIT}, the newest with the "
-                   "default sort; none for json/csv]")
+              help=f"At most this many rows (groups with --group-by). [default for the table: {TABLE_DEFAULT_LIMIT}, "
+                   "the newest with the default sort; none for json/csv or groups]")
 @click.option("--sort", "sort", default="created_at", show_default=True, metavar="FIELD",
-              help="Sort by FIELD (e.g. train_loss, eval_loss, trainable_params, train_seconds); "
-                   "prefix with '-' or pass --desc for descending. Missing values sort last.")
+              help="Sort by FIELD (e.g. train_loss, eval_loss, trainable_params, train_seconds; with --group-by a "
+                   "group key or an aggregate column such as eval_loss_mean); prefix with '-' or pass --desc for "
+                   "descending. Missing values sort last.")
 @click.option("--desc", is_flag=True, help="Sort descending.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
 @click.pass_context
 @_handle_db_errors
 def results(ctx: click.Context, batch: str | None, task: str | None, extension: str | None,
-            status_: str | None, limit: int | None, sort: str, desc: bool, fmt: str) -> None:
-    """Query recorded jobs: statistics, metrics and artifact paths.
+            status_: tuple[str, ...] | None, where: tuple[str, ...], group_by: str | None, agg: tuple[str, ...],
+            limit: int | None, sort: str, desc: bool, fmt: str) -> None:
+    """Query recorded jobs: statistics, metrics, artifact paths and the params that made them.
 
     The table shows at most 50 rows unless --limit is given (the newest jobs with the default
-    sort) and says when more match; json and csv print every matching job.
+    sort) and says when more match; json and csv print every matching job. Each params key
+    (a matrix value such as lora.r) is a column of its own.
+
+    With --group-by (or --agg) it prints one row per group instead, with the aggregates
+    (json: one object per group with the keys and `<field>_<agg>` fields). Grouped results
+    count only succeeded jobs unless --status says otherwise.
     """
+    from db.conditions import Condition
+
+    conditions = _parse_each(where, Condition.parse, "--where")
+    if group_by is not None or agg:
+        _grouped_results(ctx, batch=batch, task=task, extension=extension, status=status_, conditions=conditions,
+                         group_by=group_by, agg=agg, limit=limit, sort=sort, desc=desc, fmt=fmt)
+        return
     from db.queries import result_rows
     from db.tables import NUMERIC_FIELDS, RESULT_FIELDS, SORTABLE_COLUMNS
 
@@ -459,21 +539,24 @@ def results(ctx: click.Context, batch: str | None, task: str | None, extension: 
     newest = capped and field == "created_at" and not descending
     if capped:
         limit = TABLE_DEFAULT_LIMIT + 1  # one more than shown: whether the footer is needed
-    filters = {"batch": batch, "task": task, "extension": extension, "status": status_}
+    filters = {"batch": batch, "task": task, "extension": extension, "status": status_ or None, "where": conditions}
     database = _state(ctx).database
     with database.read() as connection:
+        _check_param_keys(connection, [c.key for c in conditions], "--where")
         # The newest N in ascending order: the first N of the descending order, reversed.
         rows = result_rows(connection, **filters, limit=limit, sort=field, descending=descending != newest)
     if fmt == "json":
-        click.echo(json.dumps([{k: _iso(v) for k, v in row.items()} for row in rows], indent=2))
+        click.echo(json.dumps([{k: _iso(v) for k, v in row.items()} | {"params": row["params"] or {}}
+                               for row in rows], indent=2))
         return
     if fmt == "csv":
-        import csv
+        from db.conditions import as_text
 
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(RESULT_FIELDS), lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if v is None else _iso(v) for k, v in row.items()})
+        fixed = [key for key in RESULT_FIELDS if key != "params"]
+        param_keys = _param_columns(rows)
+        _write_csv(fixed + param_keys, (
+            [_iso(row[key]) for key in fixed] + [_param_cell(row, key) for key in param_keys] for row in rows
+        ), as_text)
         return
     if not rows:
         click.echo("no matching jobs")
@@ -483,11 +566,85 @@ def results(ctx: click.Context, batch: str | None, task: str | None, extension: 
         rows = rows[:TABLE_DEFAULT_LIMIT]
     if newest:
         rows.reverse()
-    _print(_table(TABLE_COLUMNS, [[_fmt(row[c]) for c in TABLE_COLUMNS] for row in rows], right=NUMERIC_FIELDS))
+    _print_results_table(rows, NUMERIC_FIELDS)
     if more:
         which = "newest" if newest else "first"
         click.echo(f"(the {which} {TABLE_DEFAULT_LIMIT} matching jobs; more match: --limit N shows more, "
                    "--format csv or --format json shows them all)", err=True)
+
+
+def _write_csv(columns: Sequence[str], rows: Iterator[list[Any]], text: Callable[[Any], str]) -> None:
+    """CSV on stdout: empty cells for nulls; strings as they are, other values as `text` spells them."""
+    import csv
+
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow(["" if value is None else value if isinstance(value, str | int | float) and not
+                         isinstance(value, bool) else text(value) for value in row])
+
+
+def _print_results_table(rows: Sequence[dict[str, Any]], numeric: Collection[str]) -> None:
+    """The results table: the fixed columns (and `name` when a job has one), then one per params key."""
+    from db.conditions import as_number
+
+    columns = list(TABLE_COLUMNS)
+    if any(row["name"] for row in rows):
+        columns.insert(columns.index("task") + 1, "name")
+    param_keys = _param_columns(rows)
+    right = set(numeric) | {key for key in param_keys if all(
+        as_number(value) is not None for row in rows if (value := _param_cell(row, key)) is not None)}
+    _print(_table(columns + param_keys,
+                  [[_fmt(row[c]) for c in columns] + [_fmt_value(_param_cell(row, key)) for key in param_keys]
+                   for row in rows], right=right))
+
+
+def _fmt_value(value: Any) -> str:
+    """A params value or group key in a table: lists and mappings as JSON, the rest as `_fmt` has it."""
+    return json.dumps(value) if isinstance(value, list | dict) else _fmt(value)
+
+
+def _grouped_results(ctx: click.Context, *, batch: str | None, task: str | None, extension: str | None,
+                     status: tuple[str, ...] | None, conditions: list[Any], group_by: str | None,
+                     agg: tuple[str, ...], limit: int | None, sort: str, desc: bool, fmt: str) -> None:
+    """`graftq results --group-by/--agg`: one row per group, with the aggregates."""
+    from click.core import ParameterSource
+
+    from db.aggregate import DEFAULT_AGGREGATES, group_rows, parse_aggregates, parse_group_keys, sort_groups
+    from db.queries import result_rows
+
+    keys = _parse_each([group_by], parse_group_keys, "--group-by")[0] if group_by is not None else []
+    aggregates = [a for parsed in _parse_each(agg or [DEFAULT_AGGREGATES], parse_aggregates, "--agg") for a in parsed]
+    aggregates = list(dict.fromkeys(aggregates))
+    columns = keys + [aggregate.column for aggregate in aggregates]
+    sort_given = ctx.get_parameter_source("sort") is not ParameterSource.DEFAULT
+    field, descending = _sort_option(sort)
+    if sort_given and field not in columns:
+        raise click.BadParameter(f"grouped results sort by a column they show; choose one of {', '.join(columns)}",
+                                 param_hint="--sort")
+    statuses = ("succeeded",) if status is None else status
+    filters = {"batch": batch, "task": task, "extension": extension, "status": statuses or None, "where": conditions}
+    with _state(ctx).database.read() as connection:
+        _check_param_keys(connection, [c.key for c in conditions], "--where")
+        _check_param_keys(connection, keys, "--group-by")
+        groups = group_rows(result_rows(connection, **filters), keys, aggregates)
+    if sort_given:
+        groups = sort_groups(groups, field, descending=descending or desc)
+    groups = groups[:limit]
+    if fmt == "json":
+        click.echo(json.dumps(groups, indent=2))
+        return
+    if fmt == "csv":
+        _write_csv(columns, ([group[column] for column in columns] for group in groups), json.dumps)
+        return
+    if not groups:
+        click.echo("no matching jobs")
+        return
+    from db.conditions import as_number
+
+    right = {column for column in columns if all(as_number(group[column]) is not None
+                                                 for group in groups if group[column] is not None)}
+    _print(_table(columns, [[_fmt_value(group[column]) for column in columns] for group in groups], right=right))
 
 
 def _resolve_job(database: Database, job_id: str) -> str:
@@ -507,7 +664,8 @@ def _resolve_job(database: Database, job_id: str) -> str:
 @click.pass_context
 @_handle_db_errors
 def show(ctx: click.Context, job_id: str, fmt: str) -> None:
-    """One job in full: spec, statistics, metrics, artifact paths, error and traceback."""
+    """One job in full: spec, params, statistics, metrics, artifact paths, error and traceback, and the
+    earlier runs of a retried job (history)."""
     from db.queries import get_job, loss_curve
     from db.tables import FIELDS, SHOW_SECTIONS
 
@@ -523,13 +681,19 @@ def show(ctx: click.Context, job_id: str, fmt: str) -> None:
                       "loss": job.progress_loss},
             loss_curve=[{"step": s, "split": sp, "loss": loss} for s, sp, loss in loss_curve(connection, job_id)],
         )
+    record.update(params=record["params"] or {}, history=record["history"] or [])
     if fmt == "json":
         click.echo(json.dumps({k: _iso(v) for k, v in record.items()}, indent=2))
         return
     for title, keys in SHOW_SECTIONS.items():
         click.echo(f"{title}:")
         for key in keys:
-            click.echo(f"  {key:<18} {_fmt(record[key])}")
+            if key != "params":
+                click.echo(f"  {key:<18} {_fmt(record[key])}")
+        if title == "job" and record["params"]:
+            width = max(18, *(len(key) for key in record["params"]))
+            click.echo("params:\n" + "\n".join(f"  {key:<{width}} {_fmt_value(value)}"
+                                                for key, value in sorted(record["params"].items())))
     if record["status"] == "running":
         progress = record["progress"]
         click.echo(f"progress:\n  {progress['phase'] or '-'} step {_fmt(progress['step'])}/{_fmt(progress['total'])} "
@@ -546,6 +710,13 @@ def show(ctx: click.Context, job_id: str, fmt: str) -> None:
         click.echo(f"error:\n  {record['error']}")
     if record["traceback"]:
         click.echo("traceback:\n" + record["traceback"].rstrip())
+    if record["history"]:
+        click.echo("history (earlier runs, oldest first):")
+        for number, run in enumerate(record["history"], 1):
+            click.echo(f"  {number}. {run.get('status')} after {run.get('attempts')} attempt(s) on "
+                       f"{run.get('worker') or '-'}, {run.get('started_at') or '-'} .. {run.get('finished_at') or '-'}")
+            if run.get("error"):
+                click.echo(f"     error: {run['error']}")
 
 
 @cli.command()
@@ -577,6 +748,136 @@ def cancel(ctx: click.Context, job_ids: tuple[str, ...], batch_id: str | None) -
             click.echo(f"{job_id}: {what}")
     if batch_id:
         click.echo(f"batch {found}: " + ", ".join(f"{n} {what}" for what, n in sorted(counts.items())))
+
+
+
+def _retry_statuses(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[str, ...]:
+    from db.submission import RETRYABLE_STATUSES
+
+    names = tuple(dict.fromkeys(name.strip() for name in value.split(",") if name.strip()))
+    if not names or any(name not in RETRYABLE_STATUSES for name in names):
+        raise click.BadParameter(f"{value!r}: give statuses from {', '.join(RETRYABLE_STATUSES)} (comma-separated); "
+                                 "succeeded and unfinished jobs are never retried")
+    return names
+
+
+def _queues_for(settings: Settings, specs: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+    """The pool queue each stored spec's device asks for, and the jobs whose spec no longer validates."""
+    from pydantic import ValidationError
+
+    from jobs.spec import JobSpec
+
+    queues: dict[str, str] = {}
+    invalid: dict[str, str] = {}
+    for job_id, spec in specs.items():
+        try:
+            queues[job_id] = settings.queue_for(JobSpec.model_validate(spec).queue_kind)
+        except ValidationError as error:
+            invalid[job_id] = str(error).replace("\n", " ")
+    return queues, invalid
+
+
+def _refusal(status: str, statuses: Sequence[str]) -> str:
+    if status == "missing":
+        return "not retried: no such job"
+    if status == "succeeded":
+        return "not retried: it succeeded (only failed, cancelled and skipped jobs are retried)"
+    if status in ("waiting", "queued", "running"):
+        return f"not retried: it is {status}, not finished (cancel it first: `graftq cancel`)"
+    return f"not retried: it is {status}, and --status asks for {','.join(statuses)}"
+
+
+@cli.command()
+@click.argument("job_ids", nargs=-1, metavar="JOB_ID...")
+@click.option("--batch", "batch_id", metavar="ID", help="Retry the jobs of this batch that have a --status.")
+@click.option("--status", "statuses", default="failed,cancelled,skipped", show_default=True, metavar="S1,S2",
+              callback=_retry_statuses, help="Which finished jobs to retry: failed, cancelled and/or skipped.")
+@click.pass_context
+@_handle_db_errors
+def retry(ctx: click.Context, job_ids: tuple[str, ...], batch_id: str | None, statuses: tuple[str, ...]) -> None:
+    """Put finished jobs that did not succeed back in the queue, with a fresh attempt budget.
+
+    A retried job is `queued` again, or `waiting` while a job it needs has not succeeded. Its
+    earlier run (status, error, attempts, worker, times) is kept in its history (`graftq show`).
+    Succeeded and unfinished jobs are refused, one line each. Jobs recorded by `graftq run` go to
+    the queue their device asks for, so a `graftq worker` pool runs them. Nothing is written when
+    the broker cannot be reached.
+    """
+    from db.queries import batch_job_ids, resolve_id, specs_without_queue
+    from db.submission import retry_jobs
+    from jobs.errors import BrokerUnavailable
+    from jobs.submit import check_broker
+
+    if bool(job_ids) == bool(batch_id):
+        raise click.UsageError("give job ids or --batch ID (one of the two)")
+    state = _state(ctx)
+    database = state.database
+    if batch_id:
+        with database.read() as session:
+            found = resolve_id(session, batch_id, batch=True)
+            ids = batch_job_ids(session, found) if found else []
+        if not found:
+            raise click.BadParameter(f"no batch with id {batch_id!r}", param_hint="--batch")
+    else:
+        ids = list(dict.fromkeys(_resolve_job(database, job_id) for job_id in job_ids))
+    try:
+        check_broker(state.celery)
+    except BrokerUnavailable as error:
+        raise click.ClickException(f"nothing was retried: {error}") from None
+    with database.read() as session:
+        queues, invalid = _queues_for(state.settings, specs_without_queue(session, ids))
+    with database.begin() as session:
+        retried = retry_jobs(session, [job_id for job_id in ids if job_id not in invalid], statuses=statuses,
+                             queues=queues)
+    unpublished = _publish_retried(state, retried.queued)
+    for job_id, problem in invalid.items():
+        click.echo(f"{job_id}: not retried: its stored spec no longer validates: {problem}")
+    if batch_id:
+        left: dict[str, int] = {}
+        for status in retried.refused.values():
+            left[status] = left.get(status, 0) + 1
+        click.echo(f"batch {found}: {len(retried.queued)} queued, {len(retried.waiting)} waiting"
+                   + ("; left as they are: " + ", ".join(f"{n} {status}" for status, n in sorted(left.items()))
+                      if left else ""))
+    else:
+        for job_id in ids:
+            if job_id in invalid:
+                continue
+            if job_id in retried.queued:
+                click.echo(f"{job_id}: queued")
+            elif job_id in retried.waiting:
+                click.echo(f"{job_id}: waiting for {', '.join(retried.waiting[job_id])} to succeed")
+            else:
+                click.echo(f"{job_id}: {_refusal(retried.refused[job_id], statuses)}")
+    moved = sorted(set(queues) & (set(retried.queued) | set(retried.waiting)))
+    if moved:
+        click.echo(f"{len(moved)} job(s) recorded by `graftq run` go to the worker pool's queues "
+                   f"({', '.join(sorted({queues[job_id] for job_id in moved}))}): start `graftq worker` to run them",
+                   err=True)
+    if unpublished:
+        raise click.ClickException(unpublished)
+
+
+def _publish_retried(state: State, queued: dict[str, str | None]) -> str | None:
+    """Publish the retried jobs' messages; returns what to tell the user when the broker failed."""
+    from db.submission import mark_published
+    from jobs.submit import PublishFailed, publish_jobs
+
+    if not queued:
+        return None
+    try:
+        sent = publish_jobs(state.celery, list(queued), list(queued.values()))
+        failure = None
+    except PublishFailed as error:
+        sent, failure = error.sent, error
+    if sent:
+        with state.database.begin() as session:
+            mark_published(session, sent)
+    if failure is None:
+        return None
+    return (f"the broker failed after {len(sent)} of {len(queued)} retried jobs were enqueued ({failure.error}); "
+            "the others are queued in the database and a running `graftq worker` publishes them once the "
+            "broker is back")
 
 
 # --- db ------------------------------------------------------------------------------------------
