@@ -19,7 +19,16 @@ from sqlalchemy import Connection, Row, func, or_, select, update
 
 from db.conditions import Condition
 from db.submission import chunks
-from db.tables import RESULT_FIELDS, SORTABLE_COLUMNS, JobStatus, batches, jobs, metric_points, utcnow
+from db.tables import (
+    RESULT_FIELDS,
+    SORTABLE_COLUMNS,
+    JobStatus,
+    batches,
+    job_needs,
+    jobs,
+    metric_points,
+    utcnow,
+)
 
 _RESULT_COLUMNS = [batches.c.name.label("batch") if key == "batch" else jobs.c[key] for key in RESULT_FIELDS]
 _JOBS_AND_BATCHES = jobs.join(batches, jobs.c.batch_id == batches.c.id)
@@ -159,12 +168,33 @@ def param_keys_in_use(connection: Connection, keys: Collection[str]) -> set[str]
             if connection.scalar(select(jobs.c.id).where(jobs.c.params[key].as_string().is_not(None)).limit(1))}
 
 
-def specs_without_queue(connection: Connection, job_ids: Sequence[str]) -> dict[str, Any]:
-    """id -> stored spec of those of `job_ids` that have no queue (jobs recorded by `graftq run`)."""
+def specs_without_queue(connection: Connection, job_ids: Sequence[str], statuses: Collection[str]) -> dict[str, Any]:
+    """id -> stored spec of those of `job_ids` that have one of `statuses` and no queue (jobs
+    recorded by `graftq run`)."""
     found: dict[str, Any] = {}
     for chunk in chunks(list(job_ids)):
         found.update(connection.execute(
-            select(jobs.c.id, jobs.c.spec).where(jobs.c.id.in_(chunk), jobs.c.queue.is_(None))).all())
+            select(jobs.c.id, jobs.c.spec)
+            .where(jobs.c.id.in_(chunk), jobs.c.queue.is_(None), jobs.c.status.in_(list(statuses)))).all())
+    return found
+
+
+def skipped_dependants(connection: Connection, job_ids: Sequence[str]) -> list[str]:
+    """The `skipped` jobs that need any of `job_ids`, directly or through other skipped jobs."""
+    found: list[str] = []
+    frontier = list(job_ids)
+    seen = set(frontier)
+    while frontier:
+        step: list[str] = []
+        for chunk in chunks(frontier):
+            step += [job_id for job_id in connection.scalars(
+                select(job_needs.c.job_id).join(jobs, jobs.c.id == job_needs.c.job_id)
+                .where(job_needs.c.needed_id.in_(chunk), jobs.c.status == JobStatus.SKIPPED.value)
+                .order_by(job_needs.c.job_id)
+            ) if job_id not in seen]
+        frontier = list(dict.fromkeys(step))
+        seen.update(frontier)
+        found += frontier
     return found
 
 

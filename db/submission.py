@@ -103,10 +103,12 @@ RETRYABLE_STATUSES = (JobStatus.FAILED.value, JobStatus.CANCELLED.value, JobStat
 @dataclass
 class Retried:
     """What `retry_jobs` did: queued jobs (with their queue), waiting ones (with the jobs they
-    still need), and the jobs it left alone (with their status, or `missing`)."""
+    still need), jobs it did not retry because a job they need failed and is not retried with
+    them (with those jobs), and the jobs it left alone (with their status, or `missing`)."""
 
     queued: dict[str, str | None] = field(default_factory=dict)
     waiting: dict[str, list[str]] = field(default_factory=dict)
+    blocked: dict[str, list[str]] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
 
 
@@ -119,41 +121,49 @@ def retry_jobs(
 ) -> Retried:
     """Put finished jobs whose status is in `statuses` back to `queued` with a fresh attempt budget.
 
-    A job that needs (`job_needs`) a job that has not succeeded becomes `waiting` instead.
-    The earlier run (status, error, attempts, worker, started_at, finished_at) is appended to the
-    job's `history`; its claim, error, traceback, progress and times are cleared. `queues` gives
-    a queue to jobs that have none (recorded by `graftq run`). Other jobs are left alone and
-    returned in `refused`. The caller publishes the queued jobs after commit (`mark_published`).
+    A job that needs (`job_needs`) a job that has not succeeded becomes `waiting` instead, unless
+    a job it needs has finished without success and is not retried here (it would wait forever):
+    such a job is left as it is, in `blocked`. The earlier run (status, error, attempts, worker,
+    started_at, finished_at) is appended to the job's `history`; its claim, error, traceback,
+    progress and times are cleared. `queues` gives a queue to jobs that have none (recorded by
+    `graftq run`). Other jobs are left alone, in `refused`. The caller publishes the queued jobs
+    after commit (`mark_published`).
     """
-    now = utcnow()
     statuses = set(statuses) & set(RETRYABLE_STATUSES)
-    queues = queues or {}
-    retried = Retried()
-    updates = []
-    for chunk in chunks(list(dict.fromkeys(job_ids))):
+    job_ids = list(dict.fromkeys(job_ids))
+    found = {}
+    for chunk in chunks(job_ids):
         # FOR UPDATE: a concurrent retry or cancel waits, so each job's history gains its run once.
-        found = {row.id: row for row in connection.execute(
+        found.update((row.id, row) for row in connection.execute(
             select(_jobs.c.id, _jobs.c.status, _jobs.c.error, _jobs.c.attempts, _jobs.c.worker, _jobs.c.started_at,
                    _jobs.c.finished_at, _jobs.c.history, _jobs.c.queue)
             .where(_jobs.c.id.in_(chunk)).with_for_update()
-        )}
-        chosen = [job_id for job_id in chunk if job_id in found and found[job_id].status in statuses]
-        unmet = _unmet_needs(connection, chosen)
-        for job_id in chunk:
-            row = found.get(job_id)
-            if row is None or row.status not in statuses:
-                retried.refused[job_id] = "missing" if row is None else row.status
-                continue
-            queue = row.queue or queues.get(job_id)
-            if job_id in unmet:
-                retried.waiting[job_id] = unmet[job_id]
-            else:
-                retried.queued[job_id] = queue
-            updates.append({
-                "b_id": job_id, "b_status": JobStatus.WAITING.value if job_id in unmet else JobStatus.QUEUED.value,
-                "b_queue": queue, "b_queued_at": None if job_id in unmet else now,
-                "b_history": [*(row.history or []), _earlier_run(row)],
-            })
+        ))
+    retried = Retried()
+    for job_id in job_ids:
+        if job_id not in found or found[job_id].status not in statuses:
+            retried.refused[job_id] = found[job_id].status if job_id in found else "missing"
+    chosen = [job_id for job_id in job_ids if job_id not in retried.refused]
+    unmet = _unmet_needs(connection, chosen)
+    retried.blocked = _blocked(chosen, unmet)
+    now = utcnow()
+    queues = queues or {}
+    updates = []
+    for job_id in chosen:
+        if job_id in retried.blocked:
+            continue
+        row = found[job_id]
+        queue = row.queue or queues.get(job_id)
+        waits = job_id in unmet
+        if waits:
+            retried.waiting[job_id] = [needed_id for needed_id, _ in unmet[job_id]]
+        else:
+            retried.queued[job_id] = queue
+        updates.append({
+            "b_id": job_id, "b_status": JobStatus.WAITING.value if waits else JobStatus.QUEUED.value,
+            "b_queue": queue, "b_queued_at": None if waits else now,
+            "b_history": [*(row.history or []), _earlier_run(row)],
+        })
     if updates:
         connection.execute(
             update(_jobs).where(_jobs.c.id == bindparam("b_id"))
@@ -169,20 +179,38 @@ def retry_jobs(
     return retried
 
 
-def _unmet_needs(connection: Connection, job_ids: Sequence[str]) -> dict[str, list[str]]:
-    """job id -> the jobs it needs that have not succeeded (only jobs with any)."""
-    if not job_ids:
-        return {}
+def _unmet_needs(connection: Connection, job_ids: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
+    """job id -> `(needed id, status)` of the jobs it needs that have not succeeded (only jobs with any)."""
     needed = _jobs.alias("needed")
-    unmet: dict[str, list[str]] = {}
-    for job_id, needed_id in connection.execute(
-        select(job_needs.c.job_id, job_needs.c.needed_id)
-        .join(needed, needed.c.id == job_needs.c.needed_id)
-        .where(job_needs.c.job_id.in_(job_ids), needed.c.status != JobStatus.SUCCEEDED.value)
-        .order_by(job_needs.c.job_id, job_needs.c.needed_id)
-    ):
-        unmet.setdefault(job_id, []).append(needed_id)
+    unmet: dict[str, list[tuple[str, str]]] = {}
+    for chunk in chunks(list(job_ids)):
+        for job_id, needed_id, status in connection.execute(
+            select(job_needs.c.job_id, job_needs.c.needed_id, needed.c.status)
+            .join(needed, needed.c.id == job_needs.c.needed_id)
+            .where(job_needs.c.job_id.in_(chunk), needed.c.status != JobStatus.SUCCEEDED.value)
+            .order_by(job_needs.c.job_id, job_needs.c.needed_id)
+        ):
+            unmet.setdefault(job_id, []).append((needed_id, status))
     return unmet
+
+
+def _blocked(chosen: Sequence[str], unmet: Mapping[str, list[tuple[str, str]]]) -> dict[str, list[str]]:
+    """The chosen jobs that need a finished, unsucceeded job that is not retried with them (directly
+    or through another blocked job), with those jobs."""
+    retried = set(chosen)
+    blocked: dict[str, list[str]] = {}
+    changed = True
+    while changed:
+        changed = False
+        for job_id in chosen:
+            if job_id in blocked:
+                continue
+            stuck = [needed_id for needed_id, status in unmet.get(job_id, ())
+                     if (needed_id not in retried or needed_id in blocked) and JobStatus(status).finished]
+            if stuck:
+                blocked[job_id] = stuck
+                changed = True
+    return blocked
 
 
 def _earlier_run(row: Any) -> dict[str, Any]:

@@ -803,7 +803,7 @@ def retry(ctx: click.Context, job_ids: tuple[str, ...], batch_id: str | None, st
     the queue their device asks for, so a `graftq worker` pool runs them. Nothing is written when
     the broker cannot be reached.
     """
-    from db.queries import batch_job_ids, resolve_id, specs_without_queue
+    from db.queries import batch_job_ids, resolve_id, skipped_dependants, specs_without_queue
     from db.submission import retry_jobs
     from jobs.errors import BrokerUnavailable
     from jobs.submit import check_broker
@@ -825,30 +825,17 @@ def retry(ctx: click.Context, job_ids: tuple[str, ...], batch_id: str | None, st
     except BrokerUnavailable as error:
         raise click.ClickException(f"nothing was retried: {error}") from None
     with database.read() as session:
-        queues, invalid = _queues_for(state.settings, specs_without_queue(session, ids))
+        queues, invalid = _queues_for(state.settings, specs_without_queue(session, ids, statuses))
     with database.begin() as session:
         retried = retry_jobs(session, [job_id for job_id in ids if job_id not in invalid], statuses=statuses,
                              queues=queues)
+        skipped = skipped_dependants(session, [*retried.queued, *retried.waiting])
     unpublished = _publish_retried(state, retried.queued)
-    for job_id, problem in invalid.items():
-        click.echo(f"{job_id}: not retried: its stored spec no longer validates: {problem}")
-    if batch_id:
-        left: dict[str, int] = {}
-        for status in retried.refused.values():
-            left[status] = left.get(status, 0) + 1
-        click.echo(f"batch {found}: {len(retried.queued)} queued, {len(retried.waiting)} waiting"
-                   + ("; left as they are: " + ", ".join(f"{n} {status}" for status, n in sorted(left.items()))
-                      if left else ""))
-    else:
-        for job_id in ids:
-            if job_id in invalid:
-                continue
-            if job_id in retried.queued:
-                click.echo(f"{job_id}: queued")
-            elif job_id in retried.waiting:
-                click.echo(f"{job_id}: waiting for {', '.join(retried.waiting[job_id])} to succeed")
-            else:
-                click.echo(f"{job_id}: {_refusal(retried.refused[job_id], statuses)}")
+    _report_retry(retried, ids, invalid, statuses, batch_id=found if batch_id else None)
+    if skipped:
+        again = f"--batch {found} --status skipped" if batch_id else " ".join(skipped)
+        click.echo(f"{len(skipped)} skipped job(s) need the retried ones and stay skipped; retry them too: "
+                   f"graftq retry {again}", err=True)
     moved = sorted(set(queues) & (set(retried.queued) | set(retried.waiting)))
     if moved:
         click.echo(f"{len(moved)} job(s) recorded by `graftq run` go to the worker pool's queues "
@@ -856,6 +843,31 @@ def retry(ctx: click.Context, job_ids: tuple[str, ...], batch_id: str | None, st
                    err=True)
     if unpublished:
         raise click.ClickException(unpublished)
+
+
+def _report_retry(retried: Any, ids: Sequence[str], invalid: dict[str, str], statuses: Sequence[str], *,
+                  batch_id: str | None) -> None:
+    """One line per job asked for (counts for a batch), and one per job that could not be retried."""
+    for job_id, problem in invalid.items():
+        click.echo(f"{job_id}: not retried: its stored spec no longer validates: {problem}")
+    for job_id, needed in retried.blocked.items():
+        click.echo(f"{job_id}: not retried: it needs {', '.join(needed)}, which did not succeed and is not "
+                   "retried with it; retry them together")
+    if batch_id is not None:
+        left: dict[str, int] = {}
+        for status in retried.refused.values():
+            left[status] = left.get(status, 0) + 1
+        click.echo(f"batch {batch_id}: {len(retried.queued)} queued, {len(retried.waiting)} waiting"
+                   + ("; left as they are: " + ", ".join(f"{n} {status}" for status, n in sorted(left.items()))
+                      if left else ""))
+        return
+    for job_id in ids:
+        if job_id in retried.queued:
+            click.echo(f"{job_id}: queued")
+        elif job_id in retried.waiting:
+            click.echo(f"{job_id}: waiting for {', '.join(retried.waiting[job_id])} to succeed")
+        elif job_id in retried.refused:
+            click.echo(f"{job_id}: {_refusal(retried.refused[job_id], statuses)}")
 
 
 def _publish_retried(state: State, queued: dict[str, str | None]) -> str | None:

@@ -132,6 +132,9 @@ def test_the_table_shows_params_and_names_only_where_there_are_some(recorded):
     ("task=upper", lambda job: job["task"] == "upper"),
     ("task>plain", lambda job: job["task"] > "plain"),
     ("name=grid", lambda job: job["name"] == "grid"),
+    ("batch=grid", lambda job: True),
+    ("created_at>=2000-01-01", lambda job: True),
+    ("created_at<2000-01-01T12:00", lambda job: False),
 ])
 def test_where_keeps_the_jobs_a_hand_filter_keeps(recorded, condition, expected):
     url, written = recorded
@@ -157,6 +160,7 @@ def test_where_errors_name_the_option_and_the_fix(recorded):
     assert "eval_loss is a number" in _error(url, "--where", "eval_loss<low")
     assert "unknown key 'colour'" in _error(url, "--where", "colour=red")
     assert "is not a status" in _error(url, "--where", "status=done")
+    assert "not an ISO date" in _error(url, "--where", "created_at>yesterday")
     assert "no value" in _error(url, "--where", "lora.r=")
     typo = _invoke(url, "--where", "lora.rank=8")  # any dotted key is a params key; this one matches nothing
     assert "no job has the param 'lora.rank'" in typo.stderr and typo.stdout.strip() == "no matching jobs"
@@ -208,6 +212,8 @@ def test_grouped_numbers_and_where_are_the_same_on_postgresql(postgres_database)
         ("lora.r>=8", lambda job: job["params"] and job["params"]["lora.r"] >= 8),
         ("task>plain", lambda job: job["task"] > "plain"),
         ("eval_loss<2", lambda job: job["eval_loss"] is not None and job["eval_loss"] < 2),
+        ("created_at>2000-01-01", lambda job: True),
+        ("status!=failed", lambda job: job["status"] != "failed"),
     ]:
         assert _ids(postgres_database, "--where", condition) == {job["id"] for job in written if expected(job)}
 

@@ -116,6 +116,41 @@ def test_a_job_whose_needs_have_not_succeeded_waits(database):
         assert (waiting.status, waiting.queued_at, waiting.history[0]["status"]) == ("waiting", None, "skipped")
 
 
+def _chain(database):
+    """parent (failed) <- child (skipped) <- grandchild (skipped)."""
+    with database.begin() as connection:
+        batch_id, (parent, child, grandchild) = create_batch(connection, "b", [_row()] * 3)
+        connection.execute(insert(job_needs), [{"job_id": child, "needed_id": parent},
+                                               {"job_id": grandchild, "needed_id": child}])
+    _finish(database, parent, "failed")
+    _set_status(database, child, "skipped")
+    _set_status(database, grandchild, "skipped")
+    return batch_id, parent, child, grandchild
+
+
+def test_a_job_is_not_retried_without_the_failed_job_it_needs(database):
+    _, parent, child, grandchild = _chain(database)
+    with database.begin() as connection:
+        retried = retry_jobs(connection, [child, grandchild])
+    assert retried.blocked == {child: [parent], grandchild: [child]} and not retried.queued and not retried.waiting
+    with database.read() as connection:
+        assert get_job(connection, grandchild).status == "skipped" and get_job(connection, child).history is None
+    with database.begin() as connection:
+        retried = retry_jobs(connection, [grandchild, child, parent])
+    assert set(retried.queued) == {parent} and retried.waiting == {child: [parent], grandchild: [child]}
+
+
+def test_retrying_a_parent_names_the_skipped_jobs_that_need_it(database, sqlite_url, redis_url):
+    batch_id, parent, child, grandchild = _chain(database)
+    result = _cli(sqlite_url, redis_url, "retry", parent, child[:6])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [f"{parent}: queued", f"{child}: waiting for {parent} to succeed"]
+    assert f"1 skipped job(s) need the retried ones and stay skipped; retry them too: graftq retry {grandchild}" \
+        in result.stderr
+    rest = _cli(sqlite_url, redis_url, "retry", "--batch", batch_id)
+    assert rest.stdout.strip() == f"batch {batch_id}: 0 queued, 1 waiting; left as they are: 1 queued, 1 waiting"
+
+
 @pytest.mark.postgres
 def test_retry_on_postgresql(postgres_database):
     from db.session import create_database_engine, upgrade_to_head
