@@ -49,7 +49,7 @@ def as_number(value: Any) -> float | None:
 
 def as_text(value: Any) -> str:
     """How a params value compares as a string: a string as it is, anything else as JSON (`true`, `[4, 8]`)."""
-    return value if isinstance(value, str) else json.dumps(value)
+    return value if isinstance(value, str) else json.dumps(value, default=str)
 
 
 def is_column(key: str) -> bool:

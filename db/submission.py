@@ -1,4 +1,4 @@
-"""The writes of `graftq submit` (and `graftq run`): a batch, its jobs and their publication.
+"""The writes of `graftq submit` (and `graftq run`, `graftq retry`): a batch, its jobs and their publication.
 
 These functions take a `Connection` in a write transaction (`database.begin()`) and never commit.
 """

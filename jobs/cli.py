@@ -632,10 +632,11 @@ def _grouped_results(ctx: click.Context, *, batch: str | None, task: str | None,
         groups = sort_groups(groups, field, descending=descending or desc)
     groups = groups[:limit]
     if fmt == "json":
-        click.echo(json.dumps(groups, indent=2))
+        click.echo(json.dumps([{column: _iso(value) for column, value in group.items()} for group in groups],
+                              indent=2))
         return
     if fmt == "csv":
-        _write_csv(columns, ([group[column] for column in columns] for group in groups), json.dumps)
+        _write_csv(columns, ([_iso(group[column]) for column in columns] for group in groups), json.dumps)
         return
     if not groups:
         click.echo("no matching jobs")
@@ -749,6 +750,37 @@ def cancel(ctx: click.Context, job_ids: tuple[str, ...], batch_id: str | None) -
     if batch_id:
         click.echo(f"batch {found}: " + ", ".join(f"{n} {what}" for what, n in sorted(counts.items())))
 
+
+# --- db ------------------------------------------------------------------------------------------
+
+
+@cli.group()
+def db() -> None:
+    """Manage the results database schema."""
+
+
+@db.command()
+@click.pass_context
+def upgrade(ctx: click.Context) -> None:
+    """Bring the database to the newest schema (creates the tables on an empty database)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from db.session import SCHEMA_HEAD, current_revision, get_database, upgrade_to_head
+
+    url = _state(ctx).settings.database_url
+    try:
+        database = get_database(url, upgrade=False)
+        before = current_revision(database.engine)
+        upgrade_to_head(url, database.engine)
+    except SQLAlchemyError as error:
+        raise click.ClickException(f"cannot upgrade the database {url!r}: {error}") from None
+    if before == SCHEMA_HEAD:
+        click.echo(f"database already at schema revision {SCHEMA_HEAD}")
+    else:
+        click.echo(f"database upgraded from revision {before or 'none'} to {SCHEMA_HEAD}")
+
+
+# --- retry ---------------------------------------------------------------------------------------
 
 
 def _retry_statuses(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[str, ...]:
@@ -890,35 +922,6 @@ def _publish_retried(state: State, queued: dict[str, str | None]) -> str | None:
     return (f"the broker failed after {len(sent)} of {len(queued)} retried jobs were enqueued ({failure.error}); "
             "the others are queued in the database and a running `graftq worker` publishes them once the "
             "broker is back")
-
-
-# --- db ------------------------------------------------------------------------------------------
-
-
-@cli.group()
-def db() -> None:
-    """Manage the results database schema."""
-
-
-@db.command()
-@click.pass_context
-def upgrade(ctx: click.Context) -> None:
-    """Bring the database to the newest schema (creates the tables on an empty database)."""
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from db.session import SCHEMA_HEAD, current_revision, get_database, upgrade_to_head
-
-    url = _state(ctx).settings.database_url
-    try:
-        database = get_database(url, upgrade=False)
-        before = current_revision(database.engine)
-        upgrade_to_head(url, database.engine)
-    except SQLAlchemyError as error:
-        raise click.ClickException(f"cannot upgrade the database {url!r}: {error}") from None
-    if before == SCHEMA_HEAD:
-        click.echo(f"database already at schema revision {SCHEMA_HEAD}")
-    else:
-        click.echo(f"database upgraded from revision {before or 'none'} to {SCHEMA_HEAD}")
 
 
 def iter_commands(group: click.Group = cli, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
