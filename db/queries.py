@@ -257,3 +257,15 @@ def queued_published_before(connection: Connection, older_than: float, limit: in
         .where(jobs.c.status == JobStatus.QUEUED.value, jobs.c.queue.is_not(None), jobs.c.published_at.is_not(None),
                jobs.c.published_at < cutoff).limit(limit)
     ))
+
+
+def job_dirs(connection: Connection, job_ids: Sequence[str]) -> dict[str, tuple[str, str | None]]:
+    """{job id: (status, artifact directory or None)} of the given jobs; an unknown id is left out.
+
+    A job has a directory once it succeeded: what a job built on it (`layer.from`, `lora.from`) loads.
+    """
+    found: dict[str, tuple[str, str | None]] = {}
+    for chunk in chunks(list(job_ids)):
+        rows = connection.execute(select(jobs.c.id, jobs.c.status, jobs.c.job_dir).where(jobs.c.id.in_(chunk)))
+        found.update((row.id, (row.status, row.job_dir)) for row in rows)
+    return found

@@ -2,7 +2,8 @@
 
     outcome = run_job(JobContext(job_id=..., batch_id=..., spec=spec, artifacts_root=...))
 
-It builds the extension on the base model, trains it (train jobs), saves the artifacts
+A job whose spec builds on other jobs (`layer.from`, `lora.from`: `job:ID`) is given those jobs'
+artifact directories in `JobContext.needed_dirs` (`needed_dirs(spec, database)` reads them). It builds the extension on the base model, trains it (train jobs), saves the artifacts
 under `<artifacts_root>/<batch_id>/<job_id>/` atomically, and returns a `JobOutcome`.
 Raises `worker.errors.JobError` (deterministic, never retried), `JobCancelled` (the cancel
 check said stop), `JobInterrupted` (the worker is shutting down: a checkpoint was saved first).
@@ -23,9 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.spec import JobKind, JobSpec
+from jobs.extensions import EXTENSION_KINDS
+from jobs.spec import JOB_REF_RE, JobKind, JobSpec
 from worker.artifacts import job_directory, write_atomically, write_job_json
-from worker.errors import JobCancelled
+from worker.errors import JobCancelled, JobError
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,8 @@ class JobContext:
     #: `train.checkpoint_every: 0` disables them
     checkpoint_dir: Path | None = None
     progress_interval: float = 1.0
+    #: job id -> artifact directory of each job that the spec's `from` keys name (`job:ID`)
+    needed_dirs: dict[str, Path] = field(default_factory=dict)
 
     @property
     def job_dir(self) -> Path:
@@ -79,6 +83,55 @@ class JobOutcome:
     #: the loss curve: (step, split, loss) with split "train" or "eval"
     loss_curve: list[tuple[int, str, float]] = field(default_factory=list)
     setup_seconds: float = 0.0
+
+
+def parent_refs(spec: JobSpec) -> dict[str, str]:
+    """{section: its `from` value} for the sections of the job's kind that start from another job."""
+    sections = {name: getattr(spec, name, None) for name in EXTENSION_KINDS[spec.extension].sections}
+    return {name: section.from_ for name, section in sections.items() if getattr(section, "from_", None)}
+
+
+def _parent_id(section: str, ref: str) -> str:
+    match = JOB_REF_RE.fullmatch(ref)
+    if match is None:
+        raise JobError(f"{section}.from: {ref!r} reached the worker unresolved; it must be `job:ID` by the time "
+                       "the job runs (submit the batch again)")
+    return match[1]
+
+
+def needed_dirs(spec: JobSpec, database: Any) -> dict[str, Path]:
+    """The artifact directories of the jobs that `spec`'s `from` keys name, read from `database`
+    (a db.session.Database). Raises JobError naming a parent that has not succeeded (and its status)."""
+    refs = parent_refs(spec)
+    if not refs:
+        return {}
+    from db.queries import job_dirs
+    from db.tables import JobStatus
+
+    ids = {section: _parent_id(section, ref) for section, ref in refs.items()}
+    with database.begin() as connection:
+        found = job_dirs(connection, sorted(set(ids.values())))
+    dirs: dict[str, Path] = {}
+    for section, job_id in ids.items():
+        status, directory = found.get(job_id, (None, None))
+        if status is None:
+            raise JobError(f"{section}.from: job {job_id} does not exist")
+        if status != JobStatus.SUCCEEDED.value or directory is None:
+            raise JobError(f"{section}.from: job {job_id} is {status}; a job can only build on the artifacts of a "
+                           "job that succeeded")
+        dirs[job_id] = Path(directory)
+    return dirs
+
+
+def _start_from(spec: JobSpec, given: dict[str, Path]) -> dict[str, Path]:
+    """{section: the directory of the job it starts from}, from the spec's `from` keys and `given` dirs."""
+    start_from = {}
+    for section, ref in parent_refs(spec).items():
+        job_id = _parent_id(section, ref)
+        if job_id not in given:
+            raise JobError(f"{section}.from: the artifacts of job {job_id} were not handed to this job")
+        start_from[section] = Path(given[job_id])
+    return start_from
 
 
 def library_versions() -> dict[str, str]:
@@ -184,9 +237,13 @@ def _run_job(ctx: JobContext) -> JobOutcome:
     base, from_cache = BASE_MODELS.get(spec.base_model, device_manager)
     seed = spec.train.seed if spec.train is not None else 0
     device_manager.seed(seed)
-    extension = extension_class(spec.extension)(base.model, ExtensionConfig.from_job_spec(spec), device_manager)
+    config = ExtensionConfig.from_job_spec(spec, _start_from(spec, ctx.needed_dirs))
+    extension = extension_class(spec.extension)(base.model, config, device_manager)
     model = extension.build(spec.task)
     stats = extension.statistics(spec.task)
+    refs = parent_refs(spec)
+    started_from = {section: {"from": refs[section], **origin}
+                    for section, origin in extension.origins.get(spec.task, {}).items()}
     setup_seconds = time.perf_counter() - started
     log.info("job %s: %s/%s set up in %.2fs (base model %s)", ctx.job_id, spec.extension, spec.task,
              setup_seconds, "cached" if from_cache else "loaded")
@@ -231,6 +288,8 @@ def _run_job(ctx: JobContext) -> JobOutcome:
         "metrics": {**metrics, "resumed_from_step": resumed_from_step}, "device": str(device_manager.device),
         "dtype": device_manager.dtype_name, "versions": versions,
     }
+    if started_from:
+        payload["started_from"] = started_from
     artifacts = write_atomically(job_dir, functools.partial(_write_artifacts, extension, spec, payload))
     shutil.rmtree(resume_dir, ignore_errors=True)
     outcome = JobOutcome(

@@ -263,6 +263,7 @@ def execute_job(job_id: str, settings: Settings, *, worker: str, eager: bool = F
             on_progress=progress, should_cancel=should_stop,
             # None: the pipeline's own place (stable per job, so a retried attempt resumes there).
             checkpoint_dir=None,
+            needed_dirs=_with_db_retries(lambda: pipeline.needed_dirs(spec, database)),
         )
         outcome = pipeline.run_job(context)
     except JobInterrupted:

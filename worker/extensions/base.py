@@ -2,10 +2,14 @@
 
 An extension kind is a BaseExtension subclass that implements `build`, `save` and
 `parameter_groups`, registered (with the spec sections it reads) in jobs/extensions.py.
+A kind that can build on another job's artifacts (the `from` key of a section) lists that
+section in `starts_from`; any other kind refuses a `from`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,27 +18,35 @@ from jobs.extensions import EXTENSION_KINDS
 from jobs.spec import SECTION_SPECS, JobSpec
 from worker.architectures import Architecture, architecture_for
 from worker.device import DeviceManager
+from worker.errors import ConfigError
 from worker.stats import ParamStats, count_params, param_stats
 
 
 class ExtensionConfig:
-    """The spec sections an extension reads, by name, and whether its base model is frozen.
+    """The spec sections an extension reads, by name, whether its base model is frozen, and the
+    artifacts of earlier jobs that sections start from.
 
     `ExtensionConfig(lora=LoRASpec(r=8), layer=LayerSpec())`: a section left out has its defaults.
+    `start_from={"layer": job_dir}`: the `layer` section builds on the block that the job in
+    `job_dir` saved (what a spec's `layer.from` names), `{"lora": job_dir}` on its adapter.
     Raises TypeError for a name that is no spec section.
     """
 
-    def __init__(self, freeze_base: bool = True, **sections: Any):
-        unknown = sorted(set(sections) - set(SECTION_SPECS))
+    def __init__(self, freeze_base: bool = True, start_from: Mapping[str, str | Path] | None = None,
+                 **sections: Any):
+        unknown = sorted((set(sections) | set(start_from or {})) - set(SECTION_SPECS))
         if unknown:
             raise TypeError(f"ExtensionConfig: no spec section named {', '.join(unknown)}; "
                             f"the sections are {', '.join(SECTION_SPECS)}")
         self.freeze_base = freeze_base
         self.sections = {name: spec for name, spec in sections.items() if spec is not None}
+        #: section name -> the directory of the job whose artifacts that section starts from
+        self.start_from = {name: Path(directory) for name, directory in (start_from or {}).items()}
 
     @classmethod
-    def from_job_spec(cls, spec: JobSpec) -> ExtensionConfig:
-        return cls(**{name: getattr(spec, name) for name in EXTENSION_KINDS[spec.extension].sections})
+    def from_job_spec(cls, spec: JobSpec, start_from: Mapping[str, str | Path] | None = None) -> ExtensionConfig:
+        return cls(start_from=start_from,
+                   **{name: getattr(spec, name) for name in EXTENSION_KINDS[spec.extension].sections})
 
     def section(self, name: str) -> Any:
         """The `name` section (a LoRASpec for `lora`, ...): the one given, else its defaults."""
@@ -51,14 +63,28 @@ class BaseExtension:
     - `save(task, directory)`: writes the task's artifacts, returns {role: path} ("adapter"
       for PEFT's format, "layer" for an added block);
     - `parameter_groups(task)`: {group: parameters} of what trains for the task; a group named
-      in worker.stats.GROUPS counts in that statistic ("lora" in `lora_params`: PEFT adapters);
+      in worker.stats.GROUPS counts in that statistic ("lora" in `lora_params`: PEFT adapters).
+      Only what the task trains: a part it uses but keeps frozen (a block loaded from another job
+      with `layer.freeze`) is in no group, so it counts in `total_params` only;
     - `load(task, directory)`: the task's model rebuilt from what `save` wrote.
+
+    `starts_from` names the sections whose `config.start_from` the kind's `build` honours; a
+    `start_from` for any other section is refused with a ConfigError.
     """
+
+    #: the spec sections whose `from` this kind implements (keys of `config.start_from` it accepts)
+    starts_from: tuple[str, ...] = ()
 
     def __init__(self, base_model: torch.nn.Module, config: ExtensionConfig | None = None,
                  device_manager: DeviceManager | None = None):
         self.base_model = base_model
         self.config = config or ExtensionConfig()
+        refused = sorted(set(self.config.start_from) - set(self.starts_from))
+        if refused:
+            raise ConfigError(f"{refused[0]}.from: a {type(self).__name__} cannot start from another job's "
+                              f"artifacts; leave `{refused[0]}.from` out, or use an extension kind that "
+                              f"builds on them ({refused[0]} and hybrid for layer.from, lora and hybrid for "
+                              "lora.from)")
         self.device_manager = device_manager
         self.arch: Architecture = architecture_for(base_model)
         if self.config.freeze_base:
@@ -68,6 +94,8 @@ class BaseExtension:
         self.new_blocks: dict[str, list[torch.nn.Module]] = {}
         #: task -> the resolved LayerPlacement of its added block (layer and hybrid kinds)
         self.placements: dict = {}
+        #: task -> section -> what that section started from (another job's artifacts), for job.json
+        self.origins: dict[str, dict[str, dict[str, Any]]] = {}
         self.active_task: str | None = None
 
     # -- per-task bookkeeping -------------------------------------------------------------

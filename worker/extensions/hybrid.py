@@ -1,6 +1,7 @@
 """Hybrid: an added block first, then LoRA on the extended model (the new block too).
 
-Trainable = the task's LoRA adapter + the new block's own weights.
+Trainable = the task's LoRA adapter + the new block's own weights (the adapter only when the
+block, loaded from another job, is kept frozen with `layer.freeze`).
 """
 
 from __future__ import annotations
@@ -10,15 +11,10 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
+from worker.errors import ConfigError
 from worker.extensions.base import BaseExtension
-from worker.extensions.layer import (
-    LayerPlacement,
-    apply_saved_layer,
-    insert_block,
-    resolve_placement,
-    save_layer,
-)
-from worker.extensions.lora import adapter_name_for, add_lora, save_adapter
+from worker.extensions.layer import LayerPlacement, add_block, apply_saved_layer, save_layer
+from worker.extensions.lora import adapter_name_for, add_task_adapter, save_adapter
 from worker.models import structural_copy
 from worker.stats import adapter_parameters, own_parameters
 
@@ -31,23 +27,40 @@ def _attach(model: PeftModel, block: torch.nn.Module, placement: LayerPlacement)
     object.__setattr__(model, "graftq_placement", placement)
 
 
-def _train_block_weights(block: torch.nn.Module) -> None:
-    """PEFT froze everything but the adapters; the new block's own weights train too."""
+def _train_block_weights(block: torch.nn.Module, trains: bool = True) -> None:
+    """PEFT froze everything but the adapters; the new block's own weights train too, unless frozen."""
     for param in own_parameters(block):
-        param.requires_grad_(True)
+        param.requires_grad_(trains)
 
 
 class HybridExtension(BaseExtension):
+    """The Python API and the `hybrid` kind.
+
+    With `config.start_from["layer"]` the block is the one that job saved (at its placement); it
+    trains on unless `layer.freeze` keeps it as it is. `config.start_from["lora"]` (the same job)
+    starts the adapter from that job's adapter, with its settings.
+    """
+
+    starts_from = ("layer", "lora")
+
     def __init__(self, base_model, config=None, device_manager=None):
         super().__init__(base_model, config, device_manager)
+        lora_from = self.config.start_from.get("lora")
+        if lora_from is not None and lora_from != self.config.start_from.get("layer"):
+            raise ConfigError("lora.from: a hybrid job's adapter covers its block too, so it can only start from "
+                              "the job its block comes from: set layer.from to the same job as lora.from")
         #: the model whose one added block every `use_shared_layer` task uses
         self.shared_model: PeftModel | None = None
+        #: the tasks whose block stays frozen (`layer.freeze`)
+        self.frozen: set[str] = set()
 
-    def _extend(self) -> tuple[torch.nn.Module, torch.nn.Module, LayerPlacement]:
+    def _extend(self, task_name: str) -> tuple[torch.nn.Module, torch.nn.Module, LayerPlacement]:
         model = structural_copy(self.base_model)
-        placement = resolve_placement(model, self.config.section("layer"))
-        block = insert_block(model, placement)
+        block, placement, origin = add_block(model, self.config.section("layer"), self.config.start_from.get("layer"))
+        # fp32 even when frozen: the job saves the block again, and it must be the parent's, bit for bit
         self._place_trainable(block)
+        if origin is not None:
+            self.origins.setdefault(task_name, {})["layer"] = origin
         return model, block, placement
 
     def create_hybrid_model(self, task_name: str, use_shared_layer: bool = False,
@@ -61,19 +74,20 @@ class HybridExtension(BaseExtension):
         """
         if task_name in self.models:
             raise ValueError(f"task {task_name!r} already has a hybrid model")
-        adapter = adapter_name_for(task_name)
         if use_shared_layer and (shared_model or self.shared_model) is not None:
             model = shared_model or self.shared_model
             if not hasattr(model, "graftq_new_block"):
                 raise ValueError("shared_model must be a model returned by create_hybrid_model")
-            add_lora(model, self.config.section("lora"), self.arch, adapter_name=adapter)
+            add_task_adapter(self, model, task_name)
         else:
-            extended, block, placement = self._extend()
-            model = add_lora(extended, self.config.section("lora"), self.arch, adapter_name=adapter)
+            extended, block, placement = self._extend(task_name)
+            model = add_task_adapter(self, extended, task_name)
             _attach(model, block, placement)
         if use_shared_layer:
             self.shared_model = model
-        _train_block_weights(model.graftq_new_block)
+        if self.config.section("layer").freeze:
+            self.frozen.add(task_name)
+        _train_block_weights(model.graftq_new_block, trains=task_name not in self.frozen)
         self.placements[task_name] = model.graftq_placement
         return self._remember(task_name, model, [model.graftq_new_block])
 
@@ -82,13 +96,17 @@ class HybridExtension(BaseExtension):
     def switch(self, task_name: str) -> PeftModel:
         model = super().switch(task_name)
         model.set_adapter(adapter_name_for(task_name))
-        _train_block_weights(self.new_blocks[task_name][0])
+        _train_block_weights(self.new_blocks[task_name][0], trains=task_name not in self.frozen)
         return model
 
     def parameter_groups(self, task_name: str) -> dict[str, list[torch.nn.Parameter]]:
+        """{"lora": the task's own adapter (not other tasks' adapters on a shared model), "layer": the
+        block's own weights}; "layer" is empty when the block is frozen (`layer.freeze`): the task
+        trains only its adapter, and the block counts in `total_params` only."""
         model = self.model_for(task_name)
+        block = self.new_blocks[task_name][0]
         return {"lora": adapter_parameters(model, adapter_name_for(task_name)),
-                "layer": own_parameters(self.new_blocks[task_name][0])}
+                "layer": [] if task_name in self.frozen else own_parameters(block)}
 
     def save(self, task_name: str, directory: Path) -> dict[str, Path]:
         directory = Path(directory)

@@ -188,22 +188,65 @@ def apply_saved_layer(model: torch.nn.Module, directory: Path) -> tuple[torch.nn
     return block, placement
 
 
+def add_block(model: torch.nn.Module, spec: LayerSpec,
+              start_from: Path | None = None) -> tuple[torch.nn.Module, LayerPlacement, dict | None]:
+    """Add a task's block to `model` in place: a new copy as `spec` places it, or with `start_from`
+    (a job directory) the block that job saved, at that job's placement (`spec`'s placement keys
+    are then ignored).
+
+    Returns (block, placement, origin): `origin` says what the block was loaded from (None for a
+    new copy). Raises ConfigError for `spec.freeze` without `start_from`, or a `start_from` that
+    holds no saved block.
+    """
+    if start_from is None:
+        if spec.freeze:
+            raise ConfigError("layer.freeze: only a block loaded from another job can stay frozen; set "
+                              "layer.from to the job that trained it, or leave layer.freeze out")
+        placement = resolve_placement(model, spec)
+        return insert_block(model, placement), placement, None
+    saved = Path(start_from) / "layer"
+    if not (saved / LAYER_CONFIG).is_file():
+        raise ConfigError(f"layer.from: job directory {start_from} holds no trained block (no layer/{LAYER_CONFIG}); "
+                          "`layer.from` must name a layer or hybrid job")
+    block, placement = apply_saved_layer(model, saved)
+    return block, placement, {"job_dir": str(start_from), "placement": asdict(placement), "frozen": spec.freeze}
+
+
 class TransformerLayerExtension(BaseExtension):
-    """Adds one transformer block per task; only the new block is trainable."""
+    """Adds one transformer block per task; only the new block is trainable.
+
+    With `config.start_from["layer"]` the block is the one that job saved, and it trains on
+    (continued training) unless `layer.freeze` keeps it as it is.
+    """
+
+    starts_from = ("layer",)
+
+    def __init__(self, base_model, config=None, device_manager=None):
+        super().__init__(base_model, config, device_manager)
+        #: the tasks whose block stays frozen (`layer.freeze`)
+        self.frozen: set[str] = set()
 
     def create_extended_model(self, task_name: str) -> torch.nn.Module:
         model = structural_copy(self.base_model)
-        placement = resolve_placement(model, self.config.section("layer"))
-        block = insert_block(model, placement)
-        block.requires_grad_(True)
+        spec = self.config.section("layer")
+        block, placement, origin = add_block(model, spec, self.config.start_from.get("layer"))
+        block.requires_grad_(not spec.freeze)
+        if spec.freeze:
+            self.frozen.add(task_name)
+        # fp32 even when frozen: the job saves the block again, and it must be the parent's, bit for bit
         self._place_trainable(block)
         self.placements[task_name] = placement
+        if origin is not None:
+            self.origins[task_name] = {"layer": origin}
         return self._remember(task_name, model, [block])
 
     build = create_extended_model
 
     def parameter_groups(self, task_name: str) -> dict[str, list[torch.nn.Parameter]]:
-        return {"layer": list(self.new_blocks[task_name][0].parameters())}
+        """{"layer": the task's block}; empty when the block is frozen (`layer.freeze`): the task
+        trains nothing of it, so it counts in `total_params` only."""
+        block = self.new_blocks[task_name][0]
+        return {"layer": [] if task_name in self.frozen else list(block.parameters())}
 
     def save(self, task_name: str, directory: Path) -> dict[str, Path]:
         return {"layer": save_layer(Path(directory) / "layer", self.new_blocks[task_name][0],

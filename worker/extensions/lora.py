@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -80,6 +82,45 @@ def add_lora(model: torch.nn.Module, spec: LoRASpec, arch: Architecture, adapter
     return get_peft_model(model, config, adapter_name=adapter_name, autocast_adapter_dtype=True)
 
 
+def load_trainable_adapter(model: torch.nn.Module, job_dir: Path, adapter_name: str,
+                           device: str | None = None) -> tuple[PeftModel, dict[str, Any]]:
+    """Wrap `model` (in place) with the adapter that the job in `job_dir` saved, as a trainable
+    adapter named `adapter_name` (continued training); its settings are that adapter's own.
+
+    Returns (the PeftModel, origin): `origin` records the job directory and the adapter settings
+    that came with it. Raises ConfigError when `job_dir` holds no adapter.
+    """
+    directory = Path(job_dir) / "adapter"
+    config_file = directory / "adapter_config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"lora.from: job directory {job_dir} holds no adapter (no adapter/adapter_config.json); "
+                          "`lora.from` must name a lora or hybrid job")
+    saved = json.loads(config_file.read_text())
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(directory), adapter_name=adapter_name, is_trainable=True, torch_device=device)
+        model.set_adapter(adapter_name)
+    else:
+        # autocast_adapter_dtype (the default) keeps the adapter in fp32 on a bf16/fp16 base
+        model = PeftModel.from_pretrained(model, str(directory), adapter_name=adapter_name, is_trainable=True,
+                                          torch_device=device)
+    settings = {"peft_type": saved.get("peft_type"), "r": saved.get("r"), "alpha": saved.get("lora_alpha"),
+                "dropout": saved.get("lora_dropout"), "target_modules": saved.get("target_modules")}
+    return model, {"job_dir": str(job_dir), "settings": settings, "settings_from": str(config_file)}
+
+
+def add_task_adapter(extension: BaseExtension, model: torch.nn.Module, task_name: str) -> PeftModel:
+    """`model` wrapped (in place) with `task_name`'s adapter: a new one from the extension's `lora`
+    section, or the one its `config.start_from["lora"]` job saved (recorded in `extension.origins`)."""
+    adapter_name = adapter_name_for(task_name)
+    start_from = extension.config.start_from.get("lora")
+    if start_from is None:
+        return add_lora(model, extension.config.section("lora"), extension.arch, adapter_name=adapter_name)
+    device = str(extension.device_manager.device) if extension.device_manager is not None else None
+    model, origin = load_trainable_adapter(model, start_from, adapter_name, device)
+    extension.origins.setdefault(task_name, {})["lora"] = origin
+    return model
+
+
 def save_adapter(model: PeftModel, directory: Path, adapter_name: str = "default") -> Path:
     """Save one adapter in PEFT format directly in `directory` (adapter_config.json + safetensors)."""
     directory = Path(directory)
@@ -94,7 +135,13 @@ def save_adapter(model: PeftModel, directory: Path, adapter_name: str = "default
 
 
 class LoRAExtension(BaseExtension):
-    """LoRA adapters, one per task, on one shared copy of the base model (switch with `switch`)."""
+    """LoRA adapters, one per task, on one shared copy of the base model (switch with `switch`).
+
+    With `config.start_from["lora"]` a task's adapter starts as the adapter that job saved, with
+    that adapter's settings (the `lora` section's r, alpha, dropout and target_modules are ignored).
+    """
+
+    starts_from = ("lora",)
 
     def __init__(self, base_model, config=None, device_manager=None):
         super().__init__(base_model, config, device_manager)
@@ -104,8 +151,7 @@ class LoRAExtension(BaseExtension):
         if task_name in self.models:
             raise ValueError(f"task {task_name!r} already has an adapter")
         target = self.peft_model if self.peft_model is not None else structural_copy(self.base_model)
-        self.peft_model = add_lora(target, self.config.section("lora"), self.arch,
-                                   adapter_name=adapter_name_for(task_name))
+        self.peft_model = add_task_adapter(self, target, task_name)
         return self._remember(task_name, self.peft_model, [])
 
     build = create_adapter
