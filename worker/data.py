@@ -49,6 +49,12 @@ def read_rows(path: str | Path) -> list[dict[str, str]]:
     return rows
 
 
+def read_mixture(paths: list[str | Path]) -> list[dict[str, str]]:
+    """The rows of every file in `paths` together, file by file (a mixture; the trainer's seeded
+    split and shuffle mix them). JobError from `read_rows` names the file."""
+    return [row for path in paths for row in read_rows(path)]
+
+
 def _check_row(row, path: Path, line_no: int) -> dict[str, str]:
     if not isinstance(row, dict) or "input" not in row or "target" not in row:
         raise JobError(f"train.dataset: {path.name} line {line_no} lacks the `input` and `target` columns "

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from jobs.spec import TrainSpec
-from worker.data import Example, StepBatches, collate, read_rows, split, tokenize
+from worker.data import Example, StepBatches, collate, read_mixture, split, tokenize
 from worker.device import DeviceManager
 from worker.errors import JobCancelled, JobError, JobInterrupted, OutOfMemory
 
@@ -65,7 +65,7 @@ class Trainer:
     # -- setup ----------------------------------------------------------------------------
     def setup(self) -> None:
         spec = self.spec
-        rows = read_rows(spec.dataset)
+        rows = read_mixture(spec.datasets)
         examples = tokenize(rows, self.tokenizer, self.task_type, spec.max_length)
         self.train_set, self.eval_set = split(examples, spec.eval_fraction, spec.seed)
         self.batches = StepBatches(self.train_set, spec.batch_size, spec.seed)
