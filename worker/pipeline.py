@@ -2,9 +2,10 @@
 
     outcome = run_job(JobContext(job_id=..., batch_id=..., spec=spec, artifacts_root=...))
 
-A job whose spec builds on other jobs (`layer.from`, `lora.from`: `job:ID`) is given those jobs'
-artifact directories in `JobContext.needed_dirs` (`needed_dirs(spec, database)` reads them). It builds the extension on the base model, trains it (train jobs), saves the artifacts
+It builds the extension on the base model, trains it (train jobs), saves the artifacts
 under `<artifacts_root>/<batch_id>/<job_id>/` atomically, and returns a `JobOutcome`.
+A job that builds on other jobs (`layer.from`, `lora.from`: `job:ID`) is handed their artifact
+directories in `JobContext.needed_dirs` (the task reads them with `needed_dirs(spec, database)`).
 Raises `worker.errors.JobError` (deterministic, never retried), `JobCancelled` (the cancel
 check said stop), `JobInterrupted` (the worker is shutting down: a checkpoint was saved first).
 """
@@ -109,7 +110,7 @@ def needed_dirs(spec: JobSpec, database: Any) -> dict[str, Path]:
     from db.tables import JobStatus
 
     ids = {section: _parent_id(section, ref) for section, ref in refs.items()}
-    with database.begin() as connection:
+    with database.read() as connection:
         found = job_dirs(connection, sorted(set(ids.values())))
     dirs: dict[str, Path] = {}
     for section, job_id in ids.items():
