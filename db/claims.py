@@ -8,6 +8,9 @@ got from its claim and change nothing once another worker has taken the job over
 worker that lost its claim (it looked dead, the job was re-queued) can never overwrite the
 newer attempt's record. The reaper's side (find, settle and re-queue jobs whose worker died)
 is here too.
+
+Every outcome also decides the jobs that wait for this one, in the same transaction
+(`db.dependencies`): a success releases them, any other end skips them.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, and_, delete, insert, or_, select, update
 
+from db.dependencies import release_dependants, skip_dependants
 from db.tables import METRIC_FIELDS, STAT_FIELDS, JobStatus, jobs, metric_points, utcnow
 
 
@@ -137,6 +141,8 @@ def finish_job(
 ) -> bool:
     """Record a succeeded job (statistics, metrics, paths, loss curve) if the claim is held.
 
+    The waiting jobs that need it and now have every need met become `queued` in the same
+    transaction (`release_dependants`); the caller publishes them after commit.
     Returns False, writing nothing, when another attempt owns the job now. Raises ValueError
     for a `stats` or `metrics` key that is not a field of that section (`db.tables.FIELDS`);
     a missing one is recorded as null.
@@ -165,6 +171,7 @@ def finish_job(
     if points:
         connection.execute(delete(metric_points).where(metric_points.c.job_id == job_id))
         connection.execute(insert(metric_points), points)
+    release_dependants(connection, job_id)
     return True
 
 
@@ -181,18 +188,23 @@ def fail_job(
     """Finish a job as `failed` (or `cancelled`) with a message; True if written.
 
     With a token the write is fenced by the claim; without one it applies to any job not
-    finished yet (used where no worker holds the job).
+    finished yet (used where no worker holds the job). The jobs waiting for it are skipped in
+    the same transaction.
     """
+    unfinished = [JobStatus.WAITING.value, JobStatus.QUEUED.value, JobStatus.RUNNING.value]
     where = (
         _fenced(job_id, token)
         if token is not None
-        else and_(jobs.c.id == job_id, jobs.c.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
+        else and_(jobs.c.id == job_id, jobs.c.status.in_(unfinished))
     )
     values: dict[str, Any] = {"status": status.value, "error": error, "traceback": traceback,
                               "finished_at": utcnow(), "progress_phase": None}
     if device is not None:
         values["device"] = device
-    return connection.execute(update(jobs).where(where).values(**values)).rowcount == 1
+    if connection.execute(update(jobs).where(where).values(**values)).rowcount != 1:
+        return False
+    skip_dependants(connection, job_id)
+    return True
 
 
 def release_job(connection: Connection, job_id: str, token: str, error: str) -> bool:
@@ -267,6 +279,7 @@ def settle_stale_job(connection: Connection, job_id: str, stale_after: float) ->
             .values(status=status.value, finished_at=now, claim_token=None, error=error)
         )
         if settled.rowcount:
+            skip_dependants(connection, job_id)
             return status.value
     return None
 

@@ -15,9 +15,10 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Row, func, or_, select, update
+from sqlalchemy import Connection, Row, and_, func, or_, select, update
 
 from db.conditions import Condition
+from db.dependencies import skip_dependants
 from db.submission import chunks
 from db.tables import (
     RESULT_FIELDS,
@@ -77,20 +78,24 @@ def running_jobs(connection: Connection, batch_id: str | None = None) -> list[Ro
 
 
 def request_cancel(connection: Connection, job_ids: Sequence[str]) -> dict[str, str]:
-    """Cancel jobs: a queued job is `cancelled` at once (it will never start); a running job
-    gets `cancel_requested` and stops at its next step. Returns id -> what happened:
-    `cancelled`, `cancelling`, `already <status>` or `not found`.
+    """Cancel jobs: a queued or waiting job is `cancelled` at once (it will never start); a running
+    job gets `cancel_requested` and stops at its next step. The jobs waiting for a cancelled one
+    are skipped. Returns id -> what happened: `cancelled`, `cancelling`, `already <status>` or
+    `not found`.
     """
     now = utcnow()
     outcome: dict[str, str] = {}
+    not_started = (JobStatus.QUEUED.value, JobStatus.WAITING.value)
+    cancelled: list[str] = []
     for chunk in chunks(list(job_ids)):
         before = dict(connection.execute(select(jobs.c.id, jobs.c.status).where(jobs.c.id.in_(chunk))).all())
-        connection.execute(
+        cancelled += connection.execute(
             update(jobs)
-            .where(jobs.c.id.in_(chunk), jobs.c.status == JobStatus.QUEUED.value)
+            .where(jobs.c.id.in_(chunk), jobs.c.status.in_(not_started))
             .values(status=JobStatus.CANCELLED.value, cancel_requested=True, finished_at=now,
                     error="cancelled on request before it started")
-        )
+            .returning(jobs.c.id)
+        ).scalars()
         connection.execute(
             update(jobs).where(jobs.c.id.in_(chunk), jobs.c.status == JobStatus.RUNNING.value)
             .values(cancel_requested=True)
@@ -99,12 +104,14 @@ def request_cancel(connection: Connection, job_ids: Sequence[str]) -> dict[str, 
             status = before.get(job_id)
             if status is None:
                 outcome[job_id] = "not found"
-            elif status == JobStatus.QUEUED.value:
+            elif status in not_started:
                 outcome[job_id] = "cancelled"
             elif status == JobStatus.RUNNING.value:
                 outcome[job_id] = "cancelling"
             else:
                 outcome[job_id] = f"already {status}"
+    # After every chunk: a dependant that was itself asked for is cancelled, not skipped.
+    skip_dependants(connection, cancelled)
     return outcome
 
 
@@ -233,16 +240,29 @@ def status_counts(connection: Connection, batch_id: str | None = None, *, last: 
     return sorted(found.values(), key=lambda b: b.created_at, reverse=True)
 
 
-def unpublished_queued(connection: Connection, older_than: float, limit: int = 1000) -> list[Row[Any]]:
-    """`(id, queue)` of broker jobs still `queued` with no published message, created over `older_than` s ago.
+def unpublished_queued(
+    connection: Connection, older_than: float, limit: int = 1000, *, released_older_than: float | None = None,
+) -> list[Row[Any]]:
+    """`(id, queue)` of broker jobs still `queued` with no published message, queued over `older_than` s ago.
 
-    Jobs run in-process by `graftq run` have no queue and are never returned.
+    The time counts from when the job became queued (`queued_at`; rows written before that
+    column have their creation time). With `released_older_than`, a job released by the jobs it
+    needs (queued after it was created) is returned after that many seconds instead: the worker
+    that released it publishes it right after its commit, unlike a submit that may still be
+    sending thousands of messages. Jobs run in-process by `graftq run` have no queue and are
+    never returned.
     """
-    cutoff = utcnow() - dt.timedelta(seconds=older_than)
+    now = utcnow()
+    became_queued = func.coalesce(jobs.c.queued_at, jobs.c.created_at)
+    due = became_queued < now - dt.timedelta(seconds=older_than)
+    if released_older_than is not None:
+        released = and_(jobs.c.queued_at > jobs.c.created_at,
+                        jobs.c.queued_at < now - dt.timedelta(seconds=released_older_than))
+        due = or_(due, released)
     return list(connection.execute(
         select(jobs.c.id, jobs.c.queue)
         .where(jobs.c.status == JobStatus.QUEUED.value, jobs.c.published_at.is_(None), jobs.c.queue.is_not(None),
-               jobs.c.created_at < cutoff).limit(limit)
+               due).limit(limit)
     ))
 
 

@@ -7,26 +7,20 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, insert, select, update
 
+from db.dependencies import chunks, needed_jobs, record_needs, skip_dependants
 from db.tables import JobStatus, batches, job_needs, utcnow
 from db.tables import jobs as _jobs
-
-_IN_CHUNK = 500  # ids per IN (...) clause; SQLite limits bound parameters per statement
 
 
 def new_id() -> str:
     """A fresh batch or job id: 16 lowercase hex digits (also used in artifact paths)."""
     return uuid.uuid4().hex[:16]
-
-
-def chunks(items: Sequence[str], size: int = _IN_CHUNK) -> Iterable[Sequence[str]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 def create_batch(
@@ -38,27 +32,40 @@ def create_batch(
     base_model: str | None = None,
     max_attempts: int = 3,
 ) -> tuple[str, list[str]]:
-    """Insert a batch and its jobs (status `queued`); returns `(batch_id, job_ids)`.
+    """Insert a batch, its jobs and what they need; returns `(batch_id, job_ids)`.
 
     Each job mapping has `task`, `kind`, `extension`, `base_model`, `requested_device`,
-    `queue` and `spec` (the validated spec as JSON). Ids are generated here.
+    `queue` and `spec` (the validated spec as JSON), and may have `id` (else one is generated),
+    `name`, `params` and `needs` (ids of the jobs it waits for: of this batch, or recorded
+    earlier). A job with a need that has not succeeded is `waiting` (no message is to be
+    published for it), the others `queued`. Needs recorded earlier must exist; they are locked
+    until commit, so an outcome recorded meanwhile still finds the new jobs.
     """
     batch_id = new_id()
     now = utcnow()
+    ids = [job.get("id") or new_id() for job in jobs]
+    own = set(ids)
+    needs = {job_id: list(job.get("needs") or ()) for job_id, job in zip(ids, jobs, strict=True)}
+    earlier = needed_jobs(connection, [needed for wanted in needs.values() for needed in wanted if needed not in own])
+    succeeded = {job_id for job_id, row in earlier.items() if row.status == JobStatus.SUCCEEDED.value}
     connection.execute(insert(batches).values(id=batch_id, name=name, source_path=source_path,
                                               base_model=base_model, created_at=now))
     rows = []
-    for position, job in enumerate(jobs):
+    for position, (job_id, job) in enumerate(zip(ids, jobs, strict=True)):
+        waiting = any(needed not in succeeded for needed in needs[job_id])
         rows.append({
-            "id": new_id(), "batch_id": batch_id, "position": position, "task": job["task"],
+            "id": job_id, "batch_id": batch_id, "position": position, "task": job["task"],
+            "name": job.get("name"), "params": dict(job.get("params") or {}),
             "kind": job["kind"], "extension": job["extension"], "base_model": job["base_model"],
             "requested_device": job.get("requested_device", "auto"), "queue": job.get("queue"),
-            "spec": job["spec"], "status": JobStatus.QUEUED.value, "attempts": 0,
-            "max_attempts": max_attempts, "cancel_requested": False, "created_at": now,
+            "spec": job["spec"], "status": JobStatus.WAITING.value if waiting else JobStatus.QUEUED.value,
+            "attempts": 0, "max_attempts": max_attempts, "cancel_requested": False, "created_at": now,
+            "queued_at": None if waiting else now,
         })
     if rows:
         connection.execute(insert(_jobs), rows)  # one executemany
-    return batch_id, [row["id"] for row in rows]
+    record_needs(connection, needs)
+    return batch_id, ids
 
 
 def mark_published(connection: Connection, job_ids: Sequence[str], when: dt.datetime | None = None) -> None:
@@ -72,28 +79,34 @@ def mark_batch_published(connection: Connection, batch_id: str, when: dt.datetim
     """Record that every message of a batch was handed to the broker; returns how many rows.
 
     One statement for the whole batch (a 10,000-job submit would otherwise pay 20 `IN`
-    updates); jobs already marked keep their first time.
+    updates); jobs already marked keep their first time. Waiting jobs have no message: they are
+    published when the jobs they need succeed.
     """
     result = connection.execute(
         update(_jobs)
-        .where(_jobs.c.batch_id == batch_id, _jobs.c.published_at.is_(None))
+        .where(_jobs.c.batch_id == batch_id, _jobs.c.published_at.is_(None),
+               _jobs.c.status != JobStatus.WAITING.value)
         .values(published_at=when or utcnow())
     )
     return result.rowcount
 
 
 def fail_unpublished(connection: Connection, job_ids: Sequence[str], error: str) -> int:
-    """Mark still-queued jobs whose message never reached the broker as failed; returns how many."""
-    count = 0
+    """Mark still-queued jobs whose message never reached the broker as failed; returns how many.
+
+    The jobs waiting for them are skipped.
+    """
+    failed: list[str] = []
     now = utcnow()
     for chunk in chunks(job_ids):
-        result = connection.execute(
+        failed += connection.execute(
             update(_jobs)
             .where(_jobs.c.id.in_(chunk), _jobs.c.status == JobStatus.QUEUED.value)
             .values(status=JobStatus.FAILED.value, error=error, finished_at=now)
-        )
-        count += result.rowcount
-    return count
+            .returning(_jobs.c.id)
+        ).scalars()
+    skip_dependants(connection, failed)
+    return len(failed)
 
 
 #: What `graftq retry` takes back to the queue: finished jobs that did not succeed.

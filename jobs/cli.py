@@ -192,9 +192,11 @@ def submit(ctx: click.Context, batch_file: Path, dry_run: bool) -> None:
     try:
         check_broker(state.celery)
         submitted = submit_batch(batch, state.settings, state.database, state.celery, broker_checked=True)
-    except BrokerUnavailable as error:
+    except (BrokerUnavailable, SpecError) as error:
         raise click.ClickException(str(error)) from None
-    click.echo(f"submitted batch {submitted.batch_id} ({batch.name}): {len(submitted.job_ids)} jobs queued; "
+    queued = len(submitted.job_ids) - len(submitted.waiting)
+    waiting = f", {len(submitted.waiting)} waiting for the jobs they need" if submitted.waiting else ""
+    click.echo(f"submitted batch {submitted.batch_id} ({batch.name}): {queued} jobs queued{waiting}; "
                f"follow it with `graftq status {submitted.batch_id}`", err=True)
     click.echo(submitted.batch_id)
 
@@ -218,8 +220,10 @@ def run(ctx: click.Context, batch_file: Path, max_steps: int | None) -> None:
     """Run every job of BATCH on this machine (no broker needed), with live progress.
 
     The jobs are recorded in the results database and executed one after another
-    through the same task code as on a worker pool. Exits 0 only if every job succeeded.
+    through the same task code as on a worker pool, each after the jobs it needs (a job whose
+    need failed is skipped). Exits 0 only if every job succeeded.
     """
+    from jobs.errors import SpecError
     from worker.runner import run_batch
 
     state = _state(ctx)
@@ -227,7 +231,10 @@ def run(ctx: click.Context, batch_file: Path, max_steps: int | None) -> None:
     if max_steps is not None:
         batch = _with_max_steps(batch, max_steps)
     _require_worker_extra("run")
-    ok = run_batch(batch, state.settings, state.database)
+    try:
+        ok = run_batch(batch, state.settings, state.database)
+    except SpecError as error:
+        raise click.ClickException(str(error)) from None
     ctx.exit(0 if ok else 1)
 
 
@@ -726,7 +733,10 @@ def show(ctx: click.Context, job_id: str, fmt: str) -> None:
 @click.pass_context
 @_handle_db_errors
 def cancel(ctx: click.Context, job_ids: tuple[str, ...], batch_id: str | None) -> None:
-    """Cancel jobs: queued jobs never start; running jobs stop at their next step."""
+    """Cancel jobs: queued and waiting jobs never start; running jobs stop at their next step.
+
+    The jobs waiting for a cancelled job are skipped.
+    """
     from db.queries import batch_job_ids, request_cancel, resolve_id
 
     if bool(job_ids) == bool(batch_id):

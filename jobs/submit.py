@@ -4,8 +4,9 @@ Order of operations, and what happens when the broker is down:
 
 1. The broker connection is checked *before* anything is written. If it is down, nothing
    is recorded and `BrokerUnavailable` says so (the common case: Redis not started).
-2. All rows are written in one transaction, status `queued`.
-3. One message per job is published with `send_task` over one connection, in chunks (on
+2. All rows are written in one transaction, status `queued`, or `waiting` for a job with a
+   need that has not succeeded (references to earlier jobs are checked in that transaction).
+3. One message per queued job is published with `send_task` over one connection, in chunks (on
    Redis, one round trip per chunk), then `published_at` is recorded.
 4. If publishing fails midway (the broker went away after step 1), the jobs whose message
    was not sent are marked `failed` with an error that says so and how to resubmit. We
@@ -24,9 +25,11 @@ from typing import TYPE_CHECKING, Any
 from jobs.batch import Batch, gc_paused
 from jobs.errors import BrokerUnavailable, SpecError
 from jobs.settings import Settings
+from jobs.spec import JOB_REF_RE
 
 if TYPE_CHECKING:
     from celery import Celery
+    from sqlalchemy import Connection
 
     from db.session import Database
 
@@ -36,6 +39,14 @@ class Submitted:
     batch_id: str
     job_ids: list[str]
     queues: list[str | None]
+    #: jobs recorded `waiting` (a need unmet): no message until the jobs they need succeed
+    waiting: frozenset[str] = frozenset()
+
+    def to_publish(self) -> tuple[list[str], list[str | None]]:
+        """The ids and queues of the jobs to publish now (the queued ones), in batch order."""
+        pairs = [(job_id, queue) for job_id, queue in zip(self.job_ids, self.queues, strict=True)
+                 if job_id not in self.waiting]
+        return [job_id for job_id, _ in pairs], [queue for _, queue in pairs]
 
 
 def check_pool_devices(batch: Batch) -> None:
@@ -52,33 +63,154 @@ def check_pool_devices(batch: Batch) -> None:
 
 
 def job_rows(batch: Batch, settings: Settings, *, broker: bool = True) -> list[dict[str, Any]]:
-    """The rows `db.submission.create_batch` takes for `batch` (queue None when run in-process)."""
-    return [
-        {
+    """The rows `db.submission.create_batch` takes for `batch` (queue None when run in-process).
+
+    Job ids are generated here, so that each row's `needs` lists ids and its stored spec refers
+    to other jobs only as `job:ID` (`needs`, `layer.from`, `lora.from`): the worker never sees a
+    name. References to jobs recorded earlier are kept as written; `record_batch` checks them
+    against the database and stores their full ids.
+    """
+    from db.submission import new_id
+
+    ids = [new_id() for _ in batch.jobs]
+    rows = []
+    for index, spec in enumerate(batch.jobs):
+        needs: list[str] = []
+        for need in batch.needs[index]:
+            needed = ids[need] if isinstance(need, int) else need.removeprefix("job:")
+            if needed not in needs:
+                needs.append(needed)
+        stored = spec.to_json()
+        for section in ("layer", "lora"):
+            reference = (stored.get(section) or {}).get("from")
+            if reference is None:
+                continue
+            if JOB_REF_RE.fullmatch(reference):
+                needed = reference.removeprefix("job:")
+            else:
+                needed = ids[_named(batch, index, reference)]
+            stored[section]["from"] = f"job:{needed}"
+            if needed not in needs:
+                needs.append(needed)
+        stored["needs"] = [f"job:{needed}" for needed in needs]
+        rows.append({
+            "id": ids[index],
             "task": spec.task,
+            "name": spec.name,
+            "params": batch.params[index],
             "kind": spec.kind.value,
             "extension": spec.extension,
             "base_model": spec.base_model,
             "requested_device": spec.device,
             "queue": settings.queue_for(spec.queue_kind) if broker else None,
-            "spec": spec.to_json(),
-        }
-        for spec in batch.jobs
-    ]
+            "spec": stored,
+            "needs": needs,
+        })
+    return rows
+
+
+def _named(batch: Batch, index: int, name: str) -> int:
+    """The position of the job named `name` that job `index` needs (the parser made it unique)."""
+    needed = [need for need in batch.needs[index] if isinstance(need, int) and batch.jobs[need].name == name]
+    if len(needed) != 1:
+        needed = [position for position, spec in enumerate(batch.jobs) if spec.name == name]
+    if len(needed) != 1:
+        raise SpecError(f"{_label(batch, index)}: `from: {name}` names {len(needed) or 'no'} job(s) of the batch; "
+                        "give one job that name, or refer to a recorded job as job:ID")
+    return needed[0]
+
+
+def _label(batch: Batch, index: int) -> str:
+    params = ", ".join(f"{key}={value}" for key, value in batch.params[index].items())
+    return f"job {index} (task {batch.jobs[index].task!r}{', ' + params if params else ''})"
+
+
+#: What a job must save for `<section>.from` to build on it: the section of its extension kind
+#: and the artifact column of its row.
+_FROM_NEEDS = {"layer": ("a layer", "layer_path"), "lora": ("an adapter", "adapter_path")}
+
+
+def check_references(connection: Connection, batch: Batch, rows: list[dict[str, Any]]) -> None:
+    """Check the jobs recorded earlier that `rows` need, and store their full ids; raises SpecError.
+
+    Each must exist (a unique id prefix is enough), must not have ended failed, cancelled or
+    skipped, must have the job's base model, and for `layer.from` / `lora.from` must save a layer /
+    an adapter (or have saved one, if it succeeded). The rows are locked until the caller's
+    transaction ends, so an outcome recorded meanwhile still sees the new jobs.
+    """
+    from db.dependencies import needed_jobs
+    from db.queries import resolve_id
+    from jobs.extensions import EXTENSION_KINDS
+
+    own = {row["id"] for row in rows}
+    written = {need for row in rows for need in row["needs"] if need not in own}
+    full = {reference: resolve_id(connection, reference) for reference in sorted(written)}
+    found = needed_jobs(connection, [job_id for job_id in full.values() if job_id is not None])
+    problems = []
+    for index, row in enumerate(rows):
+        label = _label(batch, index)
+        spec = row["spec"]
+        keys = {need: "needs" for need in row["needs"]}
+        for section in ("layer", "lora"):
+            reference = (spec.get(section) or {}).get("from")
+            if reference is not None:
+                keys[reference.removeprefix("job:")] = f"{section}.from"
+        for reference, key in keys.items():
+            if reference in own:
+                continue
+            parent = found.get(full[reference] or "")
+            if parent is None:
+                problems.append(f"{label}: key `{key}`: no job job:{reference} in the database (give an id that "
+                                "`graftq results` shows, or a unique prefix of it of at least 4 characters)")
+                continue
+            where = f"job:{parent.id} ({parent.task})"
+            if parent.status in ("failed", "cancelled", "skipped"):
+                problems.append(f"{label}: key `{key}`: {where} ended {parent.status} and will never succeed; "
+                                f"retry it (`graftq retry {parent.id}`) or refer to another job")
+                continue
+            if parent.base_model != row["base_model"]:
+                problems.append(f"{label}: key `{key}`: {where} is on base model {parent.base_model!r}, this job "
+                                f"on {row['base_model']!r}; use the same base_model")
+            if key.endswith(".from"):
+                section = key.split(".")[0]
+                what, column = _FROM_NEEDS[section]
+                kind = EXTENSION_KINDS.get(parent.extension)
+                if kind is None or section not in kind.sections:
+                    problems.append(f"{label}: key `{key}`: {where} is a {parent.extension} job and saves no "
+                                    f"{section}; refer to a job whose extension trains {what}")
+                elif parent.status == "succeeded" and getattr(parent, column) is None:
+                    problems.append(f"{label}: key `{key}`: {where} succeeded without saving {what}")
+    if problems:
+        count = len(problems)
+        raise SpecError(f"{count} problem{'s' if count > 1 else ''} with the jobs the batch refers to", problems)
+    for row in rows:
+        row["needs"] = [need if need in own else full[need] for need in row["needs"]]
+        spec = row["spec"]
+        spec["needs"] = [f"job:{need}" for need in row["needs"]]
+        for section in ("layer", "lora"):
+            reference = (spec.get(section) or {}).get("from")
+            if reference is not None and reference.removeprefix("job:") not in own:
+                spec[section]["from"] = f"job:{full[reference.removeprefix('job:')]}"
 
 
 def record_batch(database: Database, batch: Batch, settings: Settings, *, broker: bool = True) -> Submitted:
-    """Write the batch and its jobs (status queued) in one transaction."""
+    """Write the batch and its jobs in one transaction (`waiting` where a need is unmet, else `queued`).
+
+    Raises SpecError, writing nothing, for a reference to an earlier job that cannot be used.
+    """
+    from db.dependencies import waiting_in_batch
     from db.submission import create_batch
 
     rows = job_rows(batch, settings, broker=broker)
     with database.begin() as connection:
+        check_references(connection, batch, rows)
         batch_id, job_ids = create_batch(
             connection, batch.name, rows,
             source_path=str(batch.source) if batch.source else None,
             base_model=batch.base_model, max_attempts=settings.max_attempts,
         )
-    return Submitted(batch_id, job_ids, [row["queue"] for row in rows])
+        waiting = frozenset(waiting_in_batch(connection, batch_id)) if any(row["needs"] for row in rows) else frozenset()
+    return Submitted(batch_id, job_ids, [row["queue"] for row in rows], waiting)
 
 
 def check_broker(app: Celery, timeout: float = 5.0) -> None:
@@ -164,10 +296,11 @@ def submit_batch(
     if not broker_checked:
         check_broker(app)
     submitted = record_batch(database, batch, settings)
+    job_ids, queues = submitted.to_publish()
     try:
-        publish_jobs(app, submitted.job_ids, submitted.queues)
+        publish_jobs(app, job_ids, queues)
     except PublishFailed as failure:
-        unsent = submitted.job_ids[len(failure.sent):]
+        unsent = job_ids[len(failure.sent):]
         with database.begin() as connection:
             if failure.sent:
                 mark_published(connection, failure.sent)
@@ -178,7 +311,7 @@ def submit_batch(
             )
         raise BrokerUnavailable(
             f"the broker at {_redact(app.conf.broker_url)} failed after {len(failure.sent)} of "
-            f"{len(submitted.job_ids)} jobs of batch {submitted.batch_id} were enqueued: {failure.error}. "
+            f"{len(job_ids)} jobs of batch {submitted.batch_id} were enqueued: {failure.error}. "
             f"The other {len(unsent)} jobs are marked failed (not enqueued); submit them again when the "
             "broker is back"
         ) from None

@@ -118,7 +118,7 @@ def test_the_reaper_publishes_queued_jobs_whose_message_was_never_sent(sqlite_ur
                                                                        {**row, "queue": "graftq"},
                                                                        {**row, "queue": None}])
         session.execute(update(tables.jobs).where(tables.jobs.c.id.in_([orphan, local])).values(
-            created_at=utcnow() - dt.timedelta(hours=1)))
+            created_at=utcnow() - dt.timedelta(hours=1), queued_at=utcnow() - dt.timedelta(hours=1)))
     assert reap_once(settings)["republished"] == 1
     assert redis_server.queue_lengths()["graftq"] == 1
     with database.read() as session:

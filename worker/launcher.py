@@ -278,9 +278,12 @@ def reap_once(settings: Settings, *, check_lost: bool = True) -> dict[str, int]:
     """Recover jobs; returns counts by action (requeued, settled, republished, lost).
 
     Re-queues (and re-publishes) or fails the jobs whose worker died, publishes queued jobs
-    that never got a message, and with `check_lost` those whose message the broker lost.
+    that never got a message (among them jobs released by the jobs they need, whose worker died
+    or lost the broker right after the commit), and with `check_lost` those whose message the
+    broker lost.
     """
     from db.claims import find_stale_jobs, requeue_stale_job, settle_stale_job
+    from db.dependencies import settle_waiting
     from db.queries import get_job, queued_published_before, unpublished_queued
     from db.session import get_database
     from db.submission import mark_published
@@ -306,11 +309,26 @@ def reap_once(settings: Settings, *, check_lost: bool = True) -> dict[str, int]:
                 to_publish.append((job_id, job.queue))
                 log.warning("job %s: its worker died (no heartbeat for %.0f s); re-queued after attempt %d",
                             job_id, settings.stale_after, job.attempts)
+    # Waiting jobs whose needs were all decided without their release or skip (rows written
+    # behind graftq's back): outcomes do this themselves, so this finds nothing as a rule.
+    with database.begin() as session:
+        released, skipped = settle_waiting(session)
+        for job_id in released:
+            job = get_job(session, job_id)
+            if job is not None and job.queue is not None:
+                to_publish.append((job_id, job.queue))
+    if released or skipped:
+        log.warning("released %d and skipped %d waiting job(s) whose needs had been decided",
+                    len(released), len(skipped))
     # Queued broker jobs without a recorded message: a submit or an earlier re-queue that died
-    # before publishing. The grace period keeps a submit that is still publishing out of it.
+    # before publishing. The grace period keeps a submit that is still publishing out of it; a
+    # job released by the jobs it needs is published by their worker right after its commit, so
+    # its grace is the time after which that worker would count as dead.
     with database.read() as session:
         requeued = {job_id for job_id, _ in to_publish}
-        to_publish += [(job.id, job.queue) for job in unpublished_queued(session, UNPUBLISHED_GRACE_SECONDS)
+        to_publish += [(job.id, job.queue)
+                       for job in unpublished_queued(session, UNPUBLISHED_GRACE_SECONDS,
+                                                     released_older_than=settings.stale_after)
                        if job.id not in requeued and job.queue is not None]
         waiting = [(job.id, job.queue) for job in queued_published_before(session, LOST_MESSAGE_GRACE_SECONDS)
                    if job.queue is not None]

@@ -2,7 +2,8 @@
 
 The jobs are recorded like submitted ones (with no queue: no worker's reaper re-publishes
 them), then each runs through `run_job_task.apply(...)`, the task's own code path (claim,
-heartbeat, pipeline, fenced outcome), one after another. A live display shows jobs
+heartbeat, pipeline, fenced outcome), one after another, every job after the jobs it needs;
+a job whose need did not succeed was skipped by that outcome and is reported, not run. A live display shows jobs
 done/total, the running job's step, loss and ETA (rich on a terminal; plain lines
 otherwise); a summary table follows.
 """
@@ -57,6 +58,8 @@ class _Tracker:
         failed = self.finished.get("failed", 0) + self.finished.get("cancelled", 0)
         if failed:
             parts.append(f"{failed} failed/cancelled")
+        if self.finished.get("skipped"):
+            parts.append(f"{self.finished['skipped']} skipped")
         if self.current is not None:
             elapsed = time.monotonic() - self.current_started
             progress = self.progress() or {}
@@ -132,14 +135,50 @@ class _RichDisplay:
         self.live.console.print(text, highlight=False, markup=False)
 
 
+def run_order(batch: Batch) -> list[int]:
+    """Positions of `batch.jobs` with every job after the jobs of the batch it needs (else in file order).
+
+    The parser refuses cycles; a cycle that got here anyway raises ValueError.
+    """
+    import heapq
+
+    waits_for = [{need for need in needs if isinstance(need, int)} for needs in batch.needs]
+    dependants: list[list[int]] = [[] for _ in batch.jobs]
+    for index, needed in enumerate(waits_for):
+        for parent in needed:
+            dependants[parent].append(index)
+    ready = [index for index, needed in enumerate(waits_for) if not needed]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        index = heapq.heappop(ready)
+        order.append(index)
+        for child in dependants[index]:
+            waits_for[child].discard(index)
+            if not waits_for[child]:
+                heapq.heappush(ready, child)
+    if len(order) != len(batch.jobs):
+        raise ValueError("the batch's needs form a cycle")
+    return order
+
+
+#: Seconds between looks at a job that waits for a job of another batch (run elsewhere).
+WAIT_POLL_INTERVAL = 2.0
+
+
 def run_batch(batch: Batch, settings: Settings, database: Database, *, interactive: bool | None = None) -> bool:
-    """Record `batch` and run its jobs here; returns True if every job succeeded."""
+    """Record `batch` and run its jobs here, each after the jobs it needs; True if every job succeeded.
+
+    A job whose need did not succeed is `skipped` (by that outcome's transaction) and not run.
+    Raises SpecError, recording nothing, when a job refers to an earlier job that cannot be used.
+    """
     from db.claims import fail_job
     from db.queries import get_job, request_cancel
     from db.tables import JobStatus
     from jobs.celery_app import configure
     from jobs.submit import record_batch
 
+    order = run_order(batch)
     submitted = record_batch(database, batch, settings, broker=False)
     click.echo(f"batch {submitted.batch_id} ({batch.name}): {len(submitted.job_ids)} jobs, running here; "
                f"artifacts under {settings.artifacts_dir / submitted.batch_id}")
@@ -153,39 +192,64 @@ def run_batch(batch: Batch, settings: Settings, database: Database, *, interacti
     total = len(submitted.job_ids)
     interrupted = False
     with display:
-        for index, job_id in enumerate(submitted.job_ids):
+        for done, index in enumerate(order):
+            job_id = submitted.job_ids[index]
             tracker.current, tracker.current_started = index, time.monotonic()
-            if not interactive:
-                display.print(f"[{index + 1}/{total}] job {job_id} {tracker.labels[index]}: started")
+            result: Any = None
             try:
-                result = run_job_task.apply(args=[job_id], task_id=job_id)
+                status = _wait_until_decided(database, job_id)
+                if status == JobStatus.QUEUED.value:
+                    if not interactive:
+                        display.print(f"[{done + 1}/{total}] job {job_id} {tracker.labels[index]}: started")
+                    result = run_job_task.apply(args=[job_id], task_id=job_id)
             except KeyboardInterrupt:
                 interrupted = True
                 with database.begin() as session:
                     fail_job(session, job_id, None, "interrupted (Ctrl-C in graftq run)",
                              status=JobStatus.CANCELLED)
-                    request_cancel(session, submitted.job_ids[index + 1:])
-                display.print(f"[{index + 1}/{total}] interrupted: this job and the rest are cancelled")
+                    request_cancel(session, [submitted.job_ids[rest] for rest in order[done + 1:]])
+                display.print(f"[{done + 1}/{total}] interrupted: this job and the rest are cancelled")
                 break
-            tracker.durations.append(time.monotonic() - tracker.current_started)
+            ran = status == JobStatus.QUEUED.value
+            if ran:
+                tracker.durations.append(time.monotonic() - tracker.current_started)
             with database.begin() as session:
                 job = get_job(session, job_id)
                 assert job is not None
                 if job.status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
                     # The task itself broke (e.g. the database went away mid-write): say so.
-                    fail_job(session, job_id, None, f"the task did not record an outcome: {result.result!r}",
+                    fail_job(session, job_id, None,
+                             f"the task did not record an outcome: {getattr(result, 'result', None)!r}",
                              getattr(result, "traceback", None))
+                    job = get_job(session, job_id)
+                    assert job is not None
                 status, error = job.status, job.error
             tracker.finished[status] = tracker.finished.get(status, 0) + 1
             detail = f": {error.splitlines()[0][:200]}" if error and status != JobStatus.SUCCEEDED.value else ""
-            display.print(f"[{index + 1}/{total}] job {job_id} {tracker.labels[index]}: {status} in "
-                          f"{duration(tracker.durations[-1])}{detail}")
+            detail = detail.replace(f": {status}: ", ": ", 1)  # a skipped job's error starts "skipped: "
+            took = f" in {duration(tracker.durations[-1])}" if ran else ""
+            display.print(f"[{done + 1}/{total}] job {job_id} {tracker.labels[index]}: {status}{took}{detail}")
         tracker.current = None
 
     _print_summary(database, submitted.job_ids)
     if interrupted:
         return False
     return tracker.finished.get(JobStatus.SUCCEEDED.value, 0) == total
+
+
+def _wait_until_decided(database: Database, job_id: str) -> str:
+    """The job's status once it no longer waits: the jobs of this batch it needs ran before it, but
+    a job of another batch may still be running elsewhere."""
+    from db.queries import get_job
+    from db.tables import JobStatus
+
+    while True:
+        with database.read() as session:
+            job = get_job(session, job_id)
+        assert job is not None
+        if job.status != JobStatus.WAITING.value:
+            return job.status
+        time.sleep(WAIT_POLL_INTERVAL)
 
 
 def _print_summary(database: Database, job_ids: list[str]) -> None:

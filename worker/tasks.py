@@ -14,6 +14,8 @@ Exactly-once execution is built on the database row, not on the broker (docs/rel
 4. `_record_failure`: deterministic failures (`JobError`, any other exception) end the job
    `failed` and are never retried; `_record_retry`: only `TransientError` and lost database
    connections are retried, and the attempt counter in the database bounds them;
+   `_record_success`: the outcome's transaction also queues the jobs waiting for this one, and
+   `_publish_released` publishes them after the commit (the reaper does, if that is lost);
 5. `_hand_back`: on a warm shutdown (SIGTERM/SIGINT: Celery's `worker_shutting_down`) the
    running job saves a checkpoint at its next training step, the claim is handed back
    (`queued`, the attempt not counted) and a new message is published, so another worker
@@ -332,7 +334,37 @@ def _record_success(job: _Claimed, outcome: JobOutcome) -> str:
     if not written:
         return "skipped"
     log.info("job %s succeeded", job.job_id)
+    _publish_released(job)
     return JobStatus.SUCCEEDED.value
+
+
+def _publish_released(job: _Claimed) -> None:
+    """Publish the jobs that the committed success released (queued, needing this job, no message).
+
+    They are looked up after the commit, so a lost publish (the broker is down, or this process
+    dies first) leaves them queued without a message, which the reaper publishes. Jobs of
+    `graftq run` have no queue: its runner takes them itself.
+    """
+    if job.claim.queue is None:
+        return
+    from db.dependencies import released_unpublished
+    from jobs.submit import publish_jobs
+
+    try:
+        def look_up() -> list[Any]:
+            with job.database.read() as connection:
+                return released_unpublished(connection, job.job_id)
+
+        released = _with_db_retries(look_up)
+        if not released:
+            return
+        sent = publish_jobs(app, [row.id for row in released], [row.queue for row in released])
+        _with_db_retries(lambda: _mark_published(job.database, sent))
+    except Exception as error:  # the reaper publishes queued jobs that have no message
+        log.warning("job %s: the jobs it released were not published (%s); the reaper will publish them",
+                    job.job_id, error)
+        return
+    log.info("job %s: published %d job(s) that were waiting for it: %s", job.job_id, len(sent), " ".join(sent))
 
 
 def _record_cancel(job: _Claimed, *, claim_lost: bool) -> str:
