@@ -221,6 +221,39 @@ def test_release_and_skip_on_postgresql(postgres_database):
     assert _status(database, grandchild) == ["skipped"]
 
 
+@pytest.mark.postgres
+def test_two_needs_succeeding_at_the_same_time_on_postgresql_release_the_job(postgres_database):
+    import threading
+
+    from db.session import create_database_engine, upgrade_to_head
+
+    engine = create_database_engine(postgres_database)
+    upgrade_to_head(postgres_database, engine)
+    engine.dispose()
+    database = get_database(postgres_database)
+    with database.begin() as connection:
+        _, (first, second, both) = create_batch(connection, "race", [
+            _row("a", id="a" * 16), _row("b", id="b" * 16), _row("ab", ["a" * 16, "b" * 16])])
+        tokens = {job_id: claim_job(connection, job_id, "w", 20).token for job_id in (first, second)}
+
+    def succeed_second() -> None:
+        with database.begin() as connection:
+            _succeed(connection, second, tokens[second])
+
+    # Each outcome, seeing the other one uncommitted, would leave the job waiting for ever; the
+    # second outcome must wait for the first's commit and then release it.
+    with database.engine.connect() as connection:
+        transaction = connection.begin()
+        _succeed(connection, first, tokens[first])
+        other = threading.Thread(target=succeed_second)
+        other.start()
+        other.join(1.0)
+        assert other.is_alive()  # waiting for the first outcome's lock on the job they release
+        transaction.commit()
+    other.join(10)
+    assert _status(database, first, second, both) == ["succeeded", "succeeded", "queued"]
+
+
 # --- references to earlier jobs -------------------------------------------------------------------
 
 

@@ -41,6 +41,7 @@ pytestmark = pytest.mark.faults
 
 SHIM = Path(__file__).resolve().parent / "fault_shim"
 CRASH_TASK = "crash-me"
+CRASH_AFTER_OUTCOME_TASK = "dies-after-commit"
 PASSWORD = "fault-test-secret"
 FINISHED = ("succeeded", "failed", "cancelled")
 WORDS = ["abc", "xyz", "cat", "dog", "sun", "map", "red", "fox", "owl", "bee", "ink", "jar"]
@@ -95,7 +96,8 @@ class Cluster:
         self.env.update(
             GRAFTQ_DATABASE_URL=self.database_url, GRAFTQ_BROKER_URL=redis.url, GRAFTQ_ARTIFACTS_DIR=str(self.artifacts),
             GRAFTQ_HEARTBEAT_INTERVAL="1", GRAFTQ_STALE_AFTER="4", GRAFTQ_VISIBILITY_TIMEOUT="3",
-            GRAFTQ_MAX_ATTEMPTS="3", GRAFTQ_TEST_CRASH_TASK=CRASH_TASK, OMP_NUM_THREADS="1",
+            GRAFTQ_MAX_ATTEMPTS="3", GRAFTQ_TEST_CRASH_TASK=CRASH_TASK,
+            GRAFTQ_TEST_CRASH_AFTER_OUTCOME=CRASH_AFTER_OUTCOME_TASK, OMP_NUM_THREADS="1",
             PYTHONPATH=os.pathsep.join([str(SHIM), str(ROOT)]),
         )
         self.workers: list[Worker] = []
@@ -401,6 +403,82 @@ def test_an_unknown_target_module_fails_once_at_the_worker_naming_the_key(cluste
     assert job.status == "failed" and job.attempts == 1
     assert "lora.target_modules" in job.error and "'qq'" in job.error
     assert "Linear modules are: k, lm_head, o, q, v" in job.error  # what the user can choose from
+
+
+def _parent_and_children(cluster: Cluster, parent_task: str, children: int, steps: int | None = None) -> list[str]:
+    """Submit a parent and `children` jobs that need it (listed first); returns [parent, *children] ids."""
+    from jobs.batch import Batch
+    from jobs.settings import Settings
+    from jobs.spec import JobSpec
+    from jobs.submit import submit_batch
+
+    common = {"base_model": "random:t5-tiny", "extension": "lora", "lora": {"r": 4, "alpha": 8}}
+    if steps is None:
+        parent = JobSpec.model_validate({**common, "task": parent_task, "kind": "create", "name": "parent"})
+    else:
+        parent = JobSpec.model_validate({**common, "task": parent_task, "name": "parent", "train": {
+            "dataset": str(cluster.root / "data" / "reverse.jsonl"), "batch_size": 2, "max_length": 16,
+            "eval_fraction": 0.2, "max_steps": steps, "checkpoint_every": 0}})
+    child = JobSpec.model_validate({**common, "task": "child", "kind": "create", "needs": ["parent"]})
+    batch = Batch("dependants", None, "random:t5-tiny", jobs=[*[child] * children, parent],
+                  needs=[*[[children]] * children, []])
+    settings = Settings(database_url=cluster.database_url, broker_url=cluster.redis.url,
+                        artifacts_dir=cluster.artifacts)
+    submitted = submit_batch(batch, settings, get_database(cluster.database_url))
+    assert len(submitted.waiting) == children
+    return [submitted.job_ids[-1], *submitted.job_ids[:-1]]
+
+
+def _children_figures(cluster: Cluster, parent_id: str, child_ids: list[str]) -> tuple[int, int, list]:
+    children = [cluster.job(job_id) for job_id in child_ids]
+    claims = cluster.count(CLAIMED)
+    lost = sum(child.status != "succeeded" for child in children)
+    run_twice = sum(claims[child.id] > 1 or child.attempts > 1 for child in children)
+    return lost, run_twice, children
+
+
+@pytest.mark.slow
+def test_a_worker_killed_right_after_a_parents_outcome_commit_loses_no_child(cluster):
+    cluster.ensure_workers(2)
+    parent_id, *child_ids = _parent_and_children(cluster, CRASH_AFTER_OUTCOME_TASK, 3)
+    cluster.wait_for("the children to finish", lambda: all(
+        cluster.job(job_id).status in FINISHED for job_id in child_ids), 180)
+    parent = cluster.job(parent_id)
+    lost, run_twice, children = _children_figures(cluster, parent_id, child_ids)
+    published = min(child.published_at for child in children)
+    figure("sigkill_after_parent_outcome", children_lost=lost, children_run_twice=run_twice,
+           seconds_to_publish=(published - parent.finished_at).total_seconds())
+    assert parent.status == "succeeded" and parent.attempts == 1 and cluster.count(CLAIMED)[parent_id] == 1
+    assert lost == 0 and run_twice == 0, [(c.status, c.attempts, c.error) for c in children]
+    assert all(child.started_at >= parent.finished_at for child in children)
+    # The worker died before publishing them: the reaper did.
+    assert f"job {parent_id}: published" not in cluster.logs()
+    assert "published 3 queued job(s) that had no message on the broker" in cluster.logs()
+    cluster.wait_for("the killed worker process to be replaced", lambda: len(cluster.live_workers()) == 2, 60)
+
+
+@pytest.mark.slow
+def test_children_of_a_parent_that_finishes_while_the_broker_is_down_run_once_it_is_back(cluster):
+    cluster.ensure_workers(2)
+    parent_id, *child_ids = _parent_and_children(cluster, "parent-while-down", 3, cluster.steps_for(4))
+    cluster.wait_for("the parent to be training", lambda: (cluster.job(parent_id).progress_step or 0) > 0, 120)
+    cluster.redis.stop()
+    try:
+        cluster.wait_for("the parent to succeed", lambda: cluster.job(parent_id).status in FINISHED, 120)
+        time.sleep(2)  # the worker's publish fails; the reaper's too, while the broker is away
+        still_unpublished = sum(cluster.job(job_id).published_at is None for job_id in child_ids)
+    finally:
+        cluster.redis.start(appendonly=True)
+    back = utcnow()
+    cluster.wait_for("the children to finish", lambda: all(
+        cluster.job(job_id).status in FINISHED for job_id in child_ids), 180)
+    lost, run_twice, children = _children_figures(cluster, parent_id, child_ids)
+    figure("broker_down_when_parent_finishes", children_lost=lost, children_run_twice=run_twice,
+           unpublished_while_down=still_unpublished,
+           seconds_after_broker_back=(max(child.finished_at for child in children) - back).total_seconds())
+    assert cluster.job(parent_id).status == "succeeded"
+    assert still_unpublished == 3  # the broker really was down when they were released
+    assert lost == 0 and run_twice == 0, [(c.status, c.attempts, c.error) for c in children]
 
 
 # --- scenarios without workers --------------------------------------------------------------------
