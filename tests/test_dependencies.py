@@ -311,6 +311,55 @@ def test_a_reference_by_prefix_stores_the_full_id_and_waits_for_an_unfinished_jo
     assert _status(database, waits) == ["queued"]
 
 
+@pytest.mark.postgres
+def test_an_earlier_job_that_succeeds_while_a_batch_needing_it_is_written_releases_it_on_postgresql(
+        postgres_database):
+    import threading
+
+    from db.session import create_database_engine, upgrade_to_head
+    from jobs.submit import check_references, job_rows
+
+    engine = create_database_engine(postgres_database)
+    upgrade_to_head(postgres_database, engine)
+    engine.dispose()
+    database = get_database(postgres_database)
+    settings = Settings(database_url=postgres_database)
+    with database.begin() as connection:
+        _, [earlier] = create_batch(connection, "earlier", [{**_row("block"), "extension": "layer"}])
+        token = claim_job(connection, earlier, "w", 20).token
+
+    def succeed_earlier() -> None:
+        with database.begin() as connection:
+            _succeed(connection, earlier, token, layer_path="/l")
+
+    batch = Batch("later", None, T5, jobs=[_spec("on-block", "hybrid", layer={"from": f"job:{earlier}"})],
+                  needs=[[earlier]])
+    with database.engine.connect() as connection:
+        transaction = connection.begin()
+        rows = job_rows(batch, settings)
+        check_references(connection, batch, rows)
+        _, [waiting] = create_batch(connection, "later", rows)  # the earlier job was running: waiting
+        other = threading.Thread(target=succeed_earlier)
+        other.start()
+        other.join(1.0)
+        assert other.is_alive()  # the outcome waits for the batch that needs the job to be written
+        transaction.commit()
+    other.join(10)
+    assert _status(database, earlier, waiting) == ["succeeded", "queued"]
+
+
+def test_graftq_run_refuses_a_from_naming_an_unknown_job_and_writes_nothing(tmp_path, database, sqlite_url,
+                                                                             artifacts_dir):
+    path = tmp_path / "refs.yaml"
+    path.write_text("base_model: random:t5-tiny\njobs:\n"
+                    "  - {task: t, kind: create, extension: hybrid, layer: {from: job:ffffffff}}\n")
+    result = CliRunner().invoke(cli, ["--database-url", sqlite_url, "--artifacts-dir", str(artifacts_dir),
+                                      "run", str(path)])
+    assert result.exit_code == 1, result.output
+    assert "job 0 (task 't'): key `layer.from`: no job job:ffffffff in the database" in result.output
+    assert _count(database, jobs) == 0 and _count(database, batches) == 0
+
+
 # --- graftq run -----------------------------------------------------------------------------------
 
 
