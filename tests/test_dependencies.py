@@ -191,6 +191,10 @@ def test_the_reaper_publishes_a_released_job_whose_message_was_lost_after_the_gr
     with database.read() as connection:
         assert [row.id for row in unpublished_queued(connection, 300, released_older_than=4)] == [child]
         assert unpublished_queued(connection, 300) == []  # without it, the submit grace counts from queued_at
+    with database.begin() as connection:  # a row written before queued_at existed: its creation time counts
+        connection.execute(update(jobs).where(jobs.c.id == child).values(queued_at=None))
+    with database.read() as connection:
+        assert [row.id for row in unpublished_queued(connection, 300)] == [child]
 
 
 def test_the_reaper_releases_or_skips_waiting_jobs_whose_needs_were_decided_behind_its_back(database):
