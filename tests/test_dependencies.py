@@ -398,6 +398,29 @@ def test_graftq_run_skips_the_children_of_a_failing_parent_and_exits_non_zero(da
     assert output.count("skipped") >= 4  # two progress lines and two summary rows
 
 
+def test_graftq_run_waits_for_a_job_of_another_batch_that_runs_elsewhere(database, settings, capsys,
+                                                                          monkeypatch):
+    import threading
+
+    from worker import runner
+
+    monkeypatch.setattr(runner, "WAIT_POLL_INTERVAL", 0.1)
+    with database.begin() as connection:
+        _, [earlier] = create_batch(connection, "elsewhere", [{**_row("parent"), "extension": "lora"}])
+    batch = Batch("after", None, T5, jobs=[_spec("child", needs=[f"job:{earlier}"])], needs=[[earlier]])
+    outcome = []
+    run = threading.Thread(target=lambda: outcome.append(runner.run_batch(batch, settings, database,
+                                                                          interactive=False)))
+    run.start()
+    time.sleep(1.0)
+    assert run.is_alive() and "waiting for a job of another batch" in capsys.readouterr().out
+    with database.begin() as connection:
+        token = claim_job(connection, earlier, "w", 20).token
+        _succeed(connection, earlier, token, adapter_path="/a")
+    run.join(60)
+    assert outcome == [True]
+
+
 # --- a real worker ---------------------------------------------------------------------------------
 
 

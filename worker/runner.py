@@ -10,9 +10,11 @@ otherwise); a summary table follows.
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -197,7 +199,9 @@ def run_batch(batch: Batch, settings: Settings, database: Database, *, interacti
             tracker.current, tracker.current_started = index, time.monotonic()
             result: Any = None
             try:
-                status = _wait_until_decided(database, job_id)
+                status = _wait_until_decided(database, job_id, functools.partial(display.print, (
+                    f"[{done + 1}/{total}] job {job_id} {tracker.labels[index]}: waiting for a job of another "
+                    "batch it needs (run elsewhere)")))
                 if status == JobStatus.QUEUED.value:
                     if not interactive:
                         display.print(f"[{done + 1}/{total}] job {job_id} {tracker.labels[index]}: started")
@@ -237,18 +241,22 @@ def run_batch(batch: Batch, settings: Settings, database: Database, *, interacti
     return tracker.finished.get(JobStatus.SUCCEEDED.value, 0) == total
 
 
-def _wait_until_decided(database: Database, job_id: str) -> str:
-    """The job's status once it no longer waits: the jobs of this batch it needs ran before it, but
-    a job of another batch may still be running elsewhere."""
+def _wait_until_decided(database: Database, job_id: str, on_wait: Callable[[], None]) -> str:
+    """The job's status once it no longer waits (`on_wait()` is called once if it does): the jobs of
+    this batch it needs ran before it, but a job of another batch may still be running elsewhere."""
     from db.queries import get_job
     from db.tables import JobStatus
 
+    waited = False
     while True:
         with database.read() as session:
             job = get_job(session, job_id)
         assert job is not None
         if job.status != JobStatus.WAITING.value:
             return job.status
+        if not waited:
+            on_wait()
+            waited = True
         time.sleep(WAIT_POLL_INTERVAL)
 
 
