@@ -398,6 +398,22 @@ def test_graftq_run_skips_the_children_of_a_failing_parent_and_exits_non_zero(da
     assert output.count("skipped") >= 4  # two progress lines and two summary rows
 
 
+def test_ctrl_c_in_graftq_run_cancels_the_running_job_and_the_rest_waiting_ones_included(database, settings,
+                                                                                         monkeypatch):
+    from worker import runner, tasks
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tasks.run_job_task, "apply", interrupted)
+    batch = Batch("stopped", None, T5, jobs=[_spec("parent", name="parent"), _spec("child", needs=["parent"]),
+                                             _spec("free")], needs=[[], [0], []])
+    assert not runner.run_batch(batch, settings, database, interactive=False)
+    with database.read() as connection:
+        rows = jobs_of_batch(connection, connection.scalar(select(batches.c.id)))
+    assert [row.status for row in rows] == ["cancelled", "cancelled", "cancelled"]
+
+
 def test_graftq_run_waits_for_a_job_of_another_batch_that_runs_elsewhere(database, settings, capsys,
                                                                           monkeypatch):
     import threading
@@ -469,4 +485,9 @@ def test_graftq_cancel_cancels_a_waiting_job(database, sqlite_url):
     assert result.exit_code == 0, result.output
     assert result.output.strip() == f"{child}: cancelled"
     assert _status(database, parent, child, grandchild) == ["queued", "cancelled", "skipped"]
+    with database.read() as connection:
+        batch_id = get_job(connection, parent).batch_id
+    result = CliRunner().invoke(cli, ["--database-url", sqlite_url, "cancel", "--batch", batch_id])
+    assert result.output.strip() == f"batch {batch_id}: 1 already cancelled, 1 already skipped, 1 cancelled"
+    assert _status(database, parent) == ["cancelled"]
 

@@ -209,9 +209,10 @@ def run_batch(batch: Batch, settings: Settings, database: Database, *, interacti
             except KeyboardInterrupt:
                 interrupted = True
                 with database.begin() as session:
+                    # The rest first: a job waiting for this one is cancelled too, not skipped.
+                    request_cancel(session, [submitted.job_ids[rest] for rest in order[done + 1:]])
                     fail_job(session, job_id, None, "interrupted (Ctrl-C in graftq run)",
                              status=JobStatus.CANCELLED)
-                    request_cancel(session, [submitted.job_ids[rest] for rest in order[done + 1:]])
                 display.print(f"[{done + 1}/{total}] interrupted: this job and the rest are cancelled")
                 break
             ran = status == JobStatus.QUEUED.value
