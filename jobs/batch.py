@@ -1,10 +1,14 @@
-"""Batch files: load the YAML, merge `defaults` into every job, validate the whole batch.
+"""Batch files: load the YAML, expand sweeps, merge `defaults` into every job, validate the whole batch.
 
     batch = load_batch(Path("experiments.yaml"))   # raises SpecError listing every problem
-    for spec in batch.jobs: ...                     # validated JobSpecs
+    for spec, params, needs in zip(batch.jobs, batch.params, batch.needs): ...
+    for position in batch.order(): ...             # parents before the jobs that need them
 
-Nothing is written anywhere here: a batch is either valid as a whole, or `SpecError`
-lists one line per problem, each naming the job (index and task) and the key.
+A job entry with a `matrix` or `sample` (its own, or the batch file's) becomes one job per
+combination (jobs/sweep.py); `name`, `needs` and the `from` keys become positions in
+`Batch.jobs` (jobs/dependencies.py). Nothing is written anywhere here: a batch is either
+valid as a whole, or `SpecError` lists one line per problem, each naming the job (its
+position, and its matrix values or task) and the key.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import dataclasses
 import difflib
 import gc
 import json
@@ -23,10 +28,14 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from jobs.errors import SpecError, describe_validation_error
+from jobs.dependencies import Node, resolve_needs, topological_order
+from jobs.errors import Problems, SpecError, describe_validation_error
 from jobs.spec import JobSpec
+from jobs.sweep import MAX_JOBS, Matrix, Sample, Sweep, SweepError, apply, describe
 
-TOP_LEVEL_KEYS = ("batch", "base_model", "defaults", "jobs")
+__all__ = ["MAX_JOBS", "Batch", "check_dataset", "deep_merge", "gc_paused", "load_batch", "parse_batch"]
+
+TOP_LEVEL_KEYS = ("batch", "base_model", "defaults", "matrix", "sample", "jobs")
 DATASET_SUFFIXES = (".jsonl", ".json", ".csv")
 REQUIRED_COLUMNS = ("input", "target")
 MAX_BATCH_NAME = 200
@@ -53,6 +62,11 @@ class Batch:
             object.__setattr__(self, "params", [{} for _ in self.jobs])
         if not self.needs:
             object.__setattr__(self, "needs", [[] for _ in self.jobs])
+
+    def order(self) -> list[int]:
+        """The positions of `jobs`, each after every job of this batch it needs, otherwise in batch
+        order. Raises ValueError if the needs form a cycle (a validated batch never does)."""
+        return topological_order(self.needs)
 
 
 _SCALARS = (str, int, float, bool, type(None))
@@ -103,12 +117,15 @@ def _suggest(key: str, choices: tuple[str, ...] | list[str]) -> str:
     return f"; did you mean `{close[0]}`?" if close else f"; allowed: {', '.join(choices)}"
 
 
-def _job_label(index: int, raw: Any) -> str:
+def _job_label(position: int, raw: Any, params: Mapping[str, Any] | None = None) -> str:
+    """`job 7 (lora.r=16, train.learning_rate=0.003)` for a job a sweep made, else `job 3 (task 'x')`."""
+    if params:
+        return f"job {position} ({describe(params)})"
     task = raw.get("task") if isinstance(raw, Mapping) else None
     if isinstance(task, str):
         shown = task if len(task) <= 40 else task[:37] + "..."
-        return f"job {index} (task {shown!r})"
-    return f"job {index}"
+        return f"job {position} (task {shown!r})"
+    return f"job {position}"
 
 
 def check_dataset(path: Path) -> str | None:
@@ -147,77 +164,230 @@ def check_dataset(path: Path) -> str | None:
     return None
 
 
-def parse_batch(data: Any, source: Path | None = None) -> Batch:
-    """Validate a loaded batch document; raises SpecError with every problem found."""
+@dataclass(frozen=True)
+class _Entry:
+    """One item of the file's `jobs` list, before its sweep is expanded."""
+
+    index: int
+    #: the job's own keys, `matrix` and `sample` taken out (or whatever stood there instead of a mapping)
+    raw: Any
+    sweep: Sweep = field(default_factory=Sweep)
+
+    def label(self) -> str:
+        task = self.raw.get("task") if isinstance(self.raw, Mapping) else None
+        return f"job entry {self.index}" + (f" (task {task[:40]!r})" if isinstance(task, str) else "")
+
+    def written_from(self, params: Mapping[str, Any]) -> dict[str, str]:
+        """Section -> the `from` this entry or its sweep values write (not one inherited from defaults)."""
+        found = {}
+        for section in ("layer", "lora"):
+            for settings in (self.raw.get(section), params.get(section)):
+                if isinstance(settings, Mapping):
+                    value = settings.get("from", settings.get("from_"))
+                    if value is not None:
+                        found[section] = value
+            value = params.get(f"{section}.from")
+            if value is not None:
+                found[section] = value
+        return {section: value for section, value in found.items() if isinstance(value, str)}
+
+
+class _Datasets:
+    """The dataset paths of a batch: resolved against the batch file's directory, each file checked
+    once (a grid repeats the same few files in every job)."""
+
+    def __init__(self, base_dir: Path):
+        self.base_dir = base_dir
+        self._resolved: dict[str, str] = {}
+        self._problems: dict[Path, str | None] = {}
+
+    def _path(self, raw: str) -> str:
+        if raw not in self._resolved:
+            dataset = Path(raw).expanduser()
+            self._resolved[raw] = str((dataset if dataset.is_absolute() else self.base_dir / dataset).resolve())
+        return self._resolved[raw]
+
+    def resolve(self, job: dict[str, Any]) -> None:
+        """Make `train.dataset` (a file, or a list of files) absolute in the merged job mapping."""
+        train = job.get("train")
+        dataset = train.get("dataset") if isinstance(train, Mapping) else None
+        if isinstance(dataset, str):
+            job["train"] = {**train, "dataset": self._path(dataset)}
+        elif isinstance(dataset, list) and all(isinstance(item, str) for item in dataset):
+            job["train"] = {**train, "dataset": [self._path(item) for item in dataset]}
+
+    def problem(self, spec: JobSpec) -> str | None:
+        """Why one of the job's dataset files cannot serve, or None."""
+        for dataset in spec.train.datasets if spec.train is not None else []:
+            path = Path(dataset)
+            if path not in self._problems:
+                self._problems[path] = check_dataset(path)
+            if self._problems[path] is not None:
+                return self._problems[path]
+        return None
+
+
+def _header(data: Mapping[str, Any], source: Path | None, problems: Problems) -> tuple[str, str | None, Mapping]:
+    """The batch's name, base_model and defaults; their problems go to `problems`."""
     where = "batch file"
-    if not isinstance(data, Mapping):
-        raise SpecError(f"{where}: the top level must be a mapping with keys {', '.join(TOP_LEVEL_KEYS)}")
-    problems: list[str] = []
     for key in data:
         if key not in TOP_LEVEL_KEYS:
-            problems.append(f"{where}: key `{key}`: unknown top-level key{_suggest(key, TOP_LEVEL_KEYS)}")
+            problems.add(where, f"key `{key}`: unknown top-level key{_suggest(key, TOP_LEVEL_KEYS)}")
 
     name = data.get("batch")
     if name is None:
         name = source.stem if source is not None else "batch"
     if not isinstance(name, str) or not name.strip() or len(name) > MAX_BATCH_NAME:
-        problems.append(f"{where}: key `batch`: must be a non-empty name of at most {MAX_BATCH_NAME} characters")
+        problems.add(where, f"key `batch`: must be a non-empty name of at most {MAX_BATCH_NAME} characters")
         name = "batch"
 
     base_model = data.get("base_model")
     if base_model is not None and not isinstance(base_model, str):
-        problems.append(f"{where}: key `base_model`: must be a string (hub id, directory or random:<preset>)")
+        problems.add(where, "key `base_model`: must be a string (hub id, directory or random:<preset>)")
         base_model = None
 
     defaults = data.get("defaults") or {}
     if not isinstance(defaults, Mapping):
-        problems.append(f"{where}: key `defaults`: must be a mapping of job keys (lora, layer, train, ...)")
+        problems.add(where, "key `defaults`: must be a mapping of job keys (lora, layer, train, ...)")
         defaults = {}
-    elif "task" in defaults:
-        problems.append(f"{where}: key `defaults.task`: every job names its own task; remove it from defaults")
+    for key, why in (("task", "every job names its own task"), ("name", "names are unique: give each job its own"),
+                     ("matrix", "put `matrix` at the top level of the batch file (it applies to every job)"),
+                     ("sample", "put `sample` at the top level of the batch file (it applies to every job)")):
+        if key in defaults:
+            problems.add(where, f"key `defaults.{key}`: {why}; remove it from defaults")
+    return name, base_model, defaults
 
+
+def _entries(data: Mapping[str, Any], raw_jobs: list[Any], problems: Problems) -> tuple[list[_Entry], bool]:
+    """The job entries with their sweeps, and whether every `matrix` and `sample` was well formed."""
+    well_formed = True
+    try:
+        batch_matrix = Matrix.parse(data.get("matrix"))
+        batch_matrix.check_exclude()
+    except SweepError as error:
+        problems.add("batch file", str(error))
+        batch_matrix, well_formed = Matrix(), False
+    try:
+        batch_sample = Sample.parse(data.get("sample"))
+    except SweepError as error:
+        problems.add("batch file", str(error))
+        batch_sample, well_formed = Sample(), False
+
+    entries = []
+    for index, raw in enumerate(raw_jobs):
+        if not isinstance(raw, Mapping):
+            entries.append(_Entry(index, raw))
+            continue
+        entry = _Entry(index, {key: value for key, value in raw.items() if key not in ("matrix", "sample")})
+        try:
+            sweep = Sweep.merged(batch_matrix, Matrix.parse(raw.get("matrix")),
+                                 batch_sample, Sample.parse(raw.get("sample")))
+        except SweepError as error:
+            problems.add(entry.label(), str(error))
+            well_formed = False
+            sweep = Sweep()
+        entries.append(dataclasses.replace(entry, sweep=sweep))
+    return entries, well_formed
+
+
+def _check_size(entries: list[_Entry], problems: Problems) -> None:
+    """Raise SpecError, before anything is expanded, when the batch would make more than MAX_JOBS jobs."""
+    sizes = [entry.sweep.size() for entry in entries]
+    total = sum(sizes)
+    if total <= MAX_JOBS:
+        return
+    biggest = max(range(len(entries)), key=sizes.__getitem__)
+    at_most = " up to" if any(entry.sweep.matrix.exclude for entry in entries) else ""
+    problems.add("batch file", f"the batch would expand to{at_most} {total:,} jobs, more than the limit of "
+                 f"{MAX_JOBS:,} ({entries[biggest].label()} alone makes {sizes[biggest]:,}); shrink its "
+                 "matrix or sample, or split the batch into several files")
+    problems.raise_if_any()
+
+
+def _job_spec(job: dict[str, Any], label: str, group: int, datasets: _Datasets,
+              problems: Problems) -> JobSpec | None:
+    """The validated spec of one expanded job, or None after recording its problems."""
+    datasets.resolve(job)
+    try:
+        spec = JobSpec.model_validate(job)
+    except ValidationError as error:
+        for line in describe_validation_error(error):
+            problems.add(label, line, group)
+        return None
+    problem = datasets.problem(spec)
+    if problem is not None:
+        problems.add(label, f"key `train.dataset`: {problem}", group)
+        return None
+    return spec
+
+
+def _names(entries: list[_Entry], positions: list[range], problems: Problems) -> dict[str, list[int]]:
+    """Job name -> the positions of the jobs that carry it (all the jobs a named entry makes)."""
+    names: dict[str, list[int]] = {}
+    for entry, where in zip(entries, positions, strict=True):
+        name = entry.raw.get("name") if isinstance(entry.raw, Mapping) else None
+        if not isinstance(name, str) or not where:
+            continue
+        if name in names:
+            first = names[name][0]
+            problems.add(_job_label(where[0], entry.raw), f"key `name`: `{name}` is already the name of job "
+                         f"{first}; names are unique in a batch file (a matrix's jobs share theirs)")
+            continue
+        names[name] = list(where)
+    return names
+
+
+def parse_batch(data: Any, source: Path | None = None) -> Batch:
+    """Validate a loaded batch document and expand its sweeps; raises SpecError with every problem found.
+
+    A malformed `matrix` or `sample`, or a batch that would expand beyond MAX_JOBS jobs, is reported
+    before any job is expanded (the positions that name later jobs depend on it).
+    """
+    if not isinstance(data, Mapping):
+        raise SpecError(f"batch file: the top level must be a mapping with keys {', '.join(TOP_LEVEL_KEYS)}")
+    problems = Problems()
+    name, base_model, defaults = _header(data, source, problems)
     raw_jobs = data.get("jobs")
     if not isinstance(raw_jobs, list) or not raw_jobs:
-        problems.append(f"{where}: key `jobs`: must be a non-empty list of jobs (each with at least `task`)")
+        problems.add("batch file", "key `jobs`: must be a non-empty list of jobs (each with at least `task`)")
         raw_jobs = []
+    entries, well_formed = _entries(data, raw_jobs, problems)
+    if not well_formed:
+        problems.raise_if_any()
+    _check_size(entries, problems)
 
-    base_dir = source.parent if source is not None else Path.cwd()
-    dataset_checks: dict[Path, str | None] = {}
-    resolved: dict[str, str] = {}  # the same dataset string usually comes from `defaults`
+    datasets = _Datasets(source.parent if source is not None else Path.cwd())
     specs: list[JobSpec] = []
-    for index, raw in enumerate(raw_jobs):
-        label = _job_label(index, raw)
-        if not isinstance(raw, Mapping):
-            problems.append(f"{label}: must be a mapping such as {{task: reverse, extension: lora}}")
+    params: list[dict[str, Any]] = []
+    nodes: list[Node] = []
+    positions: list[range] = []
+    for entry in entries:
+        start = len(nodes)
+        if not isinstance(entry.raw, Mapping):
+            label = _job_label(start, entry.raw)
+            problems.add(label, "must be a mapping such as {task: reverse, extension: lora}")
+            nodes.append(Node(label, entry.index, None))
+            positions.append(range(start, start + 1))
             continue
-        merged = deep_merge(defaults, raw)
+        merged = deep_merge(defaults, entry.raw)
         if base_model is not None:
             merged.setdefault("base_model", base_model)
-        train = merged.get("train")
-        if isinstance(train, Mapping) and isinstance(train.get("dataset"), str):
-            raw_dataset = train["dataset"]
-            if raw_dataset not in resolved:
-                dataset = Path(raw_dataset).expanduser()
-                resolved[raw_dataset] = str((dataset if dataset.is_absolute() else base_dir / dataset).resolve())
-            merged["train"] = {**train, "dataset": resolved[raw_dataset]}
-        try:
-            spec = JobSpec.model_validate(merged)
-        except ValidationError as error:
-            problems.extend(describe_validation_error(error, where=label))
-            continue
-        if spec.train is not None:
-            dataset = Path(spec.train.dataset)
-            if dataset not in dataset_checks:
-                dataset_checks[dataset] = check_dataset(dataset)
-            if dataset_checks[dataset] is not None:
-                problems.append(f"{label}: key `train.dataset`: {dataset_checks[dataset]}")
-                continue
-        specs.append(spec)
+        combinations = entry.sweep.combinations()
+        if not combinations:
+            problems.add(entry.label(), "key `matrix.exclude`: excludes every combination; this entry makes no job")
+        for values in combinations:
+            label = _job_label(len(nodes), entry.raw, values)
+            job = apply(merged, values) if values else merged
+            spec = _job_spec(job, label, entry.index, datasets, problems)
+            nodes.append(Node(label, entry.index, spec, entry.written_from(values)))
+            if spec is not None:
+                specs.append(spec)
+                params.append(values)
+        positions.append(range(start, len(nodes)))
 
-    if problems:
-        count = len(problems)
-        raise SpecError(f"{count} problem{'s' if count > 1 else ''} in the batch file", problems)
-    return Batch(name=name, source=source, base_model=base_model, jobs=specs)
+    needs = resolve_needs(nodes, _names(entries, positions, problems), problems)
+    problems.raise_if_any()
+    return Batch(name=name, source=source, base_model=base_model, jobs=specs, params=params, needs=needs)
 
 
 @gc_paused()

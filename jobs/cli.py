@@ -202,11 +202,49 @@ def submit(ctx: click.Context, batch_file: Path, dry_run: bool) -> None:
 
 
 def _print_dry_run(batch: Batch, settings: Settings) -> None:
+    """The expanded jobs as a table (one column per matrix/sample key), then the dataset files they read."""
+    from collections import Counter
+
+    def shown(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return value if isinstance(value, str) else json.dumps(value)
+
+    def waits_for(needs: list[int | str]) -> str:
+        # Positions grouped by the name they answer to, runs of positions as `a-b`.
+        groups: dict[str, list[int]] = {}
+        for position in (p for p in needs if isinstance(p, int)):
+            groups.setdefault(batch.jobs[position].name or "", []).append(position)
+        parts = []
+        for name, positions in groups.items():
+            runs = [[positions[0], positions[0]]]
+            for position in positions[1:]:
+                if position == runs[-1][1] + 1:
+                    runs[-1][1] = position
+                else:
+                    runs.append([position, position])
+            where = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+            parts.append(f"{name} ({where})" if name else f"#{where}")
+        return ", ".join([*parts, *(f"job:{p}" for p in needs if isinstance(p, str))]) or "-"
+
+    keys = list(dict.fromkeys(key for params in batch.params for key in params))
+    many_bases = len({spec.base_model for spec in batch.jobs}) > 1 and "base_model" not in keys
+    columns = ["#", "name", "task", "extension", "kind", *(["base_model"] if many_bases else []), *keys,
+               "needs", "queue"]
+    rows = []
+    for position, (spec, params, needs) in enumerate(zip(batch.jobs, batch.params, batch.needs, strict=True)):
+        rows.append([str(position), spec.name or "-", spec.task, spec.extension, spec.kind.value,
+                     *([spec.base_model] if many_bases else []), *(shown(params.get(key)) for key in keys),
+                     waits_for(needs), settings.queue_for(spec.queue_kind)])
+    numeric = {"#", *(key for key in keys if all(isinstance(p.get(key), int | float) for p in batch.params))}
     click.echo(f"batch {batch.name!r}: {len(batch.jobs)} jobs (dry run: nothing recorded or enqueued)")
-    for index, spec in enumerate(batch.jobs):
-        click.echo(f"[{index}] task={spec.task} kind={spec.kind.value} extension={spec.extension} "
-                   f"base_model={spec.base_model} device={spec.device} queue={settings.queue_for(spec.queue_kind)}")
-        click.echo("    " + json.dumps(spec.to_json(), sort_keys=True))
+    _print(_table(columns, rows, right=numeric))
+    datasets = Counter(path for spec in batch.jobs if spec.train is not None for path in spec.train.datasets)
+    if datasets:
+        click.echo("datasets:\n" + "\n".join(f"  {path} ({count} job{'s' if count > 1 else ''})"
+                                              for path, count in datasets.items()))
 
 
 @cli.command()

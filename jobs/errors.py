@@ -93,3 +93,41 @@ def describe_validation_error(error: ValidationError, where: str = "") -> list[s
                     message += f" (got {shown})"
         lines.append(f"{prefix}key `{key}`: {message}")
     return lines
+
+
+class Problems:
+    """The problem lines of a batch, in the order found. A problem shared by several jobs of one
+    job entry (a matrix repeats a typo in every job it makes) is one line that counts the others."""
+
+    def __init__(self) -> None:
+        self._found: dict[tuple[Any, str], list[Any]] = {}
+
+    def add(self, label: str, message: str, group: Any = None) -> None:
+        """Record `<label>: <message>`; lines with the same message and a `group` (not None) merge."""
+        key = (object() if group is None else group, message)
+        if key in self._found:
+            self._found[key][1] += 1
+        else:
+            self._found[key] = [label, 1]
+
+    def extend(self, lines: list[str]) -> None:
+        for line in lines:
+            self._found[(object(), line)] = ["", 1]
+
+    def lines(self) -> list[str]:
+        shown = []
+        for (_, message), (label, count) in self._found.items():
+            line = f"{label}: {message}" if label else message
+            if count > 1:
+                line += f" (and {count - 1} more job{'s' if count > 2 else ''} of the same job entry)"
+            shown.append(line)
+        return shown
+
+    def __len__(self) -> int:
+        return len(self._found)
+
+    def raise_if_any(self) -> None:
+        """Raise SpecError listing every line, if there is one."""
+        if self._found:
+            count = len(self._found)
+            raise SpecError(f"{count} problem{'s' if count > 1 else ''} in the batch file", self.lines())
