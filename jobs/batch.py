@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from jobs.dependencies import Node, resolve_needs, topological_order
 from jobs.errors import Problems, SpecError, describe_validation_error
 from jobs.spec import JobSpec
-from jobs.sweep import MAX_JOBS, Matrix, Sample, Sweep, SweepError, apply, describe
+from jobs.sweep import MAX_JOBS, Matrix, Sample, Sweep, SweepError, apply, describe, spec_paths
 
 __all__ = ["MAX_JOBS", "Batch", "check_dataset", "deep_merge", "gc_paused", "load_batch", "parse_batch"]
 
@@ -199,7 +199,7 @@ class _Datasets:
     def __init__(self, base_dir: Path):
         self.base_dir = base_dir
         self._resolved: dict[str, str] = {}
-        self._problems: dict[Path, str | None] = {}
+        self._problems: dict[str, str | None] = {}
 
     def _path(self, raw: str) -> str:
         if raw not in self._resolved:
@@ -219,11 +219,10 @@ class _Datasets:
     def problem(self, spec: JobSpec) -> str | None:
         """Why one of the job's dataset files cannot serve, or None."""
         for dataset in spec.train.datasets if spec.train is not None else []:
-            path = Path(dataset)
-            if path not in self._problems:
-                self._problems[path] = check_dataset(path)
-            if self._problems[path] is not None:
-                return self._problems[path]
+            if dataset not in self._problems:
+                self._problems[dataset] = check_dataset(Path(dataset))
+            if self._problems[dataset] is not None:
+                return self._problems[dataset]
         return None
 
 
@@ -273,19 +272,30 @@ def _entries(data: Mapping[str, Any], raw_jobs: list[Any], problems: Problems) -
         problems.add("batch file", str(error))
         batch_sample, well_formed = Sample(), False
 
+    try:  # what every entry without a matrix or sample of its own expands to
+        shared = Sweep.merged(batch_matrix, Matrix(), batch_sample, Sample())
+    except SweepError as error:
+        shared, failure = Sweep(), error
+    else:
+        failure = None
     entries = []
     for index, raw in enumerate(raw_jobs):
         if not isinstance(raw, Mapping):
             entries.append(_Entry(index, raw))
             continue
         entry = _Entry(index, {key: value for key, value in raw.items() if key not in ("matrix", "sample")})
-        try:
-            sweep = Sweep.merged(batch_matrix, Matrix.parse(raw.get("matrix")),
-                                 batch_sample, Sample.parse(raw.get("sample")))
-        except SweepError as error:
-            problems.add(entry.label(), str(error))
+        sweep = shared
+        if raw.get("matrix") is not None or raw.get("sample") is not None:
+            try:
+                sweep = Sweep.merged(batch_matrix, Matrix.parse(raw.get("matrix")),
+                                     batch_sample, Sample.parse(raw.get("sample")))
+            except SweepError as error:
+                problems.add(entry.label(), str(error))
+                well_formed, sweep = False, Sweep()
+        elif failure is not None:
+            # The batch-level sweep is wrong for every such job: one line, for the batch file.
+            problems.add("batch file", str(failure), "batch-sweep", once=True)
             well_formed = False
-            sweep = Sweep()
         entries.append(dataclasses.replace(entry, sweep=sweep))
     return entries, well_formed
 
@@ -319,6 +329,22 @@ def _job_spec(job: dict[str, Any], label: str, group: int, datasets: _Datasets,
         problems.add(label, f"key `train.dataset`: {problem}", group)
         return None
     return spec
+
+
+def _typed(params: dict[str, Any], spec: JobSpec) -> dict[str, Any]:
+    """`params` with a number written as a string taken as the number the spec holds: YAML reads
+    `1e-3` (no dot) as a string, and a result column of learning rates must compare as numbers."""
+    if not any(isinstance(value, str) for value in params.values()):
+        return params
+    dumped = spec.to_json()
+    typed = dict(params)
+    for key, value in params.items():
+        held: Any = dumped
+        for segment in spec_paths()[key].segments:
+            held = held.get(segment) if isinstance(held, Mapping) else None
+        if isinstance(value, str) and isinstance(held, int | float) and not isinstance(held, bool):
+            typed[key] = held
+    return typed
 
 
 def _names(entries: list[_Entry], positions: list[range], problems: Problems) -> dict[str, list[int]]:
@@ -382,7 +408,7 @@ def parse_batch(data: Any, source: Path | None = None) -> Batch:
             nodes.append(Node(label, entry.index, spec, entry.written_from(values)))
             if spec is not None:
                 specs.append(spec)
-                params.append(values)
+                params.append(_typed(values, spec))
         positions.append(range(start, len(nodes)))
 
     needs = resolve_needs(nodes, _names(entries, positions, problems), problems)

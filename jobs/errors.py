@@ -102,17 +102,14 @@ class Problems:
     def __init__(self) -> None:
         self._found: dict[tuple[Any, str], list[Any]] = {}
 
-    def add(self, label: str, message: str, group: Any = None) -> None:
-        """Record `<label>: <message>`; lines with the same message and a `group` (not None) merge."""
+    def add(self, label: str, message: str, group: Any = None, *, once: bool = False) -> None:
+        """Record `<label>: <message>`. Lines with the same message and `group` (not None) merge into
+        the first, which counts the others, or, with `once`, drops them."""
         key = (object() if group is None else group, message)
-        if key in self._found:
-            self._found[key][1] += 1
-        else:
+        if key not in self._found:
             self._found[key] = [label, 1]
-
-    def extend(self, lines: list[str]) -> None:
-        for line in lines:
-            self._found[(object(), line)] = ["", 1]
+        elif not once:
+            self._found[key][1] += 1
 
     def lines(self) -> list[str]:
         shown = []

@@ -235,6 +235,16 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _float(value: Any) -> Any:
+    """`value`, or the float a string spells: YAML reads `1e-4` (no dot) as a string."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 @dataclass(frozen=True)
 class Distribution:
     """One sampled key: `choice` from a list, `uniform`/`loguniform` floats or `int` in [lo, hi]."""
@@ -255,6 +265,8 @@ class Distribution:
             for value in args:
                 _check_value(key, value)
             return cls(kind, tuple(args))
+        if isinstance(args, list) and kind != "int":
+            args = [_float(a) for a in args]
         if not isinstance(args, list) or len(args) != 2 or not all(_number(a) for a in args):
             raise SweepError(f"{key}.{kind}", f"must be [lo, hi], two numbers (got {args!r})")
         lo, hi = args
@@ -394,7 +406,9 @@ def describe(params: Mapping[str, Any], limit: int = 120) -> str:
     def shown(value: Any) -> str:
         if isinstance(value, float):
             return f"{value:.6g}"
-        return value if isinstance(value, str) else json.dumps(value)
+        if isinstance(value, str):
+            return value
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else json.dumps(value)
 
     text = ", ".join(f"{key}={shown(value)}" for key, value in params.items())
     return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -67,6 +67,14 @@ def test_a_batch_matrix_multiplies_every_job_and_a_job_matrix_its_own(tmp_path, 
     assert made.params[10] == {"train.seed": 7} and made.jobs[10].train.seed == 7
 
 
+def test_numbers_yaml_reads_as_strings_are_numbers_in_params(tmp_path, dataset):
+    path = tmp_path / "b.yaml"
+    path.write_text("base_model: random:t5-tiny\ndefaults: {train: {dataset: data/reverse.jsonl}}\n"
+                    "jobs: [{task: t, extension: lora, matrix: {train.learning_rate: [1e-3, 3e-3], task: [a]}}]\n")
+    made = load_batch(path)  # YAML 1.1 reads 1e-3 (no dot) as the string '1e-3'
+    assert made.params == [{"train.learning_rate": 0.001, "task": "a"}, {"train.learning_rate": 0.003, "task": "a"}]
+
+
 def test_job_keys_and_whole_sections_can_be_matrix_keys(tmp_path, dataset):
     made = batch(tmp_path, [{"task": "t", "kind": "create", "matrix": {
         "extension": ["lora", "hybrid"], "base_model": ["random:t5-tiny", "random:gpt2-tiny"],
@@ -98,6 +106,8 @@ def test_exclude_removes_combinations_matching_every_key_of_an_entry(tmp_path, d
         "lora.r": [4, 8], "train.seed": [0, 1, 2], "exclude": [{"lora.r": 8, "train.seed": 2}, {"train.seed": 0}]}}])
     assert made.params == [{"lora.r": 4, "train.seed": 1}, {"lora.r": 4, "train.seed": 2},
                            {"lora.r": 8, "train.seed": 1}]
+    [problem] = problems(tmp_path, [{**LORA, "matrix": {"lora.r": [4], "exclude": [{"lora.r": 4}]}}])
+    assert problem.startswith("job entry 0 (task 'reverse'): key `matrix.exclude`: excludes every combination")
 
 
 def test_an_include_only_matrix_makes_one_job_per_entry(tmp_path, dataset):
@@ -118,7 +128,7 @@ def test_a_dataset_mixture_resolves_and_checks_every_file(tmp_path, dataset):
 
 # --- sample -----------------------------------------------------------------------------------------
 
-SAMPLE = {"trials": 5, "seed": 3, "train.learning_rate": {"loguniform": [1e-4, 1e-2]},
+SAMPLE = {"trials": 5, "seed": 3, "train.learning_rate": {"loguniform": ["1e-4", 1e-2]},  # as YAML reads 1e-4
           "lora.r": {"choice": [4, 8, 16]}, "lora.dropout": {"uniform": [0.0, 0.3]}, "train.seed": {"int": [0, 9]}}
 
 
@@ -157,6 +167,8 @@ def test_bad_distributions_are_refused_naming_the_key(tmp_path, dataset, distrib
 def test_a_sample_needs_trials(tmp_path, dataset):
     [problem] = problems(tmp_path, [{**LORA, "sample": {"lora.r": {"int": [2, 8]}}}])
     assert problem.startswith("job entry 0 (task 'reverse'): key `sample.trials`") and "required" in problem
+    [problem] = problems(tmp_path, [LORA, LORA], sample={"lora.r": {"int": [2, 8]}})  # said once, not per job
+    assert problem.startswith("batch file: key `sample.trials`")
 
 
 # --- errors -----------------------------------------------------------------------------------------
