@@ -7,7 +7,9 @@
 Keys are dotted spec paths (`lora.r`, `train.learning_rate`, `task`, `layer.from`), checked
 against the spec models so a typo is refused with a suggestion rather than ignored.
 `include` / `exclude` follow GitHub Actions' matrix rules. `sample` draws from
-`random.Random(seed)`, so the same seed always gives the same trials.
+`random.Random(seed)`, so the same seed always gives the same trials. A job's own `matrix`
+multiplies the batch-level one, and for a key in both the job's list wins; a job's own
+`sample` is merged over the batch-level one the same way.
 """
 
 from __future__ import annotations
@@ -176,8 +178,9 @@ class Matrix:
                                      f"{axes}); an exclude entry names matrix keys only")
 
     def merged(self, job: Matrix) -> Matrix:
-        """This batch-level matrix with a job's over it: new keys add axes, a key in both takes the
-        job's list, and the include/exclude entries of both apply."""
+        """This batch-level matrix with a job's over it: the job's new keys add axes (after the batch's,
+        so they vary faster), a key in both takes the job's list, and the include/exclude entries of
+        both apply."""
         return Matrix({**self.axes, **job.axes}, [*self.include, *job.include], [*self.exclude, *job.exclude])
 
     @property
