@@ -90,7 +90,7 @@ def _targets(node: Node, key: str, ref: str, nodes: list[Node], names: dict[str,
         return []
     if key != "needs" and len(targets) != 1:
         problems.add(node.label, f"key `{key}`: `{ref}` names {len(targets)} jobs (a matrix); a `from` needs "
-                     "exactly one: name one job of it by its own entry", node.entry)
+                     "exactly one: give the parent you mean a job entry and a name of its own", node.entry)
         return []
     return targets
 
@@ -106,8 +106,9 @@ def _check_from(node: Node, nodes: list[Node], names: dict[str, list[int]], prob
 
     for section, ref in node.written_from.items():
         if section not in sections:
-            problem(f"key `{section}.from`: a `{spec.extension}` job has no {_ARTIFACT[section]} to build on "
-                    f"`{ref}`'s; remove it, or use an extension that has one")
+            having = " or ".join(f"`{kind}`" for kind, info in EXTENSION_KINDS.items() if section in info.sections)
+            problem(f"key `{section}.from`: a `{spec.extension}` job has no {_ARTIFACT[section]}, so it cannot "
+                    f"start from `{ref}`'s; remove `{section}.from` or use extension {having}")
     for key, ref in _references(spec):
         targets = names.get(ref, ())
         parent = nodes[targets[0]].spec if len(targets) == 1 else None
