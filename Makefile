@@ -25,7 +25,9 @@ EXTRAS ?= worker,dev
 TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # Tests and the demo may start `graftq` or `celery` as subprocesses: the venv's come first.
 VENV_PATH := PATH="$(abspath $(BIN)):$$PATH"
-PYTEST_ARGS ?= -q
+# Two test processes, one test file each at a time (pytest-xdist): much of the suite waits on
+# worker subprocesses and Redis, so two processes use two cores; a file's tests stay in order.
+PYTEST_ARGS ?= -q -n 2 --dist loadfile
 
 .PHONY: demo test lint bench install redis-server clean-venv
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import pytest
+
 FIGURES: list[str] = []
 
 
@@ -31,6 +33,18 @@ def figure(name: str, **values: Any) -> str:
         with open(path, "a", encoding="utf-8") as report:
             report.write(line + "\n")
     return line
+
+
+def pytest_sessionfinish(session: Any) -> None:
+    # Under pytest-xdist the figures are collected in the test processes: hand them to the main one.
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None:
+        output["graftq_figures"] = list(FIGURES)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    FIGURES.extend(getattr(node, "workeroutput", {}).get("graftq_figures", []))
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

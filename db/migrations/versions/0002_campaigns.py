@@ -1,4 +1,4 @@
-"""Campaigns: job names, matrix params, dependencies between jobs, retry history.
+"""Campaigns: job names, matrix params, dependencies between jobs, retry history; task metrics.
 
 Revision ID: 0002
 Revises: 0001
@@ -6,7 +6,8 @@ Create Date: 2026-11-29 14:40:00.000000
 
 Adds `jobs.name`, `jobs.params` (the matrix values that made a job), `jobs.queued_at` (when it
 last became queued) and `jobs.history` (earlier runs, kept by `graftq retry`), and the
-`job_needs` table (which jobs a job waits for). Existing jobs keep their rows unchanged: no
+`job_needs` table (which jobs a job waits for); `jobs.head_params` (a classifier's head) and
+`jobs.metrics` (task metrics by name). Existing jobs keep their rows unchanged: no
 name, no params, no dependencies. The new statuses (`waiting`, `skipped`) need no change.
 """
 
@@ -29,6 +30,8 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("params", sa.JSON(), nullable=True))
         batch_op.add_column(sa.Column("queued_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column("history", sa.JSON(), nullable=True))
+        batch_op.add_column(sa.Column("head_params", sa.BigInteger(), nullable=True))
+        batch_op.add_column(sa.Column("metrics", sa.JSON(), nullable=True))
 
     op.create_table(
         "job_needs",
@@ -48,6 +51,8 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_job_needs_needed_id"))
     op.drop_table("job_needs")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.drop_column("metrics")
+        batch_op.drop_column("head_params")
         batch_op.drop_column("history")
         batch_op.drop_column("queued_at")
         batch_op.drop_column("params")
