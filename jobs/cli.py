@@ -166,11 +166,14 @@ def _print_key_reference(ctx: click.Context, _param: click.Parameter, value: boo
 @cli.command()
 @click.argument("batch_file", metavar="BATCH", type=click.Path(path_type=Path))
 @click.option("--dry-run", is_flag=True, help="Validate and print the expanded jobs; write nothing.")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Train each train job for at most N steps (N wins over `epochs`): a quick smoke test of "
+                   "a batch on the pool. The recorded specs say N.")
 @click.option("--help-keys", is_flag=True, expose_value=False, is_eager=True, callback=_print_key_reference,
               help="Describe every batch-file key and exit.")
 @click.pass_context
 @_handle_db_errors
-def submit(ctx: click.Context, batch_file: Path, dry_run: bool) -> None:
+def submit(ctx: click.Context, batch_file: Path, dry_run: bool, max_steps: int | None) -> None:
     """Validate BATCH, record its jobs as queued and enqueue them on the broker.
 
     Prints the batch id. Nothing is recorded or enqueued when the batch file has an
@@ -181,6 +184,8 @@ def submit(ctx: click.Context, batch_file: Path, dry_run: bool) -> None:
 
     state = _state(ctx)
     batch = _load(batch_file)
+    if max_steps is not None:
+        batch = _with_max_steps(batch, max_steps)
     try:
         check_pool_devices(batch)
     except SpecError as error:

@@ -45,6 +45,12 @@ EXERCISED = {
     "graftq status --watch": "test_pool_commands",
     "graftq results --batch quickstart --format json": "test_pool_commands",
     "graftq cancel --batch BATCH_ID": "test_pool_commands",
+    "graftq submit examples/sweep.yaml --dry-run": "test_campaign_commands",
+    "graftq run examples/sweep.yaml": "test_campaign_commands",
+    "graftq results --batch sweep --group-by lora.r,train.learning_rate --agg eval_loss:mean,std,min,count":
+        "test_campaign_commands",
+    "graftq run examples/shared_layer.yaml": "test_campaign_commands",
+    "graftq retry --batch BATCH_ID": "test_campaign_commands",
 }
 QUICKSTART_JOBS = 7
 QUICKSTART_STEPS = 20  # `graftq run --max-steps`: the README's queries hold after any number of steps
@@ -197,3 +203,72 @@ def test_pool_commands(graftq_env, redis_url, redis_server, sqlite_url):
         job["status"] for job in jobs}
     assert not [job for job in jobs if job["status"] == "succeeded" and not Path(job["adapter_path"] or
                                                                                   job["layer_path"]).is_dir()]
+
+
+CAMPAIGN_STEPS = 3  # `--max-steps`: the campaign's mechanics hold after any number of steps
+
+
+@pytest.mark.slow
+def test_campaign_commands(graftq_env, redis_url, sqlite_url):
+    """The two campaign examples with `graftq run` (the README's commands, shortened with
+    `--max-steps`), the grouped results against a hand computation, retry, and both examples
+    again through `graftq submit` and a real worker: each child after the job it needs."""
+    import statistics
+
+    env = dict(graftq_env, GRAFTQ_BROKER_URL=redis_url, GRAFTQ_DATABASE_URL=sqlite_url,
+               GRAFTQ_HEARTBEAT_INTERVAL="1")
+    dry = _graftq(env, "submit", "examples/sweep.yaml", "--dry-run").stdout
+    assert "8 jobs" in dry and "train.learning_rate" in dry
+    assert not Path(sqlite_url.removeprefix("sqlite:///")).exists()
+
+    steps = ("--max-steps", str(CAMPAIGN_STEPS))
+    _graftq(env, "run", "examples/sweep.yaml", *steps)
+    jobs = json.loads(_graftq(env, "results", "--batch", "sweep", "--format", "json").stdout)
+    assert len(jobs) == 8 and {job["status"] for job in jobs} == {"succeeded"}
+    groups = json.loads(_graftq(env, "results", "--batch", "sweep", "--group-by", "lora.r,train.learning_rate",
+                                "--agg", "eval_loss:mean,std,min,count", "--format", "json").stdout)
+    assert len(groups) == 4
+    for group in groups:
+        losses = [job["eval_loss"] for job in jobs if job["params"]["lora.r"] == group["lora.r"]
+                  and job["params"]["train.learning_rate"] == group["train.learning_rate"]]
+        assert group["eval_loss_count"] == len(losses) == 2
+        assert group["eval_loss_mean"] == pytest.approx(statistics.mean(losses))
+        assert group["eval_loss_std"] == pytest.approx(statistics.stdev(losses))
+        assert group["eval_loss_min"] == min(losses)
+
+    _graftq(env, "run", "examples/shared_layer.yaml", *steps)
+    pipeline = {job["task"]: job for job in json.loads(
+        _graftq(env, "results", "--batch", "shared-layer", "--format", "json").stdout)}
+    assert {job["status"] for job in pipeline.values()} == {"succeeded"} and len(pipeline) == 5
+    assert pipeline["reverse-frozen-block"]["layer_params"] == 0 < pipeline["reverse"]["layer_params"]
+    assert pipeline["reverse-frozen-block"]["total_params"] == pipeline["reverse"]["total_params"]
+    retried = _graftq(env, "retry", "--batch", pipeline["reverse"]["batch_id"]).stdout
+    assert "0 queued" in retried and "5 succeeded" in retried  # nothing failed: nothing to run again
+
+    batch_ids = [re.search(r"\b([0-9a-f]{16})\b", _graftq(env, "submit", example, *steps).stdout).group(1)
+                 for example in ("examples/shared_layer.yaml", "examples/sweep.yaml")]
+    worker = subprocess.Popen(graftq_argv("worker", "--gpus", "none"), cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            pooled = [job for batch_id in batch_ids for job in json.loads(
+                _graftq(env, "results", "--batch", batch_id, "--format", "json").stdout)]
+            if all(job["status"] in ("succeeded", "failed", "skipped") for job in pooled):
+                break
+            assert worker.poll() is None, worker.stdout.read()
+            time.sleep(1)
+        else:
+            pytest.fail("the worker did not finish the two example batches in 4 minutes")
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.communicate()
+    assert len(pooled) == 13 and {job["status"] for job in pooled} == {"succeeded"}
+    assert all(job["attempts"] == 1 for job in pooled)
+    shared = next(job for job in pooled if job["task"] == "all-tasks")
+    children = [job for job in pooled if job["batch_id"] == shared["batch_id"] and job is not shared]
+    assert len(children) == 4 and all(child["started_at"] >= shared["finished_at"] for child in children)

@@ -137,33 +137,6 @@ class _RichDisplay:
         self.live.console.print(text, highlight=False, markup=False)
 
 
-def run_order(batch: Batch) -> list[int]:
-    """Positions of `batch.jobs` with every job after the jobs of the batch it needs (else in file order).
-
-    The parser refuses cycles; a cycle that got here anyway raises ValueError.
-    """
-    import heapq
-
-    waits_for = [{need for need in needs if isinstance(need, int)} for needs in batch.needs]
-    dependants: list[list[int]] = [[] for _ in batch.jobs]
-    for index, needed in enumerate(waits_for):
-        for parent in needed:
-            dependants[parent].append(index)
-    ready = [index for index, needed in enumerate(waits_for) if not needed]
-    heapq.heapify(ready)
-    order: list[int] = []
-    while ready:
-        index = heapq.heappop(ready)
-        order.append(index)
-        for child in dependants[index]:
-            waits_for[child].discard(index)
-            if not waits_for[child]:
-                heapq.heappush(ready, child)
-    if len(order) != len(batch.jobs):
-        raise ValueError("the batch's needs form a cycle")
-    return order
-
-
 #: Seconds between looks at a job that waits for a job of another batch (run elsewhere).
 WAIT_POLL_INTERVAL = 2.0
 
@@ -180,7 +153,7 @@ def run_batch(batch: Batch, settings: Settings, database: Database, *, interacti
     from jobs.celery_app import configure
     from jobs.submit import record_batch
 
-    order = run_order(batch)
+    order = batch.order()
     submitted = record_batch(database, batch, settings, broker=False)
     click.echo(f"batch {submitted.batch_id} ({batch.name}): {len(submitted.job_ids)} jobs, running here; "
                f"artifacts under {settings.artifacts_dir / submitted.batch_id}")
