@@ -709,6 +709,22 @@ def _resolve_job(database: Database, job_id: str) -> str:
     return found
 
 
+def _jobs_or_batch(database: Database, job_ids: Sequence[str], batch_id: str | None) -> tuple[str | None, list[str]]:
+    """The jobs a command names: `(None, ids)` for JOB_ID arguments (ids resolved, each once), or
+    `(batch id, its job ids)` for `--batch ID`; a usage error unless exactly one of the two is given."""
+    from db.queries import batch_job_ids, resolve_id
+
+    if bool(job_ids) == bool(batch_id):
+        raise click.UsageError("give job ids or --batch ID (one of the two)")
+    if not batch_id:
+        return None, list(dict.fromkeys(_resolve_job(database, job_id) for job_id in job_ids))
+    with database.read() as session:
+        found = resolve_id(session, batch_id, batch=True)
+        if not found:
+            raise click.BadParameter(f"no batch with id {batch_id!r}", param_hint="--batch")
+        return found, batch_job_ids(session, found)
+
+
 @cli.command()
 @click.argument("job_id")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
@@ -780,19 +796,10 @@ def cancel(ctx: click.Context, job_ids: tuple[str, ...], batch_id: str | None) -
 
     The jobs waiting for a cancelled job are skipped.
     """
-    from db.queries import batch_job_ids, request_cancel, resolve_id
+    from db.queries import request_cancel
 
-    if bool(job_ids) == bool(batch_id):
-        raise click.UsageError("give job ids or --batch ID (one of the two)")
     database = _state(ctx).database
-    if batch_id:
-        with database.read() as session:
-            found = resolve_id(session, batch_id, batch=True)
-            ids = batch_job_ids(session, found) if found else []
-        if not found:
-            raise click.BadParameter(f"no batch with id {batch_id!r}", param_hint="--batch")
-    else:
-        ids = [_resolve_job(database, job_id) for job_id in job_ids]
+    found, ids = _jobs_or_batch(database, job_ids, batch_id)
     with database.begin() as session:
         outcome = request_cancel(session, ids)
     counts: dict[str, int] = {}
@@ -888,23 +895,14 @@ def retry(ctx: click.Context, job_ids: tuple[str, ...], batch_id: str | None, st
     the queue their device asks for, so a `graftq worker` pool runs them. Nothing is written when
     the broker cannot be reached.
     """
-    from db.queries import batch_job_ids, resolve_id, skipped_dependants, specs_without_queue
+    from db.queries import skipped_dependants, specs_without_queue
     from db.submission import retry_jobs
     from jobs.errors import BrokerUnavailable
     from jobs.submit import check_broker
 
-    if bool(job_ids) == bool(batch_id):
-        raise click.UsageError("give job ids or --batch ID (one of the two)")
     state = _state(ctx)
     database = state.database
-    if batch_id:
-        with database.read() as session:
-            found = resolve_id(session, batch_id, batch=True)
-            ids = batch_job_ids(session, found) if found else []
-        if not found:
-            raise click.BadParameter(f"no batch with id {batch_id!r}", param_hint="--batch")
-    else:
-        ids = list(dict.fromkeys(_resolve_job(database, job_id) for job_id in job_ids))
+    found, ids = _jobs_or_batch(database, job_ids, batch_id)
     try:
         check_broker(state.celery)
     except BrokerUnavailable as error:
@@ -916,9 +914,9 @@ def retry(ctx: click.Context, job_ids: tuple[str, ...], batch_id: str | None, st
                              queues=queues)
         skipped = skipped_dependants(session, [*retried.queued, *retried.waiting])
     unpublished = _publish_retried(state, retried.queued)
-    _report_retry(retried, ids, invalid, statuses, batch_id=found if batch_id else None)
+    _report_retry(retried, ids, invalid, statuses, batch_id=found)
     if skipped:
-        again = f"--batch {found} --status skipped" if batch_id else " ".join(skipped)
+        again = f"--batch {found} --status skipped" if found else " ".join(skipped)
         click.echo(f"{len(skipped)} skipped job(s) need the retried ones and stay skipped; retry them too: "
                    f"graftq retry {again}", err=True)
     moved = sorted(set(queues) & (set(retried.queued) | set(retried.waiting)))

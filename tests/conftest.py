@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -127,3 +130,37 @@ def postgres_database(postgres_url: str) -> Iterator[str]:
 def graftq_argv(*args: str) -> list[str]:
     """argv that runs the graftq CLI from this checkout, installed or not."""
     return [sys.executable, "-m", "jobs.cli", *args]
+
+
+class WorkerProcess:
+    """A real `graftq worker` subprocess (a process group of its own) for a `with` block.
+
+        with WorkerProcess(env, "--gpus", "none") as worker:
+            worker.wait_for(lambda: all_done(), timeout=180, what="the batch to finish")
+        worker.output  # everything it printed, once the block has stopped it (SIGTERM, then SIGKILL)
+    """
+
+    def __init__(self, env: dict[str, str], *args: str, cwd: Path = ROOT):
+        self.process = subprocess.Popen(graftq_argv("worker", *args), cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.output = ""
+
+    def __enter__(self) -> WorkerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.output, _ = self.process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.output, _ = self.process.communicate()
+
+    def wait_for(self, done: Callable[[], bool], *, timeout: float, what: str) -> None:
+        """Poll `done()` every second until it is true; fail if the worker exits or `timeout` passes."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert self.process.poll() is None, self.process.stdout.read()
+            if time.monotonic() > deadline:
+                pytest.fail(f"waited {timeout:.0f} s for {what}")
+            time.sleep(1)

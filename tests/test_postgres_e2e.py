@@ -7,17 +7,14 @@ in a database of its own, created and dropped here; skipped, with the reason, wi
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.conftest import ROOT, graftq_argv
+from tests.conftest import ROOT, WorkerProcess, graftq_argv
 
 BATCH = """\
 batch: pg-e2e
@@ -51,25 +48,14 @@ def test_batch_end_to_end_with_postgresql(postgres_database, redis_url, graftq_e
     _graftq(env, "db", "upgrade")
     batch_id = re.search(r"\b([0-9a-f]{16})\b", _graftq(env, "submit", str(batch_file))).group(1)
 
-    worker = subprocess.Popen(graftq_argv("worker", "--gpus", "none"), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            jobs = json.loads(_graftq(env, "results", "--batch", batch_id, "--format", "json"))
-            if all(job["status"] in ("succeeded", "failed", "cancelled") for job in jobs):
-                break
-            assert worker.poll() is None, worker.stdout.read()
-            time.sleep(1)
-        else:
-            pytest.fail("the batch did not finish in 3 minutes")
-    finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.communicate()
+    def finished() -> bool:
+        nonlocal jobs
+        jobs = json.loads(_graftq(env, "results", "--batch", batch_id, "--format", "json"))
+        return all(job["status"] in ("succeeded", "failed", "cancelled") for job in jobs)
+
+    jobs: list[dict] = []
+    with WorkerProcess(env, "--gpus", "none") as worker:
+        worker.wait_for(finished, timeout=180, what="the batch to finish")
 
     assert sorted((job["extension"], job["status"], job["attempts"]) for job in jobs) == [
         ("hybrid", "succeeded", 1), ("layer", "succeeded", 1), ("lora", "succeeded", 1)]

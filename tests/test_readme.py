@@ -9,18 +9,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
-import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import graftq_argv
+from tests.conftest import WorkerProcess, graftq_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -172,29 +169,16 @@ def test_pool_commands(graftq_env, redis_url, redis_server, sqlite_url):
     batch_id = re.search(r"\b([0-9a-f]{16})\b", submitted).group(1)
     assert sum(redis_server.queue_lengths().values()) == QUICKSTART_JOBS
 
-    worker = subprocess.Popen(graftq_argv("worker", "--gpus", "all"), cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            statuses = [job["status"] for job in json.loads(_graftq(
-                env, "results", "--batch", "quickstart", "--format", "json").stdout)]
-            if "succeeded" in statuses:
-                break
-            assert worker.poll() is None, worker.stdout.read()
-            time.sleep(1)
-        else:
-            pytest.fail("the worker finished no job in 4 minutes")
+    def first_success() -> bool:
+        return "succeeded" in [job["status"] for job in json.loads(_graftq(
+            env, "results", "--batch", "quickstart", "--format", "json").stdout)]
+
+    with WorkerProcess(env, "--gpus", "all") as worker:
+        worker.wait_for(first_success, timeout=240, what="the worker's first finished job")
         _graftq(env, "cancel", "--batch", batch_id)
         status = _graftq(env, "status", "--watch", timeout=120).stdout
         assert batch_id in status or "quickstart" in status
-    finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            output, _ = worker.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            output, _ = worker.communicate()
+    output = worker.output
     assert "CPU worker" in output  # no GPU here: --gpus all says so and serves on the CPU
 
     jobs = json.loads(_graftq(env, "results", "--batch", "quickstart", "--format", "json").stdout)
@@ -247,26 +231,15 @@ def test_campaign_commands(graftq_env, redis_url, sqlite_url):
 
     batch_ids = [re.search(r"\b([0-9a-f]{16})\b", _graftq(env, "submit", example, *steps).stdout).group(1)
                  for example in ("examples/shared_layer.yaml", "examples/sweep.yaml")]
-    worker = subprocess.Popen(graftq_argv("worker", "--gpus", "none"), cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            pooled = [job for batch_id in batch_ids for job in json.loads(
-                _graftq(env, "results", "--batch", batch_id, "--format", "json").stdout)]
-            if all(job["status"] in ("succeeded", "failed", "skipped") for job in pooled):
-                break
-            assert worker.poll() is None, worker.stdout.read()
-            time.sleep(1)
-        else:
-            pytest.fail("the worker did not finish the two example batches in 4 minutes")
-    finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.communicate()
+    pooled: list[dict] = []
+
+    def both_finished() -> bool:
+        pooled[:] = [job for batch_id in batch_ids for job in json.loads(
+            _graftq(env, "results", "--batch", batch_id, "--format", "json").stdout)]
+        return all(job["status"] in ("succeeded", "failed", "skipped") for job in pooled)
+
+    with WorkerProcess(env, "--gpus", "none") as worker:
+        worker.wait_for(both_finished, timeout=240, what="the two example batches")
     assert len(pooled) == 13 and {job["status"] for job in pooled} == {"succeeded"}
     assert all(job["attempts"] == 1 for job in pooled)
     shared = next(job for job in pooled if job["task"] == "all-tasks")
