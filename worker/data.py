@@ -89,8 +89,17 @@ def _jsonl_records(path: Path) -> list[tuple[int, Any]]:
     return records
 
 
+def _datasets_module():
+    try:
+        import datasets
+    except ImportError:
+        raise JobError("train.dataset: save_to_disk directories and hf: datasets need the `datasets` package on "
+                       "the worker: pip install 'graftq[worker]'") from None
+    return datasets
+
+
 def _saved_records(path: Path, split_name: str) -> Iterable[tuple[int, Any]]:
-    import datasets
+    datasets = _datasets_module()
 
     try:
         loaded = datasets.load_from_disk(str(path))
@@ -107,9 +116,9 @@ def _saved_records(path: Path, split_name: str) -> Iterable[tuple[int, Any]]:
 def _hub_records(reference: str, split_name: str) -> Iterable[tuple[int, Any]]:
     """Rows of `hf:NAME[:CONFIG]` from the local cache only: the copy `load_dataset` prepared, else the
     repository snapshot `hf download` left in the hub cache. Never a download."""
-    import datasets
-
     from jobs.sources import datasets_cache
+
+    datasets = _datasets_module()
 
     ref = parse_hub(reference)
     datasets.disable_progress_bars()
