@@ -15,7 +15,15 @@ from typing import Any
 
 import torch
 
-from jobs.sources import FILE_FORMATS, HF_PREFIX, hub_snapshot, not_cached, parse_hub, prepared_dirs
+from jobs.sources import (
+    FILE_FORMATS,
+    HF_PREFIX,
+    datasets_cache,
+    hub_snapshot,
+    not_cached,
+    parse_hub,
+    prepared_dirs,
+)
 from jobs.spec import DatasetSource, TrainSpec
 from worker.errors import JobError
 
@@ -116,8 +124,6 @@ def _saved_records(path: Path, split_name: str) -> Iterable[tuple[int, Any]]:
 def _hub_records(reference: str, split_name: str) -> Iterable[tuple[int, Any]]:
     """Rows of `hf:NAME[:CONFIG]` from the local cache only: the copy `load_dataset` prepared, else the
     repository snapshot `hf download` left in the hub cache. Never a download."""
-    from jobs.sources import datasets_cache
-
     datasets = _datasets_module()
 
     ref = parse_hub(reference)
