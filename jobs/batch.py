@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import dataclasses
 import difflib
 import gc
-import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +28,13 @@ from pydantic import ValidationError
 
 from jobs.dependencies import Node, resolve_needs, topological_order
 from jobs.errors import Problems, SpecError, describe_validation_error
+from jobs.sources import HF_PREFIX, columns_of, hub_columns, missing_columns, parse_hub
 from jobs.spec import JobSpec
 from jobs.sweep import MAX_JOBS, Matrix, Sample, Sweep, SweepError, apply, describe, spec_paths
 
 __all__ = ["MAX_JOBS", "Batch", "check_dataset", "deep_merge", "gc_paused", "load_batch", "parse_batch"]
 
 TOP_LEVEL_KEYS = ("batch", "base_model", "defaults", "matrix", "sample", "jobs")
-DATASET_SUFFIXES = (".jsonl", ".json", ".csv")
 REQUIRED_COLUMNS = ("input", "target")
 MAX_BATCH_NAME = 200
 
@@ -128,39 +126,42 @@ def _job_label(position: int, raw: Any, params: Mapping[str, Any] | None = None)
     return f"job {position}"
 
 
-def check_dataset(path: Path) -> str | None:
-    """Why `path` cannot serve as a training dataset, or None if it looks usable.
+def check_dataset(path: Path | str, split: str = "train", needed: Mapping[str, str] | None = None) -> str | None:
+    """Why the source `path` (a file, a save_to_disk directory, `hf:NAME[:CONFIG]`) cannot serve as a
+    training dataset, or None if it looks usable.
 
-    Checks existence, the suffix, and the `input`/`target` columns from the first JSONL
-    record or the CSV header (cheap: the file is not read further).
+    `needed` maps graftq's columns to the source's (default: `input` and `target` as they are).
+    Cheap, and never imports `datasets` (jobs/sources.py): a header, a first record, a schema, or
+    the cache's JSON metadata; the worker reads the rows.
     """
-    if not path.exists():
-        return f"dataset file {str(path)!r} does not exist (relative paths are resolved against the batch file)"
-    if not path.is_file():
-        return f"dataset {str(path)!r} is not a file"
-    suffix = path.suffix.lower()
-    if suffix not in DATASET_SUFFIXES:
-        return f"dataset {str(path)!r} must be JSONL (.jsonl) or CSV (.csv) with columns input,target"
-    try:
-        with path.open(encoding="utf-8", newline="") as handle:
-            if suffix == ".csv":
-                header = next(csv.reader(handle), None)
-                columns = [c.strip() for c in header] if header else []
-            else:
-                first = next((line for line in handle if line.strip()), None)
-                if first is None:
-                    return f"dataset {str(path)!r} is empty"
-                record = json.loads(first)
-                if not isinstance(record, dict):
-                    return f"dataset {str(path)!r}: each line must be a JSON object with input and target"
-                columns = list(record)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as error:
-        return f"dataset {str(path)!r} cannot be read: {error}"
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-    if missing:
-        found = ", ".join(map(str, columns[:10])) or "none"
-        return (f"dataset {str(path)!r} has no {' or '.join(missing)} column (found: {found}); "
-                "each record needs `input` and `target`")
+    needed = dict(needed or {name: name for name in REQUIRED_COLUMNS})
+    if isinstance(path, str) and path.startswith(HF_PREFIX):
+        try:
+            ref = parse_hub(path)
+        except ValueError as error:
+            return str(error)
+        columns, problem = hub_columns(ref, split)
+        where = f"hub dataset {path!r}"
+    else:
+        columns, problem = columns_of(Path(path), split)
+        where = f"dataset {str(path)!r}"
+    if problem is not None or columns is None:
+        return problem
+    problem = missing_columns(columns, needed)
+    return f"{where} {problem}" if problem else None
+
+
+def format_problem(spec: JobSpec) -> str | None:
+    """Why the job's `train.format` does not suit its model, when the model is known here (a preset)."""
+    train = spec.train
+    if train is None or train.format != "chat" or not spec.base_model.startswith("random:"):
+        return None
+    from jobs.presets import PRESETS
+
+    task_type = PRESETS[spec.base_model.removeprefix("random:")]["task_type"]
+    if task_type != "causal":
+        return (f"chat needs a decoder-only (causal) model; {spec.base_model} is {task_type}: use format: text, "
+                "or a causal base model such as random:llama-tiny")
     return None
 
 
@@ -199,30 +200,43 @@ class _Datasets:
     def __init__(self, base_dir: Path):
         self.base_dir = base_dir
         self._resolved: dict[str, str] = {}
-        self._problems: dict[str, str | None] = {}
+        self._problems: dict[tuple, str | None] = {}
 
     def _path(self, raw: str) -> str:
+        if raw.startswith(HF_PREFIX):
+            return raw
         if raw not in self._resolved:
             dataset = Path(raw).expanduser()
             self._resolved[raw] = str((dataset if dataset.is_absolute() else self.base_dir / dataset).resolve())
         return self._resolved[raw]
 
+    def _item(self, item: Any) -> Any:
+        if isinstance(item, str):
+            return self._path(item)
+        if isinstance(item, Mapping) and isinstance(item.get("path"), str):
+            return {**item, "path": self._path(item["path"])}
+        return item
+
     def resolve(self, job: dict[str, Any]) -> None:
-        """Make `train.dataset` (a file, or a list of files) absolute in the merged job mapping."""
+        """Make `train.dataset` (a source, or a list of them) absolute in the merged job mapping;
+        `hf:` references stay as they are."""
         train = job.get("train")
         dataset = train.get("dataset") if isinstance(train, Mapping) else None
         if isinstance(dataset, str):
             job["train"] = {**train, "dataset": self._path(dataset)}
-        elif isinstance(dataset, list) and all(isinstance(item, str) for item in dataset):
-            job["train"] = {**train, "dataset": [self._path(item) for item in dataset]}
+        elif isinstance(dataset, list):
+            job["train"] = {**train, "dataset": [self._item(item) for item in dataset]}
 
     def problem(self, spec: JobSpec) -> str | None:
-        """Why one of the job's dataset files cannot serve, or None."""
-        for dataset in spec.train.datasets if spec.train is not None else []:
-            if dataset not in self._problems:
-                self._problems[dataset] = check_dataset(Path(dataset))
-            if self._problems[dataset] is not None:
-                return self._problems[dataset]
+        """Why one of the job's dataset sources cannot serve, or None."""
+        train = spec.train
+        for source in train.sources if train is not None else []:
+            needed = {name: source.columns.get(name, name) for name in train.needed_columns}
+            key = (source.path, source.split, tuple(sorted(needed.items())))
+            if key not in self._problems:
+                self._problems[key] = check_dataset(source.path, source.split, needed)
+            if self._problems[key] is not None:
+                return self._problems[key]
         return None
 
 
@@ -327,6 +341,10 @@ def _job_spec(job: dict[str, Any], label: str, group: int, datasets: _Datasets,
     problem = datasets.problem(spec)
     if problem is not None:
         problems.add(label, f"key `train.dataset`: {problem}", group)
+        return None
+    problem = format_problem(spec)
+    if problem is not None:
+        problems.add(label, f"key `train.format`: {problem}", group)
         return None
     return spec
 

@@ -11,7 +11,7 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from jobs.extensions import EXTENSION_KINDS
 
@@ -125,14 +125,66 @@ class LayerSpec(_Spec):
         return value
 
 
+#: graftq's column names: what `train.columns` maps a source's columns to
+COLUMN_NAMES = ("input", "target", "label", "messages")
+
+
+def _check_columns(value: dict[str, str] | None) -> dict[str, str] | None:
+    if value is not None:
+        for key, column in value.items():
+            if key not in COLUMN_NAMES:
+                raise ValueError(f"unknown column {key!r}: map graftq's {', '.join(COLUMN_NAMES)} to the "
+                                 "source's column names, e.g. {input: sentence, target: label}")
+            if not isinstance(column, str) or not column:
+                raise ValueError(f"column {key!r}: give the source's column name as a non-empty string")
+    return value
+
+
+class DatasetSource(_Spec):
+    """One entry of a `train.dataset` list written as a mapping."""
+
+    path: Annotated[str, Field(min_length=1, description="A file, a directory, or `hf:NAME[:CONFIG]`.")]
+    weight: Annotated[
+        float, Field(gt=0, le=1000, description="How much of the source training uses: its training rows "
+                     "`weight` times, the fractional part a seeded sample of them (0.5 = half of the rows).")
+    ] = 1.0
+    columns: Annotated[
+        dict[str, str] | None, Field(description="Column mapping for this source; wins over `train.columns`.")
+    ] = None
+    split: Annotated[str | None, Field(min_length=1, description="Split of this source; default `train.split`.")] = None
+
+    @field_validator("columns")
+    @classmethod
+    def _columns(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return _check_columns(value)
+
+
 class TrainSpec(_Spec):
     """Training settings."""
 
     dataset: Annotated[
-        str | list[str],
-        Field(description="JSONL or CSV file with `input` and `target` columns, or a list of them (a mixture: "
-              "their rows together); relative paths are resolved against the batch file's directory."),
+        str | list[str | DatasetSource],
+        Field(description="The training data: a JSONL, CSV or Parquet file, a directory written by "
+              "`datasets`' `save_to_disk`, or `hf:NAME[:CONFIG]` (a Hugging Face hub dataset from the local "
+              "cache). A list is a mixture (their rows together); an item may be a mapping `{path, weight, "
+              "columns, split}`: weight 2 uses the source's rows twice, 0.5 a seeded half of them. Relative "
+              "paths are resolved against the batch file's directory."),
     ]
+    columns: Annotated[
+        dict[str, str] | None,
+        Field(description="Which column of the data holds each of graftq's columns (`input`, `target`, `label`, "
+              "`messages`), e.g. `{input: sentence, target: label}`; unmapped ones keep their names."),
+    ] = None
+    split: Annotated[
+        str, Field(min_length=1, description="The split read from a `save_to_disk` DatasetDict or an `hf:` "
+                   "dataset.")
+    ] = "train"
+    format: Annotated[
+        Literal["text", "chat"],
+        Field(description="`text`: `input`/`target` pairs. `chat` (decoder-only models): a `messages` column "
+              "(lists of `{role, content}`) rendered with the tokenizer's chat template, the loss on the "
+              "assistant turns only."),
+    ] = "text"
     max_steps: Annotated[
         int | None, Field(gt=0, description="Number of optimizer steps; wins over `epochs` when both are set; 100 when neither is.")
     ] = None
@@ -157,17 +209,78 @@ class TrainSpec(_Spec):
         int, Field(ge=0, description="Save a resumable training checkpoint every N steps (0 = never).")
     ] = 50
 
+    @field_validator("dataset", mode="before")
+    @classmethod
+    def _sources(cls, value: Any) -> Any:
+        # Each item checked here, so that a mistake in one reads as one line naming the item, not as
+        # every way the union of a string and a mapping could fail.
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise ValueError("give a file, a directory or hf:NAME, or a list of them (an item may be a mapping "
+                             "{path, weight, columns, split})")
+        items = []
+        for index, item in enumerate(value):
+            if isinstance(item, str | DatasetSource):
+                items.append(item)
+            elif isinstance(item, dict):
+                unknown = sorted(set(item) - set(DatasetSource.model_fields))
+                if unknown:
+                    raise ValueError(f"item {index}: unknown key `{unknown[0]}` (a source mapping has "
+                                     f"{', '.join(DatasetSource.model_fields)})")
+                try:
+                    items.append(DatasetSource.model_validate(item))
+                except ValidationError as error:
+                    first = error.errors()[0]
+                    where = ".".join(str(part) for part in first["loc"])
+                    raise ValueError(f"item {index}: `{where}`: {first['msg'].removeprefix('Value error, ')}") \
+                        from None
+            else:
+                raise ValueError(f"item {index}: give a path or hf:NAME, or a mapping {{path, weight, columns, "
+                                 f"split}} (got {item!r})")
+        return items
+
     @field_validator("dataset")
     @classmethod
-    def _datasets(cls, value: str | list[str]) -> str | list[str]:
+    def _datasets(cls, value: str | list[str | DatasetSource]) -> str | list[str | DatasetSource]:
         if isinstance(value, list) and not value:
             raise ValueError("give a file, or a non-empty list of files")
+        for item in [value] if isinstance(value, str) else value:
+            path = item if isinstance(item, str) else item.path
+            if not path.strip():
+                raise ValueError("a dataset path is empty")
+            if path.startswith("hf:"):
+                from jobs.sources import parse_hub
+
+                parse_hub(path)  # ValueError saying what is wrong
         return value
+
+    @field_validator("columns")
+    @classmethod
+    def _columns(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return _check_columns(value)
+
+    @property
+    def sources(self) -> list[DatasetSource]:
+        """`dataset` as a list of sources, each with its own `columns` merged over `train.columns` and
+        its split."""
+        items = [self.dataset] if isinstance(self.dataset, str) else self.dataset
+        sources = []
+        for item in items:
+            source = DatasetSource(path=item) if isinstance(item, str) else item
+            sources.append(source.model_copy(update={"columns": {**(self.columns or {}), **(source.columns or {})},
+                                                     "split": source.split or self.split}))
+        return sources
 
     @property
     def datasets(self) -> list[str]:
-        """`dataset` as a list of files."""
-        return [self.dataset] if isinstance(self.dataset, str) else list(self.dataset)
+        """The paths (or `hf:` references) of `dataset`."""
+        return [source.path for source in self.sources]
+
+    @property
+    def needed_columns(self) -> tuple[str, ...]:
+        """graftq's columns every source must provide (after `columns` maps them)."""
+        return ("messages",) if self.format == "chat" else ("input", "target")
 
     @model_validator(mode="after")
     def _length(self) -> TrainSpec:

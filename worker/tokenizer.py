@@ -1,6 +1,8 @@
 """A byte-level tokenizer that needs no files, for `random:<preset>` models.
 
 Ids follow T5's convention for specials: 0 = pad, 1 = eos, 2 = unk; byte b is id b + 3.
+It has a built-in chat template (plain text, see `ByteTokenizer.render_chat`), so that chat data
+trains on the presets offline.
 """
 
 from __future__ import annotations
@@ -17,6 +19,13 @@ class ByteTokenizer:
     unk_token_id = 2
     offset = 3
     vocab_size = 259
+    has_chat_template = True
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        """`<|role|>` and a newline, the content and a newline, per message; the generation prompt is
+        `<|assistant|>` and a newline."""
+        text = "".join(f"<|{message['role']}|>\n{message['content']}\n" for message in messages)
+        return text + ("<|assistant|>\n" if add_generation_prompt else "")
 
     def encode(self, text: str, max_length: int | None = None) -> list[int]:
         ids = [byte + self.offset for byte in text.encode("utf-8")]
@@ -39,6 +48,12 @@ class HFTokenizer:
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else (self.eos_token_id or 0)
         self.vocab_size = len(tokenizer)
+        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        """The conversation as the tokenizer's chat template renders it (text; its special tokens as text)."""
+        return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
 
     def encode(self, text: str, max_length: int | None = None) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from jobs.spec import TrainSpec
-from worker.data import Example, StepBatches, collate, read_mixture, split, tokenize
+from worker.data import Example, StepBatches, collate, read_training_rows, tokenize, tokenize_chat
 from worker.device import DeviceManager
 from worker.errors import JobCancelled, JobError, JobInterrupted, OutOfMemory
 
@@ -65,9 +65,10 @@ class Trainer:
     # -- setup ----------------------------------------------------------------------------
     def setup(self) -> None:
         spec = self.spec
-        rows = read_mixture(spec.datasets)
-        examples = tokenize(rows, self.tokenizer, self.task_type, spec.max_length)
-        self.train_set, self.eval_set = split(examples, spec.eval_fraction, spec.seed)
+        train_rows, eval_rows = read_training_rows(spec)
+        encode = tokenize_chat if spec.format == "chat" else tokenize
+        self.train_set = encode(train_rows, self.tokenizer, self.task_type, spec.max_length)
+        self.eval_set = encode(eval_rows, self.tokenizer, self.task_type, spec.max_length)
         self.batches = StepBatches(self.train_set, spec.batch_size, spec.seed)
         if spec.max_steps is not None:
             self.total_steps = spec.max_steps
