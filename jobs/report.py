@@ -387,7 +387,7 @@ def _seed_summary(rows: Sequence[Mapping[str, Any]], metric: Metric, charts: _Ch
     positions = list(range(len(drawn)))
     axes.errorbar([mean for _, mean, _ in drawn], positions, xerr=[std or 0.0 for _, _, std in drawn], fmt="o",
                   color="#1f77b4", ecolor="#555", capsize=4)
-    axes.set_yticks(positions, [label for label, _, _ in drawn], fontsize=7)
+    axes.set_yticks(positions, [label for label, _, _ in drawn], fontsize=8)
     axes.invert_yaxis()
     axes.set(xlabel=f"{metric.name} (mean ± sample std)")
     axes.grid(alpha=0.3, axis="x")
