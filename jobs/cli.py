@@ -874,8 +874,8 @@ def report(ctx: click.Context, batch_refs: tuple[str, ...], all_batches: bool, o
     partial = out.with_name(out.name + ".partial")
     partial.write_text(page, encoding="utf-8")
     partial.replace(out)  # a reader never sees half a page
-    jobs = sum(len(section.rows) for section in sections)
-    click.echo(f"wrote {out} ({len(sections)} batch(es), {jobs} job(s))")
+    job_count = sum(len(section.rows) for section in sections)
+    click.echo(f"wrote {out} ({len(sections)} batch(es), {job_count} job(s))")
 
 
 # --- db ------------------------------------------------------------------------------------------

@@ -150,6 +150,8 @@ class _Charts:
 
 
 def _batch_section(batch: BatchData, metric: Metric, charts: _Charts) -> str:
+    # Jobs in a stable, readable order: legends, colours and tables follow the params.
+    batch = BatchData(batch.batch_id, batch.name, batch.created_at, sorted(batch.rows, key=_job_order), batch.curves)
     counts: dict[str, int] = {}
     for row in batch.rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
@@ -365,8 +367,8 @@ def _heatmap_figure(title: str, rows: Sequence[Mapping[str, Any]], keys: Sequenc
 
 def _seed_summary(rows: Sequence[Mapping[str, Any]], metric: Metric, charts: _Charts) -> str:
     groups = seed_groups(rows)
-    if not groups:
-        return ""
+    if all(len(group) < 2 for group in groups.values()):
+        return ""  # no job repeated with another seed: the scatter already shows each job
     summary = []
     for key, mine in groups.items():
         values = [value for row in mine if (value := metric.value(row)) is not None]
@@ -379,9 +381,16 @@ def _seed_summary(rows: Sequence[Mapping[str, Any]], metric: Metric, charts: _Ch
         [[label, n, len(values), _num(mean), _num(std),
           _num((max if metric.maximize else min)(values)) if values else ""] for label, n, values, mean, std in summary],
         numeric=range(1, 6))
-    drawn = [(label, mean, std) for label, _, _, mean, std in summary if mean is not None][:MAX_SEED_GROUPS]
+    valued = [(label, mean, std) for label, _, _, mean, std in summary if mean is not None]
+    drawn = valued[:MAX_SEED_GROUPS]
+    notes = []
+    if len(summary) > len(valued):
+        notes.append(f"{len(summary) - len(valued)} group(s) have no {_e(metric.name)}.")
+    if len(valued) > len(drawn):
+        notes.append(f"{len(valued) - len(drawn)} group(s) not drawn: at most {MAX_SEED_GROUPS}.")
+    note = f"<p class=note>{' '.join(notes)}</p>" if notes else ""
     if not drawn:
-        return heading + table
+        return heading + note + table
     figure = Figure(figsize=(7.5, 1.2 + 0.35 * len(drawn)))
     axes = figure.subplots()
     positions = list(range(len(drawn)))
@@ -391,8 +400,6 @@ def _seed_summary(rows: Sequence[Mapping[str, Any]], metric: Metric, charts: _Ch
     axes.invert_yaxis()
     axes.set(xlabel=f"{metric.name} (mean ± sample std)")
     axes.grid(alpha=0.3, axis="x")
-    note = (f"<p class=note>{len(summary) - len(drawn)} group(s) not drawn.</p>"
-            if len(summary) > len(drawn) else "")
     return heading + charts.svg(figure, f"seeds {metric.name}") + note + table
 
 
@@ -421,6 +428,13 @@ def _labels(rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
         text = " ".join(f"{key.rsplit('.', 1)[-1]}={_key_text(params.get(key))}" for key in keys if key in params)
         labels[row["id"]] = text or row.get("name") or row["id"][:8]
     return labels
+
+
+def _job_order(row: Mapping[str, Any]) -> tuple[Any, ...]:
+    params = row.get("params") or {}
+    values = tuple((key, as_number(value) is None, as_number(value) or 0, _key_text(value))
+                   for key, value in sorted(params.items()))
+    return row["task"], row["extension"], values, row["id"]
 
 
 def _short(row: Mapping[str, Any]) -> str:

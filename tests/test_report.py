@@ -163,6 +163,9 @@ def test_report_options_pick_batches_metric_and_direction(recorded, tmp_path):
     assert missing.exit_code == 2 and "no batch with id or name 'nosuchbatch'" in missing.output
     both = CliRunner().invoke(cli, ["--database-url", sqlite_url, "report", "grid", "--all"])
     assert both.exit_code == 2 and "not both" in both.output
+    clear_cache()
+    nothing = _report(f"sqlite:///{tmp_path / 'empty.db'}", "--out", str(out))
+    assert "(0 batch(es), 0 job(s))" in nothing.output and "No batch matched" in out.read_text()
 
 
 # --- in a real browser ---------------------------------------------------------------------------------
