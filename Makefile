@@ -1,6 +1,6 @@
 # graftq developer entry points.
 #
-#   make demo    fresh machine -> venv -> run examples/quickstart.yaml -> results table
+#   make demo    fresh machine -> venv -> run examples/quickstart.yaml -> report.html, results table
 #   make test    install what the tests need, then ruff and the whole pytest suite
 #   make lint    ruff only
 #   make bench   benchmarks/run_all.py
@@ -84,6 +84,7 @@ DEMO_BATCH ?= examples/quickstart.yaml
 
 demo: install
 	$(VENV_PATH) "$(BIN)/graftq" run $(DEMO_BATCH)
+	$(VENV_PATH) "$(BIN)/graftq" report --out graftq-data/report.html
 	$(VENV_PATH) "$(BIN)/graftq" results
 
 bench: install
