@@ -168,6 +168,31 @@ def test_report_options_pick_batches_metric_and_direction(recorded, tmp_path):
     assert "(0 batch(es), 0 job(s))" in nothing.output and "No batch matched" in out.read_text()
 
 
+def test_report_without_matplotlib_says_how_to_install_it(recorded, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "jobs.report", None)  # what an install without the extra sees
+    result = CliRunner().invoke(cli, ["--database-url", recorded[0], "report", "--out", str(tmp_path / "r.html")])
+    assert result.exit_code == 1 and "pip install 'graftq[report]'" in result.output
+    assert not (tmp_path / "r.html").exists()
+
+
+@pytest.mark.postgres
+def test_report_reads_postgresql(postgres_database, tmp_path):
+    from db.session import create_database_engine, upgrade_to_head
+
+    engine = create_database_engine(postgres_database)
+    upgrade_to_head(postgres_database, engine)
+    engine.dispose()
+    _record(postgres_database)
+    out = tmp_path / "pg.html"
+    try:
+        assert _report(postgres_database, "grid", "--out", str(out)).exit_code == 0
+    finally:
+        clear_cache()
+    assert len(re.findall(r'data-chart="', out.read_text())) == 6
+
+
 # --- in a real browser ---------------------------------------------------------------------------------
 
 
