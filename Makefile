@@ -1,6 +1,6 @@
 # graftq developer entry points.
 #
-#   make demo    fresh machine -> venv -> run examples/quickstart.yaml -> results table
+#   make demo    fresh machine -> venv -> run examples/quickstart.yaml -> report.html, results table
 #   make test    install what the tests need, then ruff and the whole pytest suite
 #   make lint    ruff only
 #   make bench   benchmarks/run_all.py
@@ -29,7 +29,7 @@ VENV_PATH := PATH="$(abspath $(BIN)):$$PATH"
 # worker subprocesses and Redis, so two processes use two cores; a file's tests stay in order.
 PYTEST_ARGS ?= -q -n 2 --dist loadfile
 
-.PHONY: demo test lint bench install redis-server clean-venv
+.PHONY: demo test lint bench install redis-server chromium clean-venv
 
 install: $(STAMP)
 
@@ -56,11 +56,25 @@ redis-server:
 	    exit 1; \
 	fi
 
+# The report test opens the HTML report in a headless Chromium; it only needs the binary.
+chromium:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium (Debian package)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null && \
+	    command -v chromium >/dev/null; \
+	else \
+	    echo "make: the report test needs a chromium binary on PATH." >&2; \
+	    echo "      install it (e.g. 'sudo apt-get install chromium') and re-run." >&2; \
+	    exit 1; \
+	fi
+
 lint: install
 	"$(BIN)/ruff" check .
 
 # Both checks run even when the first fails, so one CI log shows every problem.
-test: install redis-server
+test: install redis-server chromium
 	@status=0; \
 	echo "ruff check ."; "$(BIN)/ruff" check . || status=1; \
 	echo "pytest $(PYTEST_ARGS)"; $(VENV_PATH) $(TEST_ENV) "$(BIN)/pytest" $(PYTEST_ARGS) || status=1; \
@@ -70,6 +84,7 @@ DEMO_BATCH ?= examples/quickstart.yaml
 
 demo: install
 	$(VENV_PATH) "$(BIN)/graftq" run $(DEMO_BATCH)
+	$(VENV_PATH) "$(BIN)/graftq" report --out graftq-data/report.html
 	$(VENV_PATH) "$(BIN)/graftq" results
 
 bench: install

@@ -289,3 +289,29 @@ def job_dirs(connection: Connection, job_ids: Sequence[str]) -> dict[str, tuple[
         rows = connection.execute(select(jobs.c.id, jobs.c.status, jobs.c.job_dir).where(jobs.c.id.in_(chunk)))
         found.update((row.id, (row.status, row.job_dir)) for row in rows)
     return found
+
+
+def find_batches(connection: Connection, reference: str | None = None) -> list[Row[Any]]:
+    """`(id, name, created_at)` of the batches whose id or name is `reference`, or whose id starts
+    with it (4 characters or more); every batch when it is None. Oldest first."""
+    query = select(batches.c.id, batches.c.name, batches.c.created_at)
+    if reference is not None:
+        matches = or_(batches.c.id == reference, batches.c.name == reference)
+        if len(reference) >= 4:
+            matches = or_(matches, batches.c.id.startswith(reference, autoescape=True))
+        query = query.where(matches)
+    return list(connection.execute(query.order_by(batches.c.created_at, batches.c.id)))
+
+
+def loss_curves(connection: Connection, job_ids: Sequence[str]) -> dict[str, list[tuple[int, str, float]]]:
+    """{job id: its loss curve as `loss_curve` returns it} for the jobs that have points."""
+    found: dict[str, list[tuple[int, str, float]]] = {}
+    for chunk in chunks(list(job_ids)):
+        rows = connection.execute(
+            select(metric_points.c.job_id, metric_points.c.step, metric_points.c.split, metric_points.c.loss)
+            .where(metric_points.c.job_id.in_(chunk))
+            .order_by(metric_points.c.job_id, metric_points.c.split, metric_points.c.step)
+        )
+        for job_id, step, split, loss in rows:
+            found.setdefault(job_id, []).append((step, split, loss))
+    return found

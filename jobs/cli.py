@@ -811,6 +811,80 @@ def cancel(ctx: click.Context, job_ids: tuple[str, ...], batch_id: str | None) -
         click.echo(f"batch {found}: " + ", ".join(f"{n} {what}" for what, n in sorted(counts.items())))
 
 
+# --- report ------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("batch_refs", nargs=-1, metavar="[BATCH]...")
+@click.option("--all", "all_batches", is_flag=True, help="Every batch of the database (default: the newest one).")
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=Path("report.html"),
+              show_default=True, help="The HTML file to write.")
+@click.option("--status", "status_", metavar="S1,S2|all", callback=_statuses,
+              help=f"Only jobs with these statuses ({', '.join(STATUSES)}), or all. [default: all; only succeeded "
+                   "jobs are plotted, the others are listed]")
+@click.option("--where", "where", multiple=True, metavar="KEY<OP>VALUE",
+              help="Only jobs for which KEY OP VALUE holds, as for `graftq results`; repeatable.")
+@click.option("--metric", default="eval_loss", show_default=True, metavar="NAME",
+              help="What the scatter, heatmaps and seed summary compare: a numeric result field (eval_loss, "
+                   "train_loss, train_seconds, ...) or a task metric (exact_match, accuracy, ...).")
+@click.option("--maximize/--minimize", "maximize", default=None,
+              help="Whether higher values of --metric are better. [default: known from the name: losses and "
+                   "times lower, accuracy-like metrics higher]")
+@click.pass_context
+@_handle_db_errors
+def report(ctx: click.Context, batch_refs: tuple[str, ...], all_batches: bool, out: Path,
+           status_: tuple[str, ...] | None, where: tuple[str, ...], metric: str, maximize: bool | None) -> None:
+    """Write one self-contained HTML page comparing the jobs of some batches (ids, unique id
+    prefixes or names; default: the newest batch).
+
+    Per batch: a parameter-efficiency table (base, trainable, % of base, hybrid ÷ LoRA and
+    hybrid ÷ layer), loss curves per task and extension, METRIC versus trainable parameters
+    with the Pareto front, a heatmap when the jobs vary two params keys besides train.seed,
+    and mean ± std over seeds per group. Failed and unfinished jobs are listed, not plotted.
+    The page needs no network: its charts are inline SVG.
+    """
+    from db.conditions import Condition
+    from db.queries import find_batches, loss_curves, result_rows
+
+    if batch_refs and all_batches:
+        raise click.UsageError("give BATCH arguments or --all, not both")
+    try:
+        from jobs.report import BatchData, Metric, metric_direction, render_report
+    except ImportError as error:
+        raise click.ClickException(f"graftq report needs matplotlib ({error}); install it with "
+                                   "pip install 'graftq[report]'") from None
+    if maximize is None:
+        maximize = metric_direction(metric)
+        if maximize is None:
+            raise click.BadParameter(f"not known whether a higher {metric!r} is better; add --maximize or "
+                                     "--minimize", param_hint="--metric")
+    conditions = _parse_each(where, Condition.parse, "--where")
+    with _state(ctx).database.read() as connection:
+        _check_param_keys(connection, [c.key for c in conditions], "--where")
+        found: dict[str, Any] = {}
+        for reference in batch_refs:
+            matches = find_batches(connection, reference)
+            if not matches:
+                raise click.BadParameter(f"no batch with id or name {reference!r} (`graftq status` lists them)",
+                                         param_hint="BATCH")
+            found.update((row.id, row) for row in matches)
+        if not batch_refs:
+            every = find_batches(connection)
+            found = {row.id: row for row in (every if all_batches else every[-1:])}
+        sections = []
+        for batch in sorted(found.values(), key=lambda row: (row.created_at, row.id)):
+            rows = result_rows(connection, batch=batch.id, status=status_ or None, where=conditions)
+            curves = loss_curves(connection, [row["id"] for row in rows if row["status"] == "succeeded"])
+            sections.append(BatchData(batch.id, batch.name, batch.created_at, rows, curves))
+    page = render_report(sections, Metric(metric, maximize))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    partial.write_text(page, encoding="utf-8")
+    partial.replace(out)  # a reader never sees half a page
+    job_count = sum(len(section.rows) for section in sections)
+    click.echo(f"wrote {out} ({len(sections)} batch(es), {job_count} job(s))")
+
+
 # --- db ------------------------------------------------------------------------------------------
 
 

@@ -262,13 +262,13 @@ try:
     main()
 except SystemExit:
     pass
-heavy = [m for m in ("torch", "transformers", "peft", "celery", "kombu") if m in sys.modules]
+heavy = [m for m in ("torch", "transformers", "peft", "celery", "kombu", "matplotlib") if m in sys.modules]
 sys.stderr.write("GRAFTQ_MODULES=" + json.dumps(heavy) + "\\n")
 """
 
 
 @pytest.mark.parametrize("args", [["--help"], ["submit", "--dry-run", "BATCH"], ["results"], ["status"],
-                                  ["show", "--help"]], ids=" ".join)
+                                  ["show", "--help"], ["report", "--help"]], ids=" ".join)
 def test_light_commands_never_import_torch_or_celery(args, batch_file, graftq_env):
     args = [str(batch_file) if a == "BATCH" else a for a in args]
     result = subprocess.run(["python", "-c", PROBE, *args], cwd=ROOT, env=graftq_env, capture_output=True,
@@ -281,7 +281,7 @@ def test_light_commands_never_import_torch_or_celery(args, batch_file, graftq_en
 def test_results_reads_without_rich(sqlite_url, graftq_env):
     # rich is a third of a results start; json, csv and a plain table need none of it.
     _finished_batch(sqlite_url)
-    probe = PROBE.replace('("torch", "transformers", "peft", "celery", "kombu")', '("rich",)')
+    probe = PROBE.replace('("torch", "transformers", "peft", "celery", "kombu", "matplotlib")', '("rich",)')
     for args in (["results"], ["results", "--sort", "train_loss", "--limit", "2", "--format", "json"]):
         result = subprocess.run(["python", "-c", probe, *args], cwd=ROOT, env=graftq_env, capture_output=True,
                                 text=True, timeout=120, executable=graftq_argv()[0])
@@ -324,7 +324,7 @@ def test_the_module_entry_point_runs(graftq_env):
     result = subprocess.run(graftq_argv("--help"), cwd=ROOT, env=graftq_env, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0 and "graftq" in result.stdout
-    for command in ("run", "submit", "worker", "status", "results", "show", "cancel", "db"):
+    for command in ("run", "submit", "worker", "status", "results", "show", "cancel", "db", "report"):
         assert command in result.stdout
 
 

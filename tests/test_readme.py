@@ -48,6 +48,7 @@ EXERCISED = {
         "test_campaign_commands",
     "graftq run examples/shared_layer.yaml": "test_campaign_commands",
     "graftq retry --batch BATCH_ID": "test_campaign_commands",
+    "graftq report sweep --out graftq-data/report.html": "tests/test_report.py",
 }
 QUICKSTART_JOBS = 7
 QUICKSTART_STEPS = 20  # `graftq run --max-steps`: the README's queries hold after any number of steps
