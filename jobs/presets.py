@@ -66,6 +66,39 @@ PRESETS: dict[str, dict[str, Any]] = {
             "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "pad_token_id": 0,
         },
     },
+    "bart-tiny": {
+        "task_type": "seq2seq",
+        "seed": 1234,
+        "config": {
+            "model_type": "bart", "vocab_size": BYTE_VOCAB_SIZE, "d_model": 64, "encoder_layers": 2,
+            "decoder_layers": 2, "encoder_attention_heads": 4, "decoder_attention_heads": 4,
+            "encoder_ffn_dim": 128, "decoder_ffn_dim": 128, "max_position_embeddings": 512,
+            "dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0,
+            "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1, "decoder_start_token_id": 0,
+            "forced_eos_token_id": None,
+        },
+    },
+    "phi3-tiny": {
+        "task_type": "causal",
+        "seed": 1234,
+        "config": {
+            "model_type": "phi3", "vocab_size": BYTE_VOCAB_SIZE, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 512, "original_max_position_embeddings": 512, "rms_norm_eps": 1e-5,
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attention_dropout": 0.0, "tie_word_embeddings": False,
+            "bos_token_id": 1, "eos_token_id": 1, "pad_token_id": 0,
+        },
+    },
+    "gemma-tiny": {
+        "task_type": "causal",
+        "seed": 1234,
+        "config": {
+            "model_type": "gemma", "vocab_size": BYTE_VOCAB_SIZE, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+            "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+            "bos_token_id": 1, "eos_token_id": 1, "pad_token_id": 0,
+        },
+    },
 }
 
 PRESET_NAMES = frozenset(PRESETS)

@@ -78,6 +78,14 @@ class LoRASpec(_Spec):
         return value
 
 
+class ExpandSpec(_Spec):
+    """LLaMA Pro-style interleaved expansion."""
+
+    every: Annotated[
+        int, Field(gt=0, le=1024, description="Group size: a new block after every N base blocks.")
+    ]
+
+
 class LayerSpec(_Spec):
     """Added transformer block settings."""
 
@@ -87,15 +95,28 @@ class LayerSpec(_Spec):
               "stack, or encoder for encoder-decoder models."),
     ] = None
     source: Annotated[
-        int | None,
-        Field(description="Index of the existing block that is copied (negative counts from the end). "
-              "Default: the last block of the stack."),
+        int | Literal["previous"] | None,
+        Field(description="Index of the existing block that is copied (negative counts from the end), or "
+              "`previous`: each new block copies the block just before where it goes. Default: the last "
+              "block of the stack."),
     ] = None
     position: Annotated[
         int | Literal["end"],
         Field(description="Where the new block is inserted: a block index (0 = before the first block) or "
               "`end`."),
     ] = "end"
+    positions: Annotated[
+        list[int] | None,
+        Field(description="Several new blocks: the index of the base block each one goes before (the stack's "
+              "block count = after the last one); two equal indices stack two blocks there. Instead of "
+              "`position`."),
+    ] = None
+    expand: Annotated[
+        ExpandSpec | None,
+        Field(description="LLaMA Pro's interleaved expansion, `{every: N}`: after each group of N base blocks, a "
+              "copy of the group's last block (its output projections scaled by `init_scale`). Instead of "
+              "`position`/`positions`/`source`."),
+    ] = None
     init_scale: Annotated[
         float,
         Field(ge=0, le=10, description="Factor applied to the new block's output projections (attention "
@@ -123,6 +144,37 @@ class LayerSpec(_Spec):
         if isinstance(value, int) and value < 0:
             raise ValueError("position must be a block index >= 0 or 'end'")
         return value
+
+    @field_validator("positions")
+    @classmethod
+    def _positions(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("give at least one block index, or leave positions out")
+            if any(index < 0 for index in value):
+                raise ValueError("positions must be block indices >= 0")
+            if len(value) > 256:
+                raise ValueError("at most 256 new blocks")
+        return value
+
+    @model_validator(mode="after")
+    def _placement_keys(self) -> LayerSpec:
+        if self.positions is not None and "position" in self.model_fields_set:
+            raise ValueError("set either position (one block) or positions (several), not both")
+        if self.expand is not None:
+            given = [key for key in ("position", "positions", "source") if key in self.model_fields_set]
+            if given:
+                raise ValueError(f"expand places its blocks itself: leave {', '.join(given)} out")
+        if self.source == "previous" and self.positions is None and self.position == 0:
+            raise ValueError("source: previous copies the block before the new one; position 0 has none")
+        return self
+
+    @property
+    def block_count(self) -> int | None:
+        """New blocks this spec adds (None for `expand`: it depends on the model's depth)."""
+        if self.expand is not None:
+            return None
+        return 1 if self.positions is None else len(self.positions)
 
 
 #: graftq's column names: what `train.columns` maps a source's columns to
@@ -191,13 +243,42 @@ class TrainSpec(_Spec):
     epochs: Annotated[
         float | None, Field(gt=0, description="Passes over the training split, used when max_steps is not set.")
     ] = None
-    batch_size: Annotated[int, Field(gt=0, le=4096, description="Examples per optimizer step.")] = 8
+    batch_size: Annotated[int, Field(gt=0, le=4096, description="Examples per forward pass (per optimizer "
+                                     "step without `grad_accum_steps`).")] = 8
     eval_batch_size: Annotated[
         int | None, Field(gt=0, le=4096, description="Examples per evaluation forward pass; default: batch_size.")
     ] = None
     learning_rate: Annotated[float, Field(gt=0, lt=1, description="AdamW learning rate.")] = 1e-3
     weight_decay: Annotated[float, Field(ge=0, lt=1, description="AdamW weight decay.")] = 0.0
     warmup_steps: Annotated[int, Field(ge=0, description="Linear learning-rate warm-up steps.")] = 0
+    lr_scheduler: Annotated[
+        Literal["constant", "linear", "cosine"],
+        Field(description="Learning rate after the warm-up: `constant`, `linear` decay to 0 at the last step, "
+              "or `cosine` decay to 0."),
+    ] = "constant"
+    optimizer: Annotated[
+        Literal["adamw", "adafactor", "adamw_8bit"],
+        Field(description="`adamw` (torch), `adafactor` (transformers; fixed learning rate, no relative step) "
+              "or `adamw_8bit` (bitsandbytes, CUDA only)."),
+    ] = "adamw"
+    grad_accum_steps: Annotated[
+        int, Field(ge=1, le=1024, description="Micro-batches of batch_size per optimizer step: the effective "
+                   "batch is batch_size x grad_accum_steps, and its gradient is that of one large batch "
+                   "(token-weighted).")
+    ] = 1
+    max_grad_norm: Annotated[
+        float | None, Field(ge=0, description="Clip the gradients' global norm to this before each step; 0 or "
+                            "null: no clipping.")
+    ] = 1.0
+    gradient_checkpointing: Annotated[
+        bool, Field(description="Recompute activations in the backward pass instead of keeping them: less "
+                    "memory, about a third more compute.")
+    ] = False
+    loraplus_lr_ratio: Annotated[
+        float | None, Field(gt=0, le=1000, description="LoRA+: the LoRA B matrices train at learning_rate x "
+                            "this ratio (PEFT's `create_loraplus_optimizer`; 16 in the paper). LoRA adapters "
+                            "only (lora and hybrid jobs).")
+    ] = None
     eval_fraction: Annotated[
         float, Field(ge=0, lt=1, description="Fraction of the dataset held out for evaluation (0 = no eval).")
     ] = 0.1
@@ -271,6 +352,11 @@ class TrainSpec(_Spec):
             sources.append(source.model_copy(update={"columns": {**(self.columns or {}), **(source.columns or {})},
                                                      "split": source.split or self.split}))
         return sources
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Examples per optimizer step."""
+        return self.batch_size * self.grad_accum_steps
 
     @property
     def datasets(self) -> list[str]:
@@ -404,6 +490,20 @@ class JobSpec(_Spec):
                     raise ValueError("train jobs on encoder-only models are not supported yet: use kind: create")
         else:
             object.__setattr__(self, "train", None)
+        return self
+
+    @model_validator(mode="after")
+    def _train_options(self) -> JobSpec:
+        train = self.train
+        if train is None:
+            return self
+        if train.optimizer == "adamw_8bit" and self.device in ("cpu", "mps"):
+            raise ValueError(f"train.optimizer: adamw_8bit needs CUDA (bitsandbytes) and this job has device: "
+                             f"{self.device}; use optimizer: adamw, or device: cuda")
+        if train.loraplus_lr_ratio is not None and "lora" not in EXTENSION_KINDS[self.extension].sections:
+            raise ValueError(f"train.loraplus_lr_ratio: LoRA+ sets the learning rate of LoRA B matrices, and a "
+                             f"{self.extension} job has no LoRA adapter; leave it out, or use extension: lora "
+                             "or hybrid")
         return self
 
     @property

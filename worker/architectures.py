@@ -90,6 +90,37 @@ register(Architecture(
 ))
 
 
+# Post-norm (a LayerNorm after each residual sum): a new block at init_scale 0 is not an identity here,
+# since its norms still apply to the residual stream.
+register(Architecture(
+    family="bart", task_type="seq2seq",
+    stacks={"encoder": ("model.encoder.layers",), "decoder": ("model.decoder.layers",)},
+    default_stack="encoder",
+    layer_count_keys={"encoder": "encoder_layers", "decoder": "decoder_layers"},
+    output_projections=("self_attn.out_proj", "encoder_attn.out_proj", "fc2"),
+    default_lora_targets=("q_proj", "k_proj", "v_proj", "out_proj"),
+))
+register(Architecture(
+    family="phi3", task_type="causal",
+    stacks={"decoder": ("model.layers",)},
+    default_stack="decoder",
+    layer_count_keys={"decoder": "num_hidden_layers"},
+    output_projections=("self_attn.o_proj", "mlp.down_proj"),
+    # the attention's q, k and v are one fused projection
+    default_lora_targets=("qkv_proj", "o_proj"),
+))
+# Gemma scales its embeddings by sqrt(hidden_size), before the blocks: an added block sees what its
+# source block saw. It was trained in bfloat16, and its activations overflow in float16.
+register(Architecture(
+    family="gemma", task_type="causal",
+    stacks={"decoder": ("model.layers",)},
+    default_stack="decoder",
+    layer_count_keys={"decoder": "num_hidden_layers"},
+    output_projections=("self_attn.o_proj", "mlp.down_proj"),
+    default_lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+    overflows_in_fp16=True,
+))
+
 def architecture_for(model_or_config) -> Architecture:
     """Return the Architecture of a model (or config); ConfigError names the supported families."""
     config = getattr(model_or_config, "config", model_or_config)
