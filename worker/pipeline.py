@@ -286,7 +286,9 @@ def _run_job(ctx: JobContext) -> JobOutcome:
 
     payload = {
         "job_id": ctx.job_id, "batch_id": ctx.batch_id, "spec": spec.to_json(), "stats": stats.as_dict(),
-        "metrics": {**metrics, "resumed_from_step": resumed_from_step}, "device": str(device_manager.device),
+        "metrics": {**metrics, "resumed_from_step": resumed_from_step,
+                    **({"effective_batch_size": spec.train.effective_batch_size} if spec.train else {})},
+        "device": str(device_manager.device),
         "dtype": device_manager.dtype_name, "versions": versions,
     }
     if started_from:

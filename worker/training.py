@@ -1,6 +1,9 @@
 """Training with a fixed skeleton: setup() -> train() -> save_checkpoint() -> cleanup().
 
 Seq2seq for encoder-decoder families, causal LM (loss on the target only) for decoder-only ones.
+An optimizer step accumulates `grad_accum_steps` micro-batches, each weighted by its share of the
+step's target tokens, so its gradient is that of one batch of them all; gradients are clipped
+(`max_grad_norm`) before the step, and the learning rate follows `lr_scheduler` after the warm-up.
 Checkpoints (trainable weights, optimizer, scheduler and loss-scaler state, step) are safetensors + JSON,
 written atomically, so a job re-run after its worker died resumes where it stopped. When the
 stop check raises `JobInterrupted` (the worker is shutting down) a checkpoint of the current step
@@ -10,6 +13,7 @@ is written before the exception leaves `train()`.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -28,6 +32,8 @@ from worker.device import DeviceManager
 from worker.errors import JobCancelled, JobError, JobInterrupted, OutOfMemory
 
 CHECKPOINT_STATE = "trainer_state.json"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,22 +75,84 @@ class Trainer:
         encode = tokenize_chat if spec.format == "chat" else tokenize
         self.train_set = encode(train_rows, self.tokenizer, self.task_type, spec.max_length)
         self.eval_set = encode(eval_rows, self.tokenizer, self.task_type, spec.max_length)
+        # micro-batch i of the endless shuffle; optimizer step s uses micro-batches s*accum .. s*accum+accum-1
         self.batches = StepBatches(self.train_set, spec.batch_size, spec.seed)
         if spec.max_steps is not None:
             self.total_steps = spec.max_steps
         else:
-            self.total_steps = max(1, math.ceil(spec.epochs * len(self.train_set) / spec.batch_size))
+            self.total_steps = max(1, math.ceil(spec.epochs * len(self.train_set) / spec.effective_batch_size))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
             raise JobError("the extended model has no trainable parameters; check the extension settings")
-        self.optimizer = torch.optim.AdamW(self.params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
-        warmup = spec.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        if spec.gradient_checkpointing:
+            self._enable_gradient_checkpointing()
+        self.optimizer = self._make_optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: self.lr_factor(step))
         self.pad_id = self.tokenizer.pad_token_id
+        log.info("training %d steps of %d examples (batch_size %d x grad_accum_steps %d), %s, %s schedule",
+                 self.total_steps, spec.effective_batch_size, spec.batch_size, spec.grad_accum_steps,
+                 spec.optimizer, spec.lr_scheduler)
         self.scaler = self.dm.grad_scaler()
         if self.checkpoint_dir is not None and (self.checkpoint_dir / CHECKPOINT_STATE).exists():
             self._load_checkpoint()
+
+    def _enable_gradient_checkpointing(self) -> None:
+        # Non-reentrant checkpointing computes the gradients of parameters inside a checkpointed
+        # block even when its inputs need none (a frozen base under an adapter), so PEFT models
+        # need no `enable_input_require_grads` hook.
+        enable = getattr(self.model, "gradient_checkpointing_enable", None)
+        if enable is None or not getattr(self.model, "supports_gradient_checkpointing", True):
+            raise JobError("train.gradient_checkpointing: this model does not support gradient checkpointing; "
+                           "leave it out")
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        spec = self.spec
+        kwargs: dict = {"weight_decay": spec.weight_decay}
+        if spec.optimizer == "adafactor":
+            from transformers.optimization import Adafactor
+
+            # the given learning rate, not Adafactor's own relative-step schedule
+            optimizer_class = Adafactor
+            kwargs.update(scale_parameter=False, relative_step=False, warmup_init=False)
+        elif spec.optimizer == "adamw_8bit":
+            optimizer_class = self._adamw_8bit()
+        else:
+            optimizer_class = torch.optim.AdamW
+        if spec.loraplus_lr_ratio is None:
+            return optimizer_class(self.params, lr=spec.learning_rate, **kwargs)
+        from peft.optimizers import create_loraplus_optimizer
+
+        if not any("lora_B" in name for name, p in self.model.named_parameters() if p.requires_grad):
+            raise JobError("train.loraplus_lr_ratio: the model has no trainable LoRA B matrices; LoRA+ needs a "
+                           "LoRA adapter (extension lora or hybrid)")
+        return create_loraplus_optimizer(self.model, optimizer_class, lr=spec.learning_rate,
+                                         loraplus_lr_ratio=spec.loraplus_lr_ratio,
+                                         loraplus_weight_decay=spec.weight_decay, **kwargs)
+
+    def _adamw_8bit(self) -> type[torch.optim.Optimizer]:
+        if self.dm.device.type != "cuda":
+            raise JobError(f"train.optimizer: adamw_8bit needs CUDA (bitsandbytes), and this job runs on "
+                           f"{self.dm.device}; use optimizer: adamw, or device: cuda")
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise JobError("train.optimizer: adamw_8bit needs the bitsandbytes package on the worker; install it "
+                           "or use optimizer: adamw") from None
+        return bitsandbytes.optim.AdamW8bit
+
+    def lr_factor(self, step: int) -> float:
+        """The learning rate of optimizer step `step + 1` as a fraction of `learning_rate`."""
+        spec = self.spec
+        warmup = spec.warmup_steps
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if spec.lr_scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, self.total_steps - warmup))
+        if spec.lr_scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     # -- the loss step ----------------------------------------------------------------------
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -114,8 +182,7 @@ class Trainer:
         for start in range(0, len(self.eval_set), self.eval_batch_size):
             batch = collate(self.eval_set[start:start + self.eval_batch_size], self.task_type, self.pad_id)
             loss = self._loss(batch)
-            labels = batch["labels"] if self.task_type == "seq2seq" else batch["labels"][:, 1:]
-            n = int((labels != -100).sum())
+            n = self._label_tokens(batch)
             total += float(loss) * n
             count += n
         self.model.train(was_training)
@@ -123,6 +190,11 @@ class Trainer:
         if not math.isfinite(loss):
             raise JobError(self._non_finite("eval loss", loss, f"after step {self.step}"))
         return loss
+
+    def _label_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """The tokens the model's mean loss over `batch` averages (a causal model predicts from the second on)."""
+        labels = batch["labels"] if self.task_type == "seq2seq" else batch["labels"][:, 1:]
+        return int((labels != -100).sum())
 
     def _non_finite(self, what: str, value: float, when: str) -> str:
         return (f"{what} is {value} {when} with dtype {self.dm.dtype_name} on {self.dm.device}; set dtype: "
@@ -147,10 +219,10 @@ class Trainer:
             while self.step < self.total_steps:
                 if self.should_cancel is not None and self._stop_requested():
                     raise JobCancelled(f"cancelled at step {self.step}")
-                examples = self.batches.batch(self.step)
-                last_loss = self._train_step(examples)
+                micro_batches = self.micro_batches(self.step)
+                last_loss = self._train_step(micro_batches)
                 self.step += 1
-                tokens += self._tokens(examples)
+                tokens += sum(self._tokens(examples) for examples in micro_batches)
                 self.curve.append((self.step, "train", last_loss))
                 self.dm.sample_memory()
                 if self.on_step is not None:
@@ -175,18 +247,45 @@ class Trainer:
             resumed_from=resumed_from, curve=self.curve,
         )
 
-    def _train_step(self, examples: list[Example]) -> float:
+    def micro_batches(self, step: int) -> list[list[Example]]:
+        """The micro-batches of optimizer step `step` (0-based): the same after a resume."""
+        accum = self.spec.grad_accum_steps
+        return [self.batches.batch(step * accum + k) for k in range(accum)]
+
+    def accumulate(self, micro_batches: list[list[Example]]) -> float:
+        """Backward over the micro-batches of one step; returns the step's loss.
+
+        The model's loss is a mean over a micro-batch's target tokens; weighting each by its share
+        of the step's tokens makes the summed gradient that of the mean over all of them (one
+        large batch), not a mean of per-micro-batch means.
+        """
+        batches = [collate(examples, self.task_type, self.pad_id) for examples in micro_batches]
+        counts = [self._label_tokens(batch) for batch in batches]
+        total = sum(counts)
+        value = 0.0
+        for batch, count in zip(batches, counts):
+            loss = self._loss(batch)
+            if len(batches) > 1:
+                loss = loss * (count / max(total, 1))
+            # Always through the scaler: disabled (fp32, bf16) it passes everything through.
+            self.scaler.scale(loss).backward()
+            value += float(loss.detach())
+            del loss
+        return value
+
+    def _train_step(self, micro_batches: list[list[Example]]) -> float:
         """One optimizer step; returns its loss. The graph lives in this frame only."""
-        loss = self._loss(collate(examples, self.task_type, self.pad_id))
-        # Always through the scaler: disabled (fp32, bf16) it passes everything through.
-        self.scaler.scale(loss).backward()
+        value = self.accumulate(micro_batches)
+        if not math.isfinite(value):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise JobError(self._non_finite("training loss", value, f"at step {self.step + 1}"))
+        if self.spec.max_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.spec.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise JobError(self._non_finite("training loss", value, f"at step {self.step + 1}"))
         return value
 
     def _stop_requested(self) -> bool:
@@ -207,7 +306,8 @@ class Trainer:
                       "lower train.eval_batch_size")
         else:
             advice = (f"at step {self.step + 1} with train.batch_size={spec.batch_size}; lower "
-                      "train.batch_size, or use a smaller lora.r")
+                      "train.batch_size (raise train.grad_accum_steps to keep the effective batch), set "
+                      "train.gradient_checkpointing: true, or use a smaller lora.r")
         raise OutOfMemory(f"out of memory on {self.dm.device} {advice} or train.max_length "
                           f"(now {spec.max_length})")
 
@@ -233,7 +333,11 @@ class Trainer:
                 else:
                     scalars[f"{index}.{key}"] = value
         save_file(tensors, str(staging / "optimizer.safetensors"))
-        state = {"step": self.step, "param_names": [names[id(p)] for p in self.params],
+        # the accumulation position: a checkpoint is only written between optimizer steps, so the
+        # next micro-batch is the first of step `step`
+        state = {"step": self.step, "grad_accum_steps": self.spec.grad_accum_steps,
+                 "next_micro_batch": self.step * self.spec.grad_accum_steps,
+                 "param_names": [names[id(p)] for p in self.params],
                  "param_groups": optimizer_state["param_groups"], "optimizer_scalars": scalars,
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                  "curve": self.curve}
@@ -258,6 +362,10 @@ class Trainer:
         if state["param_names"] != [names[id(p)] for p in self.params]:
             raise JobError("the training checkpoint does not match this job's trainable parameters; "
                            f"delete {directory} to start over")
+        saved_accum = state.get("grad_accum_steps", 1)
+        if saved_accum != self.spec.grad_accum_steps:
+            raise JobError(f"the training checkpoint was written with train.grad_accum_steps={saved_accum}, and "
+                           f"this job has {self.spec.grad_accum_steps}; delete {directory} to start over")
         weights = load_file(str(directory / "weights.safetensors"))
         with torch.no_grad():
             for p in self.params:
