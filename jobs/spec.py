@@ -159,10 +159,12 @@ class LayerSpec(_Spec):
 
     @model_validator(mode="after")
     def _placement_keys(self) -> LayerSpec:
-        if self.positions is not None and "position" in self.model_fields_set:
+        # judged by value, not by which keys were given: a saved spec (job.json) carries every key
+        if self.positions is not None and self.position != "end":
             raise ValueError("set either position (one block) or positions (several), not both")
         if self.expand is not None:
-            given = [key for key in ("position", "positions", "source") if key in self.model_fields_set]
+            given = [key for key in ("position", "positions", "source")
+                     if getattr(self, key) not in (None, "end")]
             if given:
                 raise ValueError(f"expand places its blocks itself: leave {', '.join(given)} out")
         if self.source == "previous" and self.positions is None and self.position == 0:
