@@ -100,11 +100,14 @@ class Trainer:
         # Non-reentrant checkpointing computes the gradients of parameters inside a checkpointed
         # block even when its inputs need none (a frozen base under an adapter), so PEFT models
         # need no `enable_input_require_grads` hook.
-        enable = getattr(self.model, "gradient_checkpointing_enable", None)
-        if enable is None or not getattr(self.model, "supports_gradient_checkpointing", True):
+        kwargs = {"use_reentrant": False}
+        if not getattr(self.model, "supports_gradient_checkpointing", True):
             raise JobError("train.gradient_checkpointing: this model does not support gradient checkpointing; "
                            "leave it out")
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(self.model, "activation_checkpointing_enable"):  # the newer transformers name
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         spec = self.spec
