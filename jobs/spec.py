@@ -120,7 +120,8 @@ class LayerSpec(_Spec):
     init_scale: Annotated[
         float,
         Field(ge=0, le=10, description="Factor applied to the new block's output projections (attention "
-              "output and MLP output); 0 makes the new block an exact identity at start on pre-norm models."),
+              "output and MLP output); 0 makes the new block an exact identity at start on pre-norm models "
+              "(T5, GPT-2, LLaMA-family, Phi-3, Gemma; not BART, which normalises after each residual sum)."),
     ] = 0.01
 
     from_: Annotated[
@@ -250,13 +251,13 @@ class TrainSpec(_Spec):
     eval_batch_size: Annotated[
         int | None, Field(gt=0, le=4096, description="Examples per evaluation forward pass; default: batch_size.")
     ] = None
-    learning_rate: Annotated[float, Field(gt=0, lt=1, description="AdamW learning rate.")] = 1e-3
-    weight_decay: Annotated[float, Field(ge=0, lt=1, description="AdamW weight decay.")] = 0.0
+    learning_rate: Annotated[float, Field(gt=0, lt=1, description="Peak learning rate (after the warm-up).")] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0, lt=1, description="Decoupled weight decay (as in AdamW).")] = 0.0
     warmup_steps: Annotated[int, Field(ge=0, description="Linear learning-rate warm-up steps.")] = 0
     lr_scheduler: Annotated[
         Literal["constant", "linear", "cosine"],
-        Field(description="Learning rate after the warm-up: `constant`, `linear` decay to 0 at the last step, "
-              "or `cosine` decay to 0."),
+        Field(description="Learning rate after the warm-up: `constant`, or `linear` or `cosine` decay towards 0 "
+              "over the remaining steps."),
     ] = "constant"
     optimizer: Annotated[
         Literal["adamw", "adafactor", "adamw_8bit"],
