@@ -9,6 +9,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from jobs.batch import parse_batch
+from jobs.errors import SpecError
 from jobs.spec import JobSpec, LayerSpec, LoRASpec
 from worker.architectures import architecture_for
 from worker.device import DeviceManager
@@ -202,3 +204,16 @@ def test_conflicting_layer_keys_are_refused_at_validation(layer, message):
     with pytest.raises(ValidationError, match=message):
         LayerSpec(**layer)
 
+
+
+def test_batch_files_take_the_new_keys_and_name_a_conflict():
+    data = {"batch": "grow", "base_model": "random:llama-tiny",
+            "defaults": {"layer": {"position": "end", "init_scale": 0.0}, "train": {"dataset": str(DATA / "reverse.jsonl")}},
+            "jobs": [{"task": "two", "extension": "layer", "layer": {"positions": [1, 2], "source": "previous"}},
+                     {"task": "pro", "extension": "hybrid", "matrix": {"layer.expand.every": [1, 2]}}]}
+    batch = parse_batch(data)
+    assert [spec.layer.positions for spec in batch.jobs] == [[1, 2], None, None]
+    assert [spec.layer.expand.every for spec in batch.jobs[1:]] == [1, 2]
+    data["jobs"][0]["layer"]["position"] = 1
+    with pytest.raises(SpecError, match="either position"):
+        parse_batch(data)
