@@ -128,7 +128,7 @@ class LayerSpec(_Spec):
         str | None,
         Field(alias="from", description="Build on the added block(s) that another job trained (a job `name` of "
               "this batch, or `job:ID`), loaded from its artifacts, instead of a new copy; the job waits for it. "
-              "The block keeps that job's placement (stack, position)."),
+              "The blocks keep that job's placement (stack, positions): this job's placement keys are ignored."),
     ] = None
     freeze: Annotated[
         bool, Field(description="With `from`: keep the loaded block frozen (only LoRA trains; hybrid jobs).")

@@ -195,8 +195,9 @@ class Trainer:
         return loss
 
     def _label_tokens(self, batch: dict[str, torch.Tensor]) -> int:
-        """The tokens the model's mean loss over `batch` averages (a causal model predicts from the second on)."""
-        labels = batch["labels"] if self.task_type == "seq2seq" else batch["labels"][:, 1:]
+        """The items the model's mean loss over `batch` averages: target tokens (a causal model predicts
+        from the second on), or examples where labels are one per example."""
+        labels = batch["labels"][:, 1:] if self.task_type == "causal" else batch["labels"]
         return int((labels != -100).sum())
 
     def _non_finite(self, what: str, value: float, when: str) -> str:
