@@ -885,6 +885,141 @@ def report(ctx: click.Context, batch_refs: tuple[str, ...], all_batches: bool, o
     click.echo(f"wrote {out} ({len(sections)} batch(es), {job_count} job(s))")
 
 
+# --- predict / export ----------------------------------------------------------------------------
+
+
+def _job_directory(ctx: click.Context, job_id: str) -> tuple[str, Path]:
+    """(full job id, the artifact directory of a succeeded job): the one the database records, or,
+    where that path is not on this host, the same job under --artifacts-dir. Says on stderr which."""
+    from db.queries import get_job
+
+    state = _state(ctx)
+    job_id = _resolve_job(state.database, job_id)
+    with state.database.read() as connection:
+        job = get_job(connection, job_id)
+    assert job is not None
+    if job.status != "succeeded":
+        raise click.ClickException(f"job {job_id} is {job.status}; only a job that succeeded has a model to use "
+                                   "(`graftq show` it to see why, `graftq retry` to run it again)")
+    candidates = [Path(job.job_dir)] if job.job_dir else []
+    candidates.append(state.settings.artifacts_dir / job.batch_id / job_id)
+    for directory in candidates:
+        if (directory / "job.json").is_file():
+            click.echo(f"job {job_id}: artifacts in {directory}", err=True)
+            return job_id, directory
+    raise click.ClickException(f"job {job_id}: its artifacts are not on this host (looked in "
+                               f"{' and '.join(str(path) for path in candidates)}); copy the job directory here and "
+                               "point --artifacts-dir (GRAFTQ_ARTIFACTS_DIR) at the directory that holds "
+                               f"{job.batch_id}/{job_id}/")
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--input", "texts", multiple=True, metavar="TEXT", help="An input to predict for (repeatable).")
+@click.option("--file", "input_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="A JSONL or CSV file of inputs (its `target` column, if any, is copied to the output).")
+@click.option("--column", default="input", show_default=True, help="The --file column that holds the inputs.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the JSONL predictions here instead of to stdout.")
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N|mps")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="The base model's dtype (auto: the device policy).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--num-beams", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--do-sample", is_flag=True, help="Sample instead of greedy/beam decoding.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), help="With --do-sample.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), help="With --do-sample.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --do-sample.")
+@click.option("--scores", is_flag=True, help="For a classifier: add each label's probability.")
+@click.pass_context
+@_handle_db_errors
+def predict(ctx: click.Context, job_id: str, texts: tuple[str, ...], input_file: Path | None, column: str,
+            out: Path | None, device: str, dtype: str, batch_size: int, max_new_tokens: int, num_beams: int,
+            do_sample: bool, temperature: float | None, top_p: float | None, seed: int, scores: bool) -> None:
+    """Predict with a succeeded job's model (base + extension rebuilt from its artifacts): one JSONL
+    line `{"input", "prediction"}` per input (plus `target` from --file), to stdout or --out.
+
+    A generating job decodes greedily unless --num-beams / --do-sample say otherwise; a classifier's
+    prediction is its label.
+    """
+    if bool(texts) == (input_file is not None):
+        raise click.UsageError("give the inputs with --input TEXT (repeatable) or with --file FILE, not both")
+    if (temperature is not None or top_p is not None) and not do_sample:
+        raise click.UsageError("--temperature and --top-p apply to sampling; add --do-sample")
+    job_id, job_dir = _job_directory(ctx, job_id)
+    _require_worker_extra("predict")
+    from worker.errors import JobError
+    from worker.predict import GenerationSettings, Predictor, read_inputs
+
+    try:
+        rows = read_inputs(input_file, column) if input_file is not None else [{"input": text} for text in texts]
+        if not rows:
+            raise click.ClickException(f"--file: {input_file} holds no rows")
+        predictor = Predictor.from_job_dir(job_dir, device=device, dtype=dtype)
+    except JobError as error:
+        raise click.ClickException(str(error)) from None
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
+                                  temperature=temperature, top_p=top_p, seed=seed)
+    many = len(rows) > batch_size
+
+    def progress(done: int, total: int) -> None:
+        if many:
+            click.echo(f"predicted {done}/{total}", err=True)
+
+    target = out.with_name(f".{out.name}.tmp") if out is not None else None
+    handle = target.open("w", encoding="utf-8") if target is not None else sys.stdout
+    try:
+        for line in predictor.predict(rows, settings, batch_size=batch_size, scores=scores, on_batch=progress):
+            handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+    except BaseException:
+        if target is not None:
+            handle.close()
+            target.unlink(missing_ok=True)
+        raise
+    if target is not None:
+        handle.close()
+        target.replace(out)
+        click.echo(f"{len(rows)} predictions written to {out}", err=True)
+
+
+@cli.command()
+@click.argument("job_id")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--merge", is_flag=True,
+              help="Write one standalone Hugging Face model (LoRA merged, added blocks in the model) that plain "
+                   "transformers loads, instead of the artifacts as saved.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="With --merge: the dtype of the saved weights.")
+@click.pass_context
+@_handle_db_errors
+def export(ctx: click.Context, job_id: str, out_dir: Path, merge: bool, dtype: str) -> None:
+    """Export a succeeded job's model to OUT_DIR (a new directory).
+
+    Without --merge: the PEFT adapter (`adapter/`) and the added block (`layer/`) as the job saved them,
+    with a README.md on how to load them. With --merge: a model directory that
+    `AutoModelFor...from_pretrained(OUT_DIR)` loads and generates with, without graftq or peft.
+    """
+    job_id, job_dir = _job_directory(ctx, job_id)
+    from worker.errors import JobError
+
+    try:
+        if merge:
+            _require_worker_extra("export --merge")
+            from worker.export import export_merged
+
+            summary = export_merged(job_dir, out_dir, dtype=dtype)
+            click.echo(f"job {job_id}: merged {summary['model_class']} written to {out_dir}; load it with "
+                       f"transformers.{summary['auto_class']}.from_pretrained({str(out_dir)!r})")
+        else:
+            from worker.export import export_artifacts
+
+            written = export_artifacts(job_dir, out_dir)
+            click.echo(f"job {job_id}: {', '.join(written)} written to {out_dir}")
+    except JobError as error:
+        raise click.ClickException(str(error)) from None
+
+
 # --- db ------------------------------------------------------------------------------------------
 
 

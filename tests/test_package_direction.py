@@ -1,6 +1,7 @@
 """Package direction: `db` <- `jobs` <- `worker`, and the submitting side stays free of the ML stack.
 
-`jobs/cli.py` reaches `worker` only inside the two commands that run jobs (`run`, `worker`), so
+`jobs/cli.py` reaches `worker` only inside the commands that run jobs or models (`run`, `worker`,
+`predict`, `export`), so
 `graftq submit`, `results` and `status` start without torch.
 """
 
@@ -13,8 +14,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "transformers", "peft", "safetensors", "accelerate")
-#: The functions of jobs/cli.py that may import `worker`: the commands that start workers or run jobs.
-WORKER_COMMANDS = {("run",), ("worker",)}
+#: The functions of jobs/cli.py that may import `worker`: the commands that start workers, run jobs or
+#: load a job's model.
+WORKER_COMMANDS = {("run",), ("worker",), ("predict",), ("export",)}
 
 
 def imports(path: Path) -> list[tuple[str, tuple[str, ...]]]:

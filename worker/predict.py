@@ -1,0 +1,186 @@
+"""Batched inference with a finished job's model: what `graftq predict` runs.
+
+    predictor = Predictor.from_job_dir(job_dir, device="auto")
+    for row, prediction in zip(rows, predictor.predict([row["input"] for row in rows])): ...
+
+Inputs are encoded as training encoded them (the input's tokens, then eos); a decoder-only
+model continues the prompt, so its batches are padded on the left.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jobs.spec import JobSpec, TrainSpec
+from worker.errors import JobError
+
+
+@dataclass
+class GenerationSettings:
+    """`generate()` settings of `graftq predict` (greedy decoding by default)."""
+
+    max_new_tokens: int = 64
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    #: sampling draws from torch's generator, seeded with this before the first batch
+    seed: int = 0
+
+    def kwargs(self) -> dict[str, Any]:
+        settings: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams,
+                                    "do_sample": self.do_sample}
+        if self.do_sample:
+            settings.update({key: value for key, value in (("temperature", self.temperature), ("top_p", self.top_p))
+                             if value is not None})
+        return settings
+
+
+def read_inputs(path: str | Path, column: str = "input") -> list[dict[str, str]]:
+    """Rows `{"input": ..., ["target": ...]}` of a JSONL or CSV file; the input is its `column`.
+
+    Raises JobError naming the file, the line and the fix.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise JobError(f"--file: {str(path)!r} does not exist; give a JSONL or CSV file")
+    suffix = path.suffix.lower()
+    if suffix in {".jsonl", ".json", ".ndjson"}:
+        with path.open(encoding="utf-8") as handle:
+            records = []
+            for line_no, line in enumerate(handle, 1):
+                if line.strip():
+                    try:
+                        records.append((line_no, json.loads(line)))
+                    except json.JSONDecodeError as error:
+                        raise JobError(f"--file: {path.name} line {line_no} is not valid JSON ({error})") from None
+    elif suffix in {".csv", ".tsv"}:
+        with path.open(encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
+            records = list(enumerate(reader, 2))
+    else:
+        raise JobError(f"--file: {path.name} has an unknown extension; use .jsonl or .csv")
+    rows = []
+    for line_no, record in records:
+        if not isinstance(record, dict) or record.get(column) is None:
+            raise JobError(f"--file: {path.name} line {line_no} has no {column!r} column; name the input column "
+                           "with --column")
+        row = {"input": str(record[column])}
+        if record.get("target") is not None:
+            row["target"] = str(record["target"])
+        rows.append(row)
+    return rows
+
+
+def is_classifier(model: torch.nn.Module, info: dict) -> bool:
+    """A sequence classifier: the job recorded `labels`, or the model is a *ForSequenceClassification."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(info.get("labels")) or type(inner).__name__.endswith("ForSequenceClassification")
+
+
+def label_names(model: torch.nn.Module, info: dict) -> list[str]:
+    """The classifier's labels by class index: the job's `labels`, else the model config's id2label."""
+    if info.get("labels"):
+        return [str(label) for label in info["labels"]]
+    id2label = getattr(model.config, "id2label", None) or {}
+    return [str(id2label.get(index, index)) for index in range(len(id2label))]
+
+
+@dataclass
+class Predictor:
+    """A job's model and tokenizer, ready for batched predictions."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    info: dict
+    device: torch.device
+    max_length: int
+    task_type: str  # "seq2seq", "causal" or "classification"
+    labels: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_job_dir(cls, job_dir: str | Path, device: str = "auto", dtype: str = "auto") -> Predictor:
+        from worker.architectures import architecture_for
+        from worker.pipeline import load_job_model
+
+        model, tokenizer, info = load_job_model(job_dir, device, dtype)
+        spec = JobSpec.model_validate(info["spec"])
+        max_length = spec.train.max_length if spec.train is not None else TrainSpec.model_fields["max_length"].default
+        if is_classifier(model, info):
+            task_type, labels = "classification", label_names(model, info)
+        else:
+            task_type, labels = architecture_for(model).task_type, []
+            if task_type not in ("seq2seq", "causal"):
+                raise JobError(f"job {info.get('job_id')}: a {task_type} model neither generates nor classifies; "
+                               "predict needs a seq2seq, causal or classifier job")
+        return cls(model=model, tokenizer=tokenizer, info=info, device=next(model.parameters()).device,
+                   max_length=max_length, task_type=task_type, labels=labels)
+
+    def encode(self, text: str) -> list[int]:
+        """The input as training saw it: its tokens (at most max_length - 1), then eos."""
+        return self.tokenizer.encode(text, self.max_length - 1) + [self.tokenizer.eos_token_id]
+
+    def batch(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Padded `input_ids` and `attention_mask`; on the left for a decoder-only model that generates."""
+        encoded = [self.encode(text) for text in texts]
+        width = max(len(ids) for ids in encoded)
+        pad = self.tokenizer.pad_token_id
+        left = self.task_type == "causal"
+        ids, mask = [], []
+        for tokens in encoded:
+            padding = width - len(tokens)
+            ids.append([pad] * padding + tokens if left else tokens + [pad] * padding)
+            mask.append([0] * padding + [1] * len(tokens) if left else [1] * len(tokens) + [0] * padding)
+        return {"input_ids": torch.tensor(ids, dtype=torch.long, device=self.device),
+                "attention_mask": torch.tensor(mask, dtype=torch.long, device=self.device)}
+
+    @torch.no_grad()
+    def predict_batch(self, texts: Sequence[str], settings: GenerationSettings,
+                      scores: bool = False) -> list[dict[str, Any]]:
+        """One `{"prediction": ...}` per text (with `"scores"`: label -> probability, for a classifier
+        when `scores`)."""
+        inputs = self.batch(texts)
+        if self.task_type == "classification":
+            probabilities = torch.softmax(self.model(**inputs).logits.float(), dim=-1)
+            results = []
+            for row in probabilities.tolist():
+                best = max(range(len(row)), key=row.__getitem__)
+                result: dict[str, Any] = {"prediction": self.labels[best] if best < len(self.labels) else best}
+                if scores:
+                    result["scores"] = {self._label(index): value for index, value in enumerate(row)}
+                results.append(result)
+            return results
+        output = self.model.generate(**inputs, **settings.kwargs(), pad_token_id=self.tokenizer.pad_token_id,
+                                     eos_token_id=self.tokenizer.eos_token_id)
+        if self.task_type == "causal":
+            output = output[:, inputs["input_ids"].shape[1]:]  # the continuation, without the prompt
+        return [{"prediction": self.tokenizer.decode(self._until_eos(sequence.tolist()))} for sequence in output]
+
+    def _label(self, index: int) -> str:
+        return self.labels[index] if index < len(self.labels) else str(index)
+
+    def _until_eos(self, ids: list[int]) -> list[int]:
+        eos = self.tokenizer.eos_token_id
+        return ids[:ids.index(eos)] if eos in ids else ids
+
+    def predict(self, rows: Sequence[dict[str, str]], settings: GenerationSettings | None = None, *,
+                batch_size: int = 16, scores: bool = False,
+                on_batch: Callable[[int, int], None] | None = None) -> Iterator[dict[str, Any]]:
+        """`{"input", "prediction"[, "target"][, "scores"]}` per row, in order, batch by batch;
+        `on_batch(done, total)` after each batch."""
+        settings = settings or GenerationSettings()
+        if settings.do_sample:
+            torch.manual_seed(settings.seed)
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            for row, result in zip(chunk, self.predict_batch([row["input"] for row in chunk], settings, scores)):
+                yield {"input": row["input"], **result, **({"target": row["target"]} if "target" in row else {})}
+            if on_batch is not None:
+                on_batch(min(start + batch_size, len(rows)), len(rows))
