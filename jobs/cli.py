@@ -925,7 +925,8 @@ def _job_directory(ctx: click.Context, job_id: str) -> tuple[str, Path]:
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="The base model's dtype (auto: the device policy).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Generate at most N tokens. [default: the job's train.max_new_tokens, else its train.max_length]")
 @click.option("--num-beams", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--do-sample", is_flag=True, help="Sample instead of greedy/beam decoding.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), help="With --do-sample.")
@@ -935,7 +936,7 @@ def _job_directory(ctx: click.Context, job_id: str) -> tuple[str, Path]:
 @click.pass_context
 @_handle_db_errors
 def predict(ctx: click.Context, job_id: str, texts: tuple[str, ...], input_file: Path | None, column: str,
-            out: Path | None, device: str, dtype: str, batch_size: int, max_new_tokens: int, num_beams: int,
+            out: Path | None, device: str, dtype: str, batch_size: int, max_new_tokens: int | None, num_beams: int,
             do_sample: bool, temperature: float | None, top_p: float | None, seed: int, scores: bool) -> None:
     """Predict with a succeeded job's model (base + extension rebuilt from its artifacts): one JSONL
     line `{"input", "prediction"}` per input (plus `target` from --file), to stdout or --out.
@@ -959,7 +960,7 @@ def predict(ctx: click.Context, job_id: str, texts: tuple[str, ...], input_file:
         predictor = Predictor.from_job_dir(job_dir, device=device, dtype=dtype)
     except JobError as error:
         raise click.ClickException(str(error)) from None
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
+    settings = GenerationSettings(max_new_tokens=max_new_tokens or predictor.max_new_tokens, num_beams=num_beams, do_sample=do_sample,
                                   temperature=temperature, top_p=top_p, seed=seed)
     many = len(rows) > batch_size
 

@@ -42,6 +42,16 @@ jobs:
 """
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a machine busier than its cores, OpenMP teams wait for each other on
+    every tiny matmul, and generation slows a hundredfold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory) -> dict:
     """The batch above, run with `graftq run`: {"options": global CLI options, "jobs": task -> job}."""
@@ -153,6 +163,9 @@ def test_predict_finds_a_moved_job_under_the_artifacts_dir(pool, tmp_path):
         assert result.exit_code == 0, result.output
         assert f"artifacts in {moved / job['batch_id'] / job['id']}" in result.stderr
         assert json.loads(result.stdout)["input"] == "abc"
+        (moved / job["batch_id"] / job["id"] / "layer" / "layer.safetensors").unlink()
+        result = CliRunner().invoke(cli, [*options, "predict", job["id"], "--input", "abc"])
+        assert result.exit_code == 1 and "are its artifacts complete?" in result.stderr, result.output
         shutil.rmtree(moved)
         result = CliRunner().invoke(cli, [*options, "predict", job["id"], "--input", "abc"])
         assert result.exit_code == 1 and "not on this host" in result.stderr and "--artifacts-dir" in result.stderr
@@ -238,7 +251,7 @@ def test_merged_export_loads_and_generates_with_plain_transformers(pool, tmp_pat
 
     code = PLAIN_LOAD.replace("SITE", repr(sysconfig.get_paths()["purelib"])).replace("CASES", repr(cases))
     result = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, timeout=300,
-                            cwd=tmp_path)
+                            cwd=tmp_path, env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     found = json.loads(result.stdout.strip().splitlines()[-1])
     for task, (logits, generated) in expected.items():

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -49,6 +50,11 @@ EXERCISED = {
     "graftq run examples/shared_layer.yaml": "test_campaign_commands",
     "graftq retry --batch BATCH_ID": "test_campaign_commands",
     "graftq report sweep --out graftq-data/report.html": "tests/test_report.py",
+    'graftq predict JOB_ID --input "hello" --input "graftq"': "test_predict_export_commands",
+    "graftq predict JOB_ID --file examples/data/reverse.jsonl --out predictions.jsonl":
+        "test_predict_export_commands",
+    "graftq export JOB_ID exported/": "test_predict_export_commands",
+    "graftq export JOB_ID merged/ --merge": "test_predict_export_commands",
 }
 QUICKSTART_JOBS = 7
 QUICKSTART_STEPS = 20  # `graftq run --max-steps`: the README's queries hold after any number of steps
@@ -246,3 +252,36 @@ def test_campaign_commands(graftq_env, redis_url, sqlite_url):
     shared = next(job for job in pooled if job["task"] == "all-tasks")
     children = [job for job in pooled if job["batch_id"] == shared["batch_id"] and job is not shared]
     assert len(children) == 4 and all(child["started_at"] >= shared["finished_at"] for child in children)
+
+
+@pytest.mark.slow
+def test_predict_export_commands(graftq_env, tmp_path):
+    """The README's predict and export commands, as shown, on a hybrid job of `graftq run`, run from a
+    directory that holds the README's relative paths."""
+    import shlex
+
+    # one thread per process: generation on an oversubscribed machine otherwise waits on OpenMP teams
+    graftq_env = dict(graftq_env, OMP_NUM_THREADS="1")
+    (tmp_path / "examples").mkdir()
+    shutil.copytree(ROOT / "examples" / "data", tmp_path / "examples" / "data")
+    (tmp_path / "batch.yaml").write_text(
+        "batch: readme-predict\nbase_model: random:t5-tiny\njobs:\n"
+        "  - {task: reverse, extension: hybrid, layer: {stack: decoder, init_scale: 0.5},\n"
+        "     train: {dataset: examples/data/reverse.jsonl, max_steps: 2, batch_size: 4}}\n")
+    _graftq(graftq_env, "run", str(tmp_path / "batch.yaml"))
+    job_id = json.loads(_graftq(graftq_env, "results", "--batch", "readme-predict", "--format", "json").stdout)[0]["id"]
+    commands = [line for line in shell_commands() if line.startswith(("graftq predict", "graftq export"))]
+    assert len(commands) == 4
+    outputs = []
+    for command in commands:
+        args = shlex.split(command.replace("JOB_ID", job_id))[1:]
+        result = subprocess.run(graftq_argv(*args), cwd=tmp_path, env=graftq_env, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, f"{command}: {result.stdout}\n{result.stderr}"
+        outputs.append(result.stdout)
+    assert [json.loads(line)["input"] for line in outputs[0].splitlines()] == ["hello", "graftq"]
+    rows = [json.loads(line) for line in (tmp_path / "examples/data/reverse.jsonl").read_text().splitlines()]
+    predictions = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [(p["input"], p["target"]) for p in predictions] == [(r["input"], r["target"]) for r in rows]
+    assert {"adapter", "layer", "README.md"} <= {path.name for path in (tmp_path / "exported").iterdir()}
+    assert (tmp_path / "merged" / "config.json").is_file() and "AutoModelForSeq2SeqLM" in outputs[3]

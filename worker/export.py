@@ -112,9 +112,9 @@ def export_merged(job_dir: str | Path, out_dir: str | Path, dtype: str = "float3
     """Write the job's model as one Hugging Face model directory: LoRA merged into the weights, added
     blocks part of the model and its config; the tokenizer next to it. Returns
     {"auto_class": ..., "model_class": ..., "layer_counts": {...}}. Raises JobError."""
-    from worker.pipeline import load_job_model
+    from worker.predict import load_model
 
-    model, tokenizer, info = load_job_model(job_dir, "cpu", dtype)
+    model, tokenizer, info = load_model(job_dir, "cpu", dtype)
     if hasattr(model, "merge_and_unload"):  # a PeftModel: fold each adapter into its base weights
         model = model.merge_and_unload()
     counts = sync_layer_counts(model)

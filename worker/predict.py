@@ -93,6 +93,20 @@ def label_names(model: torch.nn.Module, info: dict) -> list[str]:
     return [str(id2label.get(index, index)) for index in range(len(id2label))]
 
 
+def load_model(job_dir: str | Path, device: str = "auto", dtype: str = "auto"):
+    """`worker.pipeline.load_job_model`, with a JobError naming the directory when its artifacts are
+    missing or damaged."""
+    from worker.pipeline import load_job_model
+
+    try:
+        return load_job_model(job_dir, device, dtype)
+    except JobError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise JobError(f"cannot rebuild the job's model from {job_dir}: {type(error).__name__}: {error}; "
+                       "are its artifacts complete?") from error
+
+
 @dataclass
 class Predictor:
     """A job's model and tokenizer, ready for batched predictions."""
@@ -103,16 +117,18 @@ class Predictor:
     device: torch.device
     max_length: int
     task_type: str  # "seq2seq", "causal" or "classification"
+    #: the default of GenerationSettings.max_new_tokens for this job
+    max_new_tokens: int = 64
     labels: list[str] = field(default_factory=list)
 
     @classmethod
     def from_job_dir(cls, job_dir: str | Path, device: str = "auto", dtype: str = "auto") -> Predictor:
         from worker.architectures import architecture_for
-        from worker.pipeline import load_job_model
 
-        model, tokenizer, info = load_job_model(job_dir, device, dtype)
+        model, tokenizer, info = load_model(job_dir, device, dtype)
         spec = JobSpec.model_validate(info["spec"])
-        max_length = spec.train.max_length if spec.train is not None else TrainSpec.model_fields["max_length"].default
+        train = spec.train if spec.train is not None else TrainSpec.model_construct()
+        max_length = getattr(train, "max_length", None) or TrainSpec.model_fields["max_length"].default
         if is_classifier(model, info):
             task_type, labels = "classification", label_names(model, info)
         else:
@@ -120,8 +136,10 @@ class Predictor:
             if task_type not in ("seq2seq", "causal"):
                 raise JobError(f"job {info.get('job_id')}: a {task_type} model neither generates nor classifies; "
                                "predict needs a seq2seq, causal or classifier job")
+        # targets were truncated to max_length tokens in training: a longer output was never learned
+        max_new_tokens = getattr(train, "max_new_tokens", None) or max_length
         return cls(model=model, tokenizer=tokenizer, info=info, device=next(model.parameters()).device,
-                   max_length=max_length, task_type=task_type, labels=labels)
+                   max_length=max_length, task_type=task_type, labels=labels, max_new_tokens=max_new_tokens)
 
     def encode(self, text: str) -> list[int]:
         """The input as training saw it: its tokens (at most max_length - 1), then eos."""
