@@ -264,3 +264,33 @@ def test_merged_export_loads_and_generates_with_plain_transformers(pool, tmp_pat
         with torch.no_grad():
             plain = base(input_ids=torch.tensor(ids), attention_mask=(torch.tensor(ids) != 0).long(), **extra).logits
         assert not torch.allclose(plain, logits, atol=1e-3), task
+
+
+def test_a_classifier_predicts_its_labels_with_scores():
+    """A sequence classifier (what a classification job's model is): the label of the argmax, in
+    batches as for each input alone."""
+    import transformers
+
+    from jobs.presets import PRESETS as CONFIGS
+    from worker.predict import GenerationSettings, Predictor
+    from worker.tokenizer import ByteTokenizer
+
+    config = transformers.AutoConfig.for_model(**CONFIGS["gpt2-tiny"]["config"], num_labels=3,
+                                             initializer_range=0.5)
+    torch.manual_seed(0)
+    model = transformers.GPT2ForSequenceClassification(config).eval()
+    info = {"labels": ["negative", "neutral", "positive"]}
+    predictor = Predictor(model=model, tokenizer=ByteTokenizer(), info=info, device=torch.device("cpu"),
+                          max_length=16, task_type="classification", labels=info["labels"])
+    texts = ["good", "not good at all", "ok", "bad", "fine", "meh"]
+    rows = list(predictor.predict([{"input": text} for text in texts], GenerationSettings(), batch_size=4,
+                                  scores=True))
+    alone = []
+    for text in texts:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([predictor.encode(text)])).logits[0]
+        alone.append(info["labels"][int(logits.argmax())])
+    assert [row["prediction"] for row in rows] == alone and len(set(alone)) > 1
+    assert all(set(row["scores"]) == set(info["labels"]) and abs(sum(row["scores"].values()) - 1) < 1e-5
+               for row in rows)
+    assert all(row["scores"][row["prediction"]] == max(row["scores"].values()) for row in rows)
