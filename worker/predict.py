@@ -1,7 +1,8 @@
 """Batched inference with a finished job's model: what `graftq predict` runs.
 
     predictor = Predictor.from_job_dir(job_dir, device="auto")
-    for row, prediction in zip(rows, predictor.predict([row["input"] for row in rows])): ...
+    for line in predictor.predict([{"input": "abc"}], GenerationSettings(max_new_tokens=16)):
+        print(line["prediction"])
 
 Inputs are encoded as training encoded them (the input's tokens, then eos); a decoder-only
 model continues the prompt, so its batches are padded on the left.
