@@ -39,6 +39,7 @@ jobs:
   - {task: gpt2, extension: hybrid, base_model: "random:gpt2-tiny"}
   - {task: llama, kind: create, extension: hybrid, base_model: "random:llama-tiny", layer: {position: 1}}
   - {task: lora-only, extension: lora, base_model: "random:t5-tiny"}
+  - {task: chat, extension: lora, base_model: "random:gpt2-tiny", train: {dataset: chat.jsonl, format: chat, max_length: 64}}
 """
 
 
@@ -58,6 +59,9 @@ def pool(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("predict-export")
     rows = [{"input": word, "target": word[::-1]} for word in ("abc", "hello", "xy", "graft", "queue", "tiny")]
     (root / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    chats = [[{"role": "user", "content": word}, {"role": "assistant", "content": word[::-1]}]
+             for word in ("abc", "hello", "xy", "graft")]
+    (root / "chat.jsonl").write_text("".join(json.dumps({"messages": chat}) + "\n" for chat in chats))
     (root / "batch.yaml").write_text(BATCH)
     options = ["--database-url", f"sqlite:///{root / 'graftq.db'}", "--artifacts-dir", str(root / "artifacts")]
     result = CliRunner().invoke(cli, [*options, "run", str(root / "batch.yaml")])
@@ -75,12 +79,16 @@ def graftq(pool: dict, *args: str) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
-def reference_predictions(job_dir: str, texts: list[str], max_new_tokens: int) -> list[str]:
-    """Each input alone through the job's model: tokens + eos in, greedy `generate`, decoded to eos."""
+def reference_predictions(job_dir: str, texts: list[str], max_new_tokens: int, chat: bool = False) -> list[str]:
+    """Each input alone through the job's model: tokens + eos in (a chat job: the rendered user turn and
+    generation prompt), greedy `generate`, decoded to eos."""
     model, tokenizer, _ = load_job_model(job_dir)
     predictions = []
     for text in texts:
-        ids = torch.tensor([tokenizer.encode(text) + [tokenizer.eos_token_id]])
+        if chat:
+            ids = torch.tensor([tokenizer.encode(f"<|user|>\n{text}\n<|assistant|>\n")])
+        else:
+            ids = torch.tensor([tokenizer.encode(text) + [tokenizer.eos_token_id]])
         with torch.no_grad():
             output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                     max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
@@ -94,7 +102,7 @@ def reference_predictions(job_dir: str, texts: list[str], max_new_tokens: int) -
 
 # ---- predict ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("task", ["t5-decoder", "gpt2"])
+@pytest.mark.parametrize("task", ["t5-decoder", "gpt2", "chat"])
 def test_predict_equals_the_job_model_called_in_python(pool, task):
     job = pool["jobs"][task]
     code, out, err = graftq(pool, "predict", job["id"], *[arg for text in INPUTS for arg in ("--input", text)],
@@ -102,7 +110,7 @@ def test_predict_equals_the_job_model_called_in_python(pool, task):
     assert code == 0, err
     lines = [json.loads(line) for line in out.splitlines()]
     assert [line["input"] for line in lines] == INPUTS
-    assert [line["prediction"] for line in lines] == reference_predictions(job["job_dir"], INPUTS, 6)
+    assert [line["prediction"] for line in lines] == reference_predictions(job["job_dir"], INPUTS, 6, task == "chat")
     assert any(line["prediction"] for line in lines)  # the models say something, so equality means something
     assert f"artifacts in {job['job_dir']}" in err
 

@@ -120,6 +120,8 @@ class Predictor:
     task_type: str  # "seq2seq", "causal" or "classification"
     #: the default of GenerationSettings.max_new_tokens for this job
     max_new_tokens: int = 64
+    #: a `train.format: chat` job: an input is a user message, rendered with the chat template
+    chat: bool = False
     labels: list[str] = field(default_factory=list)
 
     @classmethod
@@ -140,10 +142,15 @@ class Predictor:
         # targets were truncated to max_length tokens in training: a longer output was never learned
         max_new_tokens = getattr(train, "max_new_tokens", None) or max_length
         return cls(model=model, tokenizer=tokenizer, info=info, device=next(model.parameters()).device,
-                   max_length=max_length, task_type=task_type, labels=labels, max_new_tokens=max_new_tokens)
+                   max_length=max_length, task_type=task_type, labels=labels, max_new_tokens=max_new_tokens,
+                   chat=getattr(train, "format", "text") == "chat")
 
     def encode(self, text: str) -> list[int]:
-        """The input as training saw it: its tokens (at most max_length - 1), then eos."""
+        """The input as training saw it: its tokens (at most max_length - 1), then eos; for a chat job,
+        a conversation of one user message and the template's generation prompt."""
+        if self.chat:
+            return self.tokenizer.encode(self.tokenizer.render_chat([{"role": "user", "content": text}],
+                                                                    add_generation_prompt=True))
         return self.tokenizer.encode(text, self.max_length - 1) + [self.tokenizer.eos_token_id]
 
     def batch(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
