@@ -302,3 +302,19 @@ def test_a_classifier_predicts_its_labels_with_scores():
     assert all(set(row["scores"]) == set(info["labels"]) and abs(sum(row["scores"].values()) - 1) < 1e-5
                for row in rows)
     assert all(row["scores"][row["prediction"]] == max(row["scores"].values()) for row in rows)
+
+
+def test_a_layer_model_saved_with_save_pretrained_generates_when_reloaded(pool, tmp_path):
+    """The graftq model itself (not an export) of a job with an added decoder block: saved with
+    `save_pretrained`, plain transformers reloads it, and its generation cache has a layer for
+    every decoder block."""
+    import transformers
+
+    model, _, _ = load_job_model(pool["jobs"]["t5-decoder"]["job_dir"])
+    model = model.merge_and_unload()
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval()
+    ids = torch.tensor([[100, 101, 102, 1]])
+    expected = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, suppress_tokens=[0, 1])
+    assert reloaded.generate(input_ids=ids, max_new_tokens=5, do_sample=False, suppress_tokens=[0, 1]).tolist() \
+        == expected.tolist()

@@ -158,6 +158,10 @@ def insert_block(model: torch.nn.Module, placement: LayerPlacement) -> torch.nn.
     layer_types = getattr(config, "layer_types", None)
     if isinstance(layer_types, list) and len(layer_types) == placement.blocks_before:
         layer_types.insert(placement.position, layer_types[placement.source])
+    if getattr(config, "is_encoder_decoder", False):
+        from worker.export import sync_layer_counts
+
+        sync_layer_counts(model)  # so that the model saved with save_pretrained generates when reloaded
     return new_block
 
 
