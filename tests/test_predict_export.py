@@ -23,7 +23,16 @@ from worker.pipeline import load_job_model
 
 ROOT = Path(__file__).resolve().parent.parent
 INPUTS = ["abc", "hello", "xy"]
-PRESETS = {"t5-decoder": "t5-tiny", "t5-encoder": "t5-tiny", "gpt2": "gpt2-tiny", "llama": "llama-tiny"}
+PRESETS = {"t5-decoder": "t5-tiny", "t5-encoder": "t5-tiny", "gpt2": "gpt2-tiny", "llama": "llama-tiny",
+           "bart-decoder": "bart-tiny", "phi3": "phi3-tiny", "gemma": "gemma-tiny", "t5-two-blocks": "t5-tiny"}
+#: task -> {config key: block count} of its merged export
+MERGED_COUNTS = {
+    "t5-decoder": {"num_layers": 2, "num_decoder_layers": 3, "decoder_layers": 3},
+    "t5-encoder": {"num_layers": 3, "num_decoder_layers": 2},
+    "gpt2": {"n_layer": 3}, "llama": {"num_hidden_layers": 3},
+    "bart-decoder": {"encoder_layers": 2, "decoder_layers": 4}, "phi3": {"num_hidden_layers": 4},
+    "gemma": {"num_hidden_layers": 4}, "t5-two-blocks": {"num_layers": 2, "num_decoder_layers": 4, "decoder_layers": 4},
+}
 
 #: task -> the job: a train job (LoRA B nonzero, so merging matters) or a create job whose added
 #: block's init_scale is large enough to change the outputs
@@ -39,6 +48,11 @@ jobs:
   - {task: gpt2, extension: hybrid, base_model: "random:gpt2-tiny"}
   - {task: llama, kind: create, extension: hybrid, base_model: "random:llama-tiny", layer: {position: 1}}
   - {task: lora-only, extension: lora, base_model: "random:t5-tiny"}
+  - {task: bart-decoder, extension: hybrid, base_model: "random:bart-tiny", layer: {stack: decoder, positions: [1, 2]}}
+  - {task: phi3, kind: create, extension: layer, base_model: "random:phi3-tiny", layer: {positions: [0, 2]}}
+  - {task: gemma, kind: create, extension: hybrid, base_model: "random:gemma-tiny", layer: {expand: {every: 1}}}
+  - {task: t5-two-blocks, kind: create, extension: layer, base_model: "random:t5-tiny",
+     layer: {stack: decoder, positions: [1, 2]}}
   - {task: chat, extension: lora, base_model: "random:gpt2-tiny", train: {dataset: chat.jsonl, format: chat, max_length: 64}}
 """
 
@@ -232,12 +246,12 @@ print(json.dumps(found))
 def test_merged_export_loads_and_generates_with_plain_transformers(pool, tmp_path):
     ids = [[100, 101, 102, 1], [120, 121, 1, 0]]  # "abc" + eos, "uv" + eos + padding
     cases, expected = {}, {}
-    for task in ("t5-decoder", "t5-encoder", "gpt2", "llama"):
+    for task in MERGED_COUNTS:
         job = pool["jobs"][task]
         code, out, err = graftq(pool, "export", job["id"], str(tmp_path / task), "--merge")
         assert code == 0, err
         auto = out.split("transformers.", 1)[1].split(".from_pretrained", 1)[0]
-        assert auto == ("AutoModelForSeq2SeqLM" if task.startswith("t5") else "AutoModelForCausalLM")
+        assert auto == ("AutoModelForSeq2SeqLM" if task.startswith(("t5", "bart")) else "AutoModelForCausalLM")
         cases[task] = (str(tmp_path / task), auto, ids)
 
         model, _, _ = load_job_model(job["job_dir"])
@@ -249,12 +263,9 @@ def test_merged_export_loads_and_generates_with_plain_transformers(pool, tmp_pat
                                        do_sample=False, suppress_tokens=[0, 1])
         expected[task] = (logits, generated.tolist())
         config = json.loads((tmp_path / task / "config.json").read_text())
-        if task == "t5-decoder":
-            assert (config["num_layers"], config["num_decoder_layers"], config["decoder_layers"]) == (2, 3, 3)
-        elif task == "t5-encoder":
-            assert (config["num_layers"], config["num_decoder_layers"]) == (3, 2)
-        else:
-            assert config.get("n_layer", config.get("num_hidden_layers")) == 3
+        assert {key: config.get(key) for key in MERGED_COUNTS[task]} == MERGED_COUNTS[task], task
+        if "layer_types" in config:
+            assert len(config["layer_types"]) == config["num_hidden_layers"], task
         assert list((tmp_path / task).glob("*.safetensors")) and not list((tmp_path / task).glob("*.bin"))
 
     code = PLAIN_LOAD.replace("SITE", repr(sysconfig.get_paths()["purelib"])).replace("CASES", repr(cases))

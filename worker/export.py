@@ -170,15 +170,40 @@ def sync_layer_counts(model) -> dict[str, int]:
 
 def save_tokenizer(tokenizer, directory: Path) -> None:
     """Save a tokenizer that plain transformers loads: a Hugging Face one as it is; graftq's byte-level
-    tokenizer (random presets) as the ByT5 tokenizer, which has the same ids (0 pad, 1 eos, 2 unk,
-    byte b = b + 3), plus graftq's marker so that graftq itself keeps using its own."""
+    tokenizer (random presets) as an equivalent `tokenizer.json` (same ids: 0 pad, 1 eos, 2 unk, byte
+    b = b + 3; eos appended), plus graftq's marker so that graftq itself keeps using its own."""
     from worker.tokenizer import ByteTokenizer
 
     if isinstance(tokenizer, ByteTokenizer):
-        from transformers import ByT5Tokenizer
-
-        ByT5Tokenizer(extra_ids=0).save_pretrained(directory)
+        byte_tokenizer_for_transformers().save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+
+
+def byte_tokenizer_for_transformers():
+    """graftq's ByteTokenizer as a transformers fast tokenizer: a byte-level BPE without merges, so
+    that every UTF-8 byte is one token, with eos appended as graftq encodes inputs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from worker.tokenizer import ByteTokenizer
+
+    vocab = {"<pad>": ByteTokenizer.pad_token_id, "</s>": ByteTokenizer.eos_token_id, "<unk>": ByteTokenizer.unk_token_id}
+    vocab.update({char: byte + ByteTokenizer.offset for byte, char in _bytes_to_unicode().items()})
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                             special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """Byte-level BPE's printable character for each byte value (the GPT-2 convention that the
+    `tokenizers` ByteLevel pre-tokenizer and decoder use)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [byte for byte in range(256) if byte not in printable]
+    return {**{byte: chr(byte) for byte in printable}, **{byte: chr(256 + n) for n, byte in enumerate(others)}}
 
 
 def merged_readme(summary: dict[str, Any]) -> str:
