@@ -16,7 +16,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from db.conditions import COLUMN_KEYS, as_number, as_text, check_param_key, is_column
+from db.conditions import (
+    COLUMN_KEYS,
+    as_number,
+    as_text,
+    check_param_key,
+    is_column,
+    mapping_value,
+    metric_name,
+)
 from db.tables import NUMERIC_FIELDS, RESULT_FIELDS
 
 AGGREGATES: dict[str, Callable[[list[Any]], Any]] = {
@@ -26,7 +34,7 @@ AGGREGATES: dict[str, Callable[[list[Any]], Any]] = {
     "max": lambda values: max(values) if values else None,
     "count": len,
 }
-#: The numeric result fields; any of them can be aggregated.
+#: The numeric result fields; any of them can be aggregated, and so can a task metric (`metric.<name>`).
 AGGREGATABLE = tuple(name for name in RESULT_FIELDS if name in NUMERIC_FIELDS)
 #: What `--group-by` aggregates when no `--agg` is given.
 DEFAULT_AGGREGATES = "eval_loss:mean,std,min,count"
@@ -48,9 +56,9 @@ def parse_aggregates(text: str) -> list[Aggregate]:
     field = field.strip()
     if not colon or not functions.strip():
         raise ValueError(f"{text!r} is not FIELD:AGG[,AGG...]; e.g. eval_loss:mean,std,min,count")
-    if field not in AGGREGATABLE:
+    if field not in AGGREGATABLE and not metric_name(field):
         raise ValueError(f"cannot aggregate {field!r}: not a numeric result field; choose one of "
-                         f"{', '.join(AGGREGATABLE)}")
+                         f"{', '.join(AGGREGATABLE)} or a task metric (e.g. metric.accuracy)")
     names = [name.strip() for name in functions.split(",")]
     unknown = [name for name in names if name not in AGGREGATES]
     if unknown:
@@ -64,19 +72,16 @@ def parse_group_keys(text: str) -> list[str]:
     if not keys:
         raise ValueError(f"{text!r} names no key; e.g. task,extension,lora.r")
     for key in keys:
-        if key == "params":
-            raise ValueError("name params keys (e.g. lora.r), not `params` itself")
         if not is_column(key):
             check_param_key(key)
     return list(dict.fromkeys(keys))
 
 
 def key_value(row: Mapping[str, Any], key: str) -> Any:
-    """A row's value for a result field or a params key (None when the job has no such param)."""
+    """A row's value for a result field, a params key or a task metric key (None when the job has none)."""
     if key in COLUMN_KEYS:
         return row.get(key)
-    params = row.get("params")
-    return params.get(key) if isinstance(params, Mapping) else None
+    return mapping_value(row, key)
 
 
 def order_key(value: Any) -> tuple[Any, ...]:
@@ -103,7 +108,7 @@ def group_rows(rows: Iterable[Mapping[str, Any]], keys: Sequence[str],
         values, members = groups[identity]
         group = dict(zip(keys, values, strict=True))
         for aggregate in aggregates:
-            present = [row[aggregate.field] for row in members if row[aggregate.field] is not None]
+            present = [value for row in members if (value := key_value(row, aggregate.field)) is not None]
             group[aggregate.column] = AGGREGATES[aggregate.function](present)
         result.append(group)
     return result

@@ -138,14 +138,15 @@ def finish_job(
     adapter_path: str | None = None,
     layer_path: str | None = None,
     loss_curve: Iterable[tuple[int, str, float]] = (),
+    task_metrics: Mapping[str, float] | None = None,
 ) -> bool:
-    """Record a succeeded job (statistics, metrics, paths, loss curve) if the claim is held.
+    """Record a succeeded job (statistics, metrics, task metrics, paths, loss curve) if the claim is held.
 
     The waiting jobs that need it and now have every need met become `queued` in the same
     transaction (`release_dependants`); the caller publishes them after commit.
     Returns False, writing nothing, when another attempt owns the job now. Raises ValueError
-    for a `stats` or `metrics` key that is not a field of that section (`db.tables.FIELDS`);
-    a missing one is recorded as null.
+    for a `stats` or `metrics` key that is not a field of that section (`db.tables.FIELDS`),
+    and for a non-finite loss or task metric; a missing one is recorded as null.
     """
     points = [
         {"job_id": job_id, "step": int(step), "split": str(split), "loss": float(loss)}
@@ -155,6 +156,10 @@ def finish_job(
         if not math.isfinite(point["loss"]):
             raise ValueError(f"job {job_id}: the loss curve's point at step {point['step']} is {point['loss']}; "
                              "a succeeded job records finite values (fail the job instead)")
+    scores = {str(name): float(value) for name, value in (task_metrics or {}).items()}
+    for name, value in scores.items():
+        if not math.isfinite(value):
+            raise ValueError(f"job {job_id}: task metric {name} is {value}; a succeeded job records finite values")
     now = utcnow()
     result = connection.execute(
         update(jobs)
@@ -162,7 +167,7 @@ def finish_job(
         .values(
             **_declared(job_id, "stats", stats, STAT_FIELDS), **_declared(job_id, "metrics", metrics, METRIC_FIELDS),
             device=device, dtype=dtype, versions=dict(versions) if versions is not None else None, job_dir=job_dir,
-            adapter_path=adapter_path, layer_path=layer_path, finished_at=now, heartbeat_at=now,
+            adapter_path=adapter_path, layer_path=layer_path, metrics=scores, finished_at=now, heartbeat_at=now,
             status=JobStatus.SUCCEEDED.value, error=None, traceback=None, progress_phase="done",
         )
     )

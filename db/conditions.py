@@ -1,8 +1,10 @@
-"""`graftq results --where` conditions: `KEY OP VALUE` on a result field or a `params` key.
+"""`graftq results --where` conditions: `KEY OP VALUE` on a result field, a `params` key or a
+task metric (`metric.<name>`, a key of the `metrics` field).
 
-A condition on a result field becomes SQL; one on a params key (`lora.r`, a matrix value) is
-checked in Python on the fetched rows, so SQLite and PostgreSQL give the same rows whatever
-the JSON types. A job with no value for the key (null, or no such param) never matches.
+A condition on a result field becomes SQL; one on a params key (`lora.r`, a matrix value) or a
+metric is checked in Python on the fetched rows, so SQLite and PostgreSQL give the same rows
+whatever the JSON types. A job with no value for the key (null, no such param or metric) never
+matches.
 
     condition = Condition.parse("train.learning_rate<0.001")
     condition.matches(row)
@@ -25,15 +27,18 @@ from db.tables import FIELDS, NUMERIC_FIELDS, RESULT_FIELDS, JobStatus, UTCDateT
 OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
     "=": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
 }
-#: Result fields a condition or a group can name (`params` is a mapping: its keys are named instead).
-COLUMN_KEYS = tuple(name for name in RESULT_FIELDS if name != "params")
+#: Result fields a condition or a group can name (`params` and `metrics` are mappings: their keys are
+#: named instead).
+COLUMN_KEYS = tuple(name for name in RESULT_FIELDS if name not in ("params", "metrics"))
+#: `metric.accuracy` names the task metric `accuracy` (a key of the `metrics` field).
+METRIC_PREFIX = "metric."
 TIME_FIELDS = frozenset(field.name for field in FIELDS if field.type is UTCDateTime)
 PARAM_KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 _CONDITION_RE = re.compile(r"^\s*([^\s<>=!]+)\s*(<=|>=|!=|==|=|<|>)\s*(.*?)\s*$")
 _NUMBER_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
-WHERE_HELP = ("KEY OP VALUE, OP one of = != < <= > >=; KEY a result field (e.g. status, task, eval_loss) or a "
-              "params key (e.g. lora.r)")
+WHERE_HELP = ("KEY OP VALUE, OP one of = != < <= > >=; KEY a result field (e.g. status, task, eval_loss), a "
+              "params key (e.g. lora.r) or a task metric (e.g. metric.accuracy)")
 
 
 def as_number(value: Any) -> float | None:
@@ -56,8 +61,26 @@ def is_column(key: str) -> bool:
     return key in COLUMN_KEYS
 
 
+def metric_name(key: str) -> str | None:
+    """The task metric that `key` names (`metric.accuracy` -> `accuracy`), or None for another key."""
+    return key[len(METRIC_PREFIX):] if key.startswith(METRIC_PREFIX) else None
+
+
+def mapping_value(row: Mapping[str, Any], key: str) -> Any:
+    """A row's value for a task metric key or a params key (None when the job has none)."""
+    name = metric_name(key)
+    found = row.get("metrics") if name is not None else row.get("params")
+    return found.get(key if name is None else name) if isinstance(found, Mapping) else None
+
+
 def check_param_key(key: str) -> None:
-    """Raise ValueError unless `key` can be a params key (a dotted spec path such as `lora.r`)."""
+    """Raise ValueError unless `key` can be a params key (a dotted spec path such as `lora.r`) or a
+    task metric key (`metric.<name>`)."""
+    if key in ("params", "metrics"):
+        raise ValueError(f"name one key of {key} (e.g. {'lora.r' if key == 'params' else 'metric.accuracy'}), "
+                         f"not `{key}` itself")
+    if metric_name(key) == "":
+        raise ValueError("name a task metric after `metric.`, e.g. metric.accuracy")
     if not PARAM_KEY_RE.match(key):
         raise ValueError(f"{key!r} is neither a result field nor a params key (letters, digits, '_', '-' and "
                          f"dots, e.g. lora.r); result fields: {', '.join(COLUMN_KEYS)}")
@@ -84,8 +107,6 @@ class Condition:
         if value == "":
             raise ValueError(f"{text!r} has no value after {op!r}; write e.g. {key}{op}8")
         if not is_column(key):
-            if key == "params":
-                raise ValueError("name one params key (e.g. lora.r=8), not `params` itself")
             check_param_key(key)
             return cls(key, op, value)
         return cls(key, op, value, _column_value(key, value))
@@ -103,9 +124,8 @@ class Condition:
         return OPERATORS[self.op](column, self.column_value)
 
     def matches(self, row: Mapping[str, Any]) -> bool:
-        """Whether a result row's params satisfy a condition on a params key."""
-        params = row.get("params") or {}
-        found = params.get(self.key) if isinstance(params, Mapping) else None
+        """Whether a result row satisfies a condition on a params key or a task metric."""
+        found = mapping_value(row, self.key)
         if found is None:
             return False
         number, wanted = as_number(found), as_number(self.value)

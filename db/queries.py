@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, and_, func, or_, select, update
 
-from db.conditions import Condition
+from db.conditions import Condition, as_number, as_text, mapping_value, metric_name
 from db.dependencies import skip_dependants
 from db.submission import chunks
 from db.tables import (
@@ -131,11 +131,16 @@ def result_rows(
 
     `batch` matches a batch id or a batch name; `status` is one status or several; every
     `where` condition must hold (those on result fields in SQL, those on params keys on the
-    fetched rows, before the limit). Ties are broken by job id (in the same direction).
-    Raises ValueError for a sort field that is not in `SORTABLE_COLUMNS`.
+    fetched rows, before the limit). Ties are broken by job id (in the same direction). `sort` may
+    be a task metric (`metric.accuracy`): those rows are sorted in Python.
+    Raises ValueError for a sort field that is not in `SORTABLE_COLUMNS` nor a task metric.
     """
+    if metric_name(sort):
+        found = result_rows(connection, batch=batch, task=task, extension=extension, status=status, where=where)
+        return _sorted_by_metric(found, sort, descending)[:limit]
     if sort not in SORTABLE_COLUMNS:
-        raise ValueError(f"cannot sort by {sort!r}; choose one of {', '.join(SORTABLE_COLUMNS)}")
+        raise ValueError(f"cannot sort by {sort!r}; choose one of {', '.join(SORTABLE_COLUMNS)} or a task "
+                         "metric (e.g. metric.accuracy)")
     column = jobs.c[sort]
     base = select(*_RESULT_COLUMNS).select_from(_JOBS_AND_BATCHES)
     if batch is not None:
@@ -152,7 +157,9 @@ def result_rows(
             base = base.where(condition.clause(connection.dialect.name))
         else:
             # A job without the key never matches: leave those rows in the database.
-            base = base.where(jobs.c.params[condition.key].as_string().is_not(None))
+            name = metric_name(condition.key)
+            mapping = jobs.c.params if name is None else jobs.c.metrics
+            base = base.where(mapping[condition.key if name is None else name].as_string().is_not(None))
     # Params conditions are checked here, after the query, so the limit waits for them.
     query_limit = None if on_params else limit
     order = column.desc() if descending else column.asc()
@@ -167,6 +174,26 @@ def result_rows(
     if on_params:
         found = [row for row in found if all(condition.matches(row) for condition in on_params)][:limit]
     return found
+
+
+def _sorted_by_metric(rows: list[dict[str, Any]], key: str, descending: bool) -> list[dict[str, Any]]:
+    """`rows` by a task metric's value (numbers by value), ties by job id; rows without it last, by id."""
+    def value(row: dict[str, Any]) -> tuple[Any, ...]:
+        found = mapping_value(row, key)
+        number = as_number(found)
+        return (0, number) if number is not None else (1, as_text(found))
+
+    present = [row for row in rows if mapping_value(row, key) is not None]
+    missing = [row for row in rows if mapping_value(row, key) is None]
+    present.sort(key=lambda row: (value(row), row["id"]), reverse=descending)
+    missing.sort(key=lambda row: row["id"], reverse=descending)
+    return present + missing
+
+
+def metric_names_in_use(connection: Connection, names: Collection[str]) -> set[str]:
+    """Which of the task metric `names` some job of the database has in its `metrics`."""
+    return {name for name in names
+            if connection.scalar(select(jobs.c.id).where(jobs.c.metrics[name].as_string().is_not(None)).limit(1))}
 
 
 def param_keys_in_use(connection: Connection, keys: Collection[str]) -> set[str]:

@@ -227,16 +227,24 @@ class _Datasets:
         elif isinstance(dataset, list):
             job["train"] = {**train, "dataset": [self._item(item) for item in dataset]}
 
+    def _problem(self, source: Any, columns: tuple[str, ...]) -> str | None:
+        needed = {name: source.columns.get(name, name) for name in columns}
+        key = (source.path, source.split, tuple(sorted(needed.items())))
+        if key not in self._problems:
+            self._problems[key] = check_dataset(source.path, source.split, needed)
+        return self._problems[key]
+
     def problem(self, spec: JobSpec) -> str | None:
         """Why one of the job's dataset sources cannot serve, or None."""
         train = spec.train
         for source in train.sources if train is not None else []:
-            needed = {name: source.columns.get(name, name) for name in train.needed_columns}
-            key = (source.path, source.split, tuple(sorted(needed.items())))
-            if key not in self._problems:
-                self._problems[key] = check_dataset(source.path, source.split, needed)
-            if self._problems[key] is not None:
-                return self._problems[key]
+            # A hub base's objective is read by the worker: `label` data may be for a classifier.
+            choices = [train.needed_columns]
+            if train.objective is None and train.format != "chat":
+                choices.append(("input", "label"))
+            found = [self._problem(source, columns) for columns in choices]
+            if all(problem is not None for problem in found):
+                return found[0]
         return None
 
 

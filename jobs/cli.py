@@ -500,10 +500,14 @@ def _parse_each(values: Sequence[str], parse: Callable[[str], Any], option: str)
 def _check_param_keys(connection: Any, keys: Sequence[str], option: str) -> None:
     """Refuse a key without a dot that is neither a result field nor any job's param (a typo of a
     field, most likely); note on stderr a dotted key that no job has, which matches nothing."""
-    from db.conditions import COLUMN_KEYS
-    from db.queries import param_keys_in_use
+    from db.conditions import COLUMN_KEYS, metric_name
+    from db.queries import metric_names_in_use, param_keys_in_use
 
     keys = [key for key in dict.fromkeys(keys) if key not in COLUMN_KEYS]
+    metrics = {name for key in keys if (name := metric_name(key))}
+    for name in sorted(metrics - metric_names_in_use(connection, metrics)):
+        click.echo(f"note: no job has the task metric {name!r} ({option} metric.{name} matches no job)", err=True)
+    keys = [key for key in keys if not metric_name(key)]
     if not keys:
         return
     unused = [key for key in keys if key not in param_keys_in_use(connection, keys)]
@@ -523,7 +527,16 @@ def _param_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def _param_cell(row: dict[str, Any], key: str) -> Any:
-    return (row["params"] or {}).get(key)
+    from db.conditions import mapping_value
+
+    return mapping_value(row, key)
+
+
+def _metric_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """`metric.<name>` for each task metric that one of `rows` has, sorted."""
+    from db.conditions import METRIC_PREFIX
+
+    return sorted({METRIC_PREFIX + name for row in rows for name in (row["metrics"] or {})})
 
 
 @cli.command()
@@ -576,14 +589,15 @@ def results(ctx: click.Context, batch: str | None, task: str | None, extension: 
         _grouped_results(ctx, batch=batch, task=task, extension=extension, status=status_, conditions=conditions,
                          group_by=group_by, agg=agg, limit=limit, sort=sort, desc=desc, fmt=fmt)
         return
+    from db.conditions import metric_name
     from db.queries import result_rows
     from db.tables import NUMERIC_FIELDS, RESULT_FIELDS, SORTABLE_COLUMNS
 
     field, descending = _sort_option(sort)
     descending = descending or desc
-    if field not in SORTABLE_COLUMNS:
-        raise click.BadParameter(f"cannot sort by {field!r}; choose one of {', '.join(SORTABLE_COLUMNS)}",
-                                 param_hint="--sort")
+    if field not in SORTABLE_COLUMNS and not metric_name(field):
+        raise click.BadParameter(f"cannot sort by {field!r}; choose one of {', '.join(SORTABLE_COLUMNS)} or a "
+                                 "task metric (e.g. metric.accuracy)", param_hint="--sort")
     # A table is read by a person: without --limit it shows the newest jobs, not all of them.
     capped = fmt == "table" and limit is None
     newest = capped and field == "created_at" and not descending
@@ -596,14 +610,15 @@ def results(ctx: click.Context, batch: str | None, task: str | None, extension: 
         # The newest N in ascending order: the first N of the descending order, reversed.
         rows = result_rows(connection, **filters, limit=limit, sort=field, descending=descending != newest)
     if fmt == "json":
-        click.echo(json.dumps([{k: _iso(v) for k, v in row.items()} | {"params": row["params"] or {}}
+        click.echo(json.dumps([{k: _iso(v) for k, v in row.items()}
+                               | {"params": row["params"] or {}, "metrics": row["metrics"] or {}}
                                for row in rows], indent=2))
         return
     if fmt == "csv":
         from db.conditions import as_text
 
-        fixed = [key for key in RESULT_FIELDS if key != "params"]
-        param_keys = _param_columns(rows)
+        fixed = [key for key in RESULT_FIELDS if key not in ("params", "metrics")]
+        param_keys = _metric_columns(rows) + _param_columns(rows)
         _write_csv(fixed + param_keys, (
             [_iso(row[key]) for key in fixed] + [_param_cell(row, key) for key in param_keys] for row in rows
         ), as_text)
@@ -635,13 +650,14 @@ def _write_csv(columns: Sequence[str], rows: Iterator[list[Any]], text: Callable
 
 
 def _print_results_table(rows: Sequence[dict[str, Any]], numeric: Collection[str]) -> None:
-    """The results table: the fixed columns (and `name` when a job has one), then one per params key."""
+    """The results table: the fixed columns (and `name` when a job has one), then one per task metric
+    (`metric.<name>`) and one per params key."""
     from db.conditions import as_number
 
     columns = list(TABLE_COLUMNS)
     if any(row["name"] for row in rows):
         columns.insert(columns.index("task") + 1, "name")
-    param_keys = _param_columns(rows)
+    param_keys = _metric_columns(rows) + _param_columns(rows)
     right = set(numeric) | {key for key in param_keys if all(
         as_number(value) is not None for row in rows if (value := _param_cell(row, key)) is not None)}
     _print(_table(columns + param_keys,
@@ -748,7 +764,7 @@ def show(ctx: click.Context, job_id: str, fmt: str) -> None:
                       "loss": job.progress_loss},
             loss_curve=[{"step": s, "split": sp, "loss": loss} for s, sp, loss in loss_curve(connection, job_id)],
         )
-    record.update(params=record["params"] or {}, history=record["history"] or [])
+    record.update(params=record["params"] or {}, metrics=record["metrics"] or {}, history=record["history"] or [])
     if fmt == "json":
         click.echo(json.dumps({k: _iso(v) for k, v in record.items()}, indent=2))
         return
@@ -765,6 +781,9 @@ def show(ctx: click.Context, job_id: str, fmt: str) -> None:
         progress = record["progress"]
         click.echo(f"progress:\n  {progress['phase'] or '-'} step {_fmt(progress['step'])}/{_fmt(progress['total'])} "
                    f"loss {_fmt(progress['loss'])}")
+    if record["metrics"]:
+        click.echo("task metrics:\n" + "\n".join(f"  {name:<18} {_fmt(value)}"
+                                                  for name, value in sorted(record["metrics"].items())))
     if record["versions"]:
         click.echo("versions:\n" + "".join(f"  {k:<18} {v}\n" for k, v in record["versions"].items()).rstrip("\n"))
     click.echo("spec:\n  " + json.dumps(record["spec"], sort_keys=True))

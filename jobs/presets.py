@@ -1,7 +1,7 @@
 """Architectures shipped with graftq for `random:<preset>` base models (torch-free).
 
 Each preset is a Hugging Face config (as a plain dict), its family's task type (which says
-at validation whether it can train: "encoder" cannot) and the fixed seed its random weights
+at validation which objectives it can train: see `jobs.metrics.OBJECTIVES_BY_TASK_TYPE`) and the fixed seed its random weights
 are drawn from, so that the same preset always yields the same weights.
 Vocabularies are sized for graftq's byte-level tokenizer (3 specials + 256 bytes), except
 `flan-t5-small`, which keeps google/flan-t5-small's exact architecture.
@@ -64,6 +64,17 @@ PRESETS: dict[str, dict[str, Any]] = {
             "model_type": "bert", "vocab_size": BYTE_VOCAB_SIZE, "hidden_size": 64, "num_hidden_layers": 2,
             "num_attention_heads": 4, "intermediate_size": 128, "max_position_embeddings": 512,
             "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "pad_token_id": 0,
+        },
+    },
+    "roberta-tiny": {
+        "task_type": "encoder",
+        "seed": 1234,
+        # RoBERTa numbers positions from pad_token_id + 1: two more positions than BERT.
+        "config": {
+            "model_type": "roberta", "vocab_size": BYTE_VOCAB_SIZE, "hidden_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "intermediate_size": 128, "max_position_embeddings": 514,
+            "type_vocab_size": 1, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+            "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1,
         },
     },
     "bart-tiny": {

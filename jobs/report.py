@@ -64,7 +64,11 @@ class Metric:
 
 def metric_direction(name: str) -> bool | None:
     """Whether higher values of metric `name` are better (True), lower (False), or unknown (None)."""
+    from jobs.metrics import METRICS
+
     bare = name.removeprefix("metric.")
+    if bare in METRICS:  # the task-metric registry knows each of its metrics' direction
+        return METRICS[bare].higher_is_better
     if bare in HIGHER_IS_BETTER or bare.startswith("rouge"):
         return True
     if any(bare == word or bare.endswith(word) for word in LOWER_IS_BETTER):

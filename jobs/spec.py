@@ -11,9 +11,18 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from jobs.extensions import EXTENSION_KINDS
+from jobs.metrics import check_metrics, resolve_objective
 
 TASK_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 #: A reference to a job recorded earlier (any batch), in `needs` and the `from` keys.
@@ -285,6 +294,18 @@ class TrainSpec(_Spec):
     eval_fraction: Annotated[
         float, Field(ge=0, lt=1, description="Fraction of the dataset held out for evaluation (0 = no eval).")
     ] = 0.1
+    objective: Annotated[
+        Literal["seq2seq", "causal", "classification"] | None,
+        Field(description="`seq2seq`, `causal` or `classification` (a `label` column instead of `target`; a "
+              "classification head trains with the extension). Default by the base's family: seq2seq on "
+              "encoder-decoder, causal on decoder-only, classification on encoder-only models."),
+    ] = None
+    metrics: Annotated[
+        list[str] | None,
+        Field(description="Task metrics computed on the eval split after training (see `jobs/metrics.py`): "
+              "`accuracy`, `f1` (macro) for classification. Default: the objective's defaults "
+              "(classification: accuracy, f1)."),
+    ] = None
     max_length: Annotated[
         int, Field(gt=0, le=8192, description="Token limit applied to inputs and targets (truncation).")
     ] = 64
@@ -356,6 +377,11 @@ class TrainSpec(_Spec):
                                                      "split": source.split or self.split}))
         return sources
 
+    @field_validator("metrics")
+    @classmethod
+    def _metrics(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        return None if value is None else check_metrics(value, info.data.get("objective"))
+
     @property
     def effective_batch_size(self) -> int:
         """Examples per optimizer step."""
@@ -369,7 +395,9 @@ class TrainSpec(_Spec):
     @property
     def needed_columns(self) -> tuple[str, ...]:
         """graftq's columns every source must provide (after `columns` maps them)."""
-        return ("messages",) if self.format == "chat" else ("input", "target")
+        if self.format == "chat":
+            return ("messages",)
+        return ("input", "label") if self.objective == "classification" else ("input", "target")
 
     @model_validator(mode="after")
     def _length(self) -> TrainSpec:
@@ -489,8 +517,10 @@ class JobSpec(_Spec):
             if self.base_model.startswith("random:"):
                 from jobs.presets import PRESETS
 
-                if PRESETS[self.base_model.removeprefix("random:")]["task_type"] == "encoder":
-                    raise ValueError("train jobs on encoder-only models are not supported yet: use kind: create")
+                # A hub or local base's family is known only where its config is read: the worker
+                # resolves the objective for those.
+                task_type = PRESETS[self.base_model.removeprefix("random:")]["task_type"]
+                object.__setattr__(self, "train", resolve_train(self.train, task_type))
         else:
             object.__setattr__(self, "train", None)
         return self
@@ -520,6 +550,19 @@ class JobSpec(_Spec):
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
+
+
+def resolve_train(train: TrainSpec, task_type: str) -> TrainSpec:
+    """`train` with its objective resolved for a base of `task_type` and its metrics checked
+    against that objective (the defaults filled in). Raises ValueError naming the key."""
+    objective = resolve_objective(task_type, train.objective)
+    try:
+        metrics = check_metrics(train.metrics, objective)
+    except ValueError as error:
+        raise ValueError(f"train.metrics: {error}") from None
+    if objective == train.objective and metrics == train.metrics:
+        return train
+    return train.model_copy(update={"objective": objective, "metrics": metrics})
 
 
 #: section name -> its spec: every JobSpec key whose value is a mapping of settings

@@ -129,12 +129,12 @@ def test_task_names_that_could_escape_the_artifacts_dir_are_rejected(tmp_path, t
     assert len(problem) < 400  # a 500-character name is shortened in the message
 
 
-def test_bert_train_jobs_are_refused_at_validation(tmp_path, dataset):
+def test_bert_train_jobs_need_a_label_column(tmp_path, dataset):
     [problem] = _problems(tmp_path, """
         base_model: random:bert-tiny
         jobs: [{task: a, extension: lora, train: {dataset: data/reverse.jsonl}}]
     """)
-    assert "job 0" in problem and "kind: create" in problem
+    assert "job 0" in problem and "no column `label`" in problem
 
 
 def test_yaml_syntax_errors_and_missing_files_are_spec_errors(tmp_path):

@@ -102,7 +102,7 @@ def test_json_gives_every_job_its_params_and_name(recorded):
 def test_csv_has_one_column_per_params_key(recorded):
     url, written = recorded
     reader = csv.DictReader(io.StringIO(_invoke(url, "--format", "csv").stdout))
-    assert reader.fieldnames == [f for f in RESULT_FIELDS if f != "params"] + [
+    assert reader.fieldnames == [f for f in RESULT_FIELDS if f not in ("params", "metrics")] + [
         "lora.r", "train.learning_rate", "train.seed"]
     by_id = {row["id"]: row for row in reader}
     first, plain = written[0], written[-1]

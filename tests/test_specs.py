@@ -55,9 +55,9 @@ def test_bad_values_name_the_key_and_the_fix(overrides, key, fix):
     assert all(line.startswith("job 1 (reverse): ") for line in lines)
 
 
-def test_encoder_only_training_is_refused_with_the_reason():
-    lines = problems(kind="train", base_model="random:bert-tiny", train={"dataset": "d.jsonl"})
-    assert any("encoder-only" in line and "kind: create" in line for line in lines)
+def test_an_objective_the_family_cannot_train_is_refused_with_the_choices():
+    lines = problems(kind="train", base_model="random:bert-tiny", train={"dataset": "d.jsonl", "objective": "causal"})
+    assert any("encoder-only" in line and "use classification" in line for line in lines)
 
 
 def test_a_registered_kind_is_valid_at_once_and_gets_only_its_sections():

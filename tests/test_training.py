@@ -226,9 +226,8 @@ def test_bad_dataset_names_the_key(rows, message, tmp_path):
     assert "train.dataset" in str(error.value) and message in str(error.value)
 
 
-def test_encoder_only_train_jobs_are_refused_at_validation():
-    with pytest.raises(ValueError, match="encoder-only"):
-        make_spec("lora", "bert-tiny")
+def test_encoder_only_train_jobs_default_to_classification():
+    assert make_spec("lora", "bert-tiny").train.objective == "classification"
 
 
 def test_unknown_target_module_fails_the_job_before_anything_is_written(tmp_path):

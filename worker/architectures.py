@@ -14,7 +14,7 @@ from worker.errors import ConfigError
 @dataclass(frozen=True)
 class Architecture:
     family: str
-    #: "seq2seq", "causal" or "encoder": what training (if any) the family gets
+    #: "seq2seq", "causal" or "encoder": the objectives the family trains (jobs.metrics.OBJECTIVES_BY_TASK_TYPE)
     task_type: str
     #: stack name -> candidate dotted paths (from the loaded model's root) of its ModuleList of blocks
     stacks: dict[str, tuple[str, ...]]
@@ -81,12 +81,19 @@ register(Architecture(
 ))
 register(Architecture(
     family="bert", task_type="encoder",
-    stacks={"encoder": ("bert.encoder.layer", "encoder.layer", "roberta.encoder.layer")},
+    stacks={"encoder": ("bert.encoder.layer", "encoder.layer")},
     default_stack="encoder",
     layer_count_keys={"encoder": "num_hidden_layers"},
     output_projections=("attention.output.dense", "output.dense"),
     default_lora_targets=("query", "key", "value"),
-    model_types=("roberta",),
+))
+register(Architecture(
+    family="roberta", task_type="encoder",
+    stacks={"encoder": ("roberta.encoder.layer", "encoder.layer")},
+    default_stack="encoder",
+    layer_count_keys={"encoder": "num_hidden_layers"},
+    output_projections=("attention.output.dense", "output.dense"),
+    default_lora_targets=("query", "key", "value"),
 ))
 
 

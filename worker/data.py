@@ -1,6 +1,7 @@
 """Datasets: the rows of `train.dataset`'s sources (files, save_to_disk directories, `hf:` datasets
 from the local cache), their columns mapped to graftq's, mixed by weight and tokenised for the
-model family (input/target pairs, or chat conversations with the loss on the assistant turns)."""
+model family (input/target pairs, input/label pairs for classification, or chat conversations with
+the loss on the assistant turns)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import csv
 import json
 import logging
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,9 +230,40 @@ def read_training_rows(spec: TrainSpec) -> tuple[list[dict[str, Any]], list[dict
     return train_rows, eval_rows
 
 
-def tokenize(rows: list[dict[str, str]], tokenizer, task_type: str, max_length: int) -> list[Example]:
-    """Seq2seq: encoder input / decoder labels. Causal: input + eos + target + eos, loss on the target only."""
+def label_set(rows: list[dict[str, Any]]) -> list[str]:
+    """The distinct labels of classification rows, as text, sorted: by value when every label is an
+    integer (so "10" follows "9"), else as text."""
+    labels = {str(row["label"]) for row in rows}
+    if all(re.fullmatch(r"[+-]?\d+", label) for label in labels):
+        return sorted(labels, key=int)
+    return sorted(labels)
+
+
+def read_labels(spec: TrainSpec) -> list[str]:
+    """The label set of a classification job's training data: every row of its sources (see `label_set`)."""
+    return label_set(read_mixture(spec.sources, spec.needed_columns))
+
+
+def label_ids(rows: list[dict[str, Any]], labels: list[str], source: str) -> list[int]:
+    """Each row's label as its index in `labels`; JobError names `source` and the unknown label."""
+    index = {label: i for i, label in enumerate(labels)}
+    for row in rows:
+        if str(row["label"]) not in index:
+            raise JobError(f"train.dataset: {source} has the label {str(row['label'])!r}, which the training data "
+                           f"does not have (labels: {', '.join(labels)}); every evaluated label must be a trained one")
+    return [index[str(row["label"])] for row in rows]
+
+
+def tokenize(rows: list[dict[str, Any]], tokenizer, task_type: str, max_length: int,
+             labels: list[str] | None = None, source: str = "the dataset") -> list[Example]:
+    """Seq2seq: encoder input / decoder labels. Causal: input + eos + target + eos, loss on the target only.
+    Classification: the input as the tokenizer frames a sequence (`encode_sequence`), and the label's
+    index in `labels` (JobError naming `source` for an unknown one)."""
     eos = tokenizer.eos_token_id
+    if task_type == "classification":
+        ids = label_ids(rows, labels or [], source)
+        return [Example(input_ids=tokenizer.encode_sequence(row["input"], max_length), labels=[label])
+                for row, label in zip(rows, ids, strict=True)]
     examples = []
     for row in rows:
         source = tokenizer.encode(row["input"], max_length - 1)
@@ -321,8 +354,11 @@ def collate(batch: list[Example], task_type: str, pad_id: int) -> dict[str, torc
     input_ids = torch.tensor([e.input_ids + [pad_id] * (width - len(e.input_ids)) for e in batch], dtype=torch.long)
     attention = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in batch],
                              dtype=torch.long)
-    labels = torch.tensor([e.labels + [IGNORE_INDEX] * (label_width - len(e.labels)) for e in batch],
-                          dtype=torch.long)
+    if task_type == "classification":  # one label index per example
+        labels = torch.tensor([e.labels[0] for e in batch], dtype=torch.long)
+    else:
+        labels = torch.tensor([e.labels + [IGNORE_INDEX] * (label_width - len(e.labels)) for e in batch],
+                              dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 

@@ -19,7 +19,7 @@ import torch
 import transformers
 
 from jobs.presets import PRESETS
-from worker.architectures import Architecture, architecture_for
+from worker.architectures import ARCHITECTURES, Architecture, architecture_for
 from worker.device import DeviceManager
 from worker.errors import ConfigError, JobError
 from worker.tokenizer import MARKER_FILE, ByteTokenizer, HFTokenizer
@@ -31,6 +31,15 @@ _AUTO_CLASSES = {
     "causal": transformers.AutoModelForCausalLM,
     "encoder": transformers.AutoModelForMaskedLM,
 }
+#: the modules that hold a sequence classifier's head (PEFT's SEQ_CLS `modules_to_save` too)
+HEAD_MODULES = ("classifier", "score")
+
+
+def auto_class(task_type: str, objective: str | None = None):
+    """The transformers Auto class a base of `task_type` is loaded with for `objective`."""
+    if objective == "classification":
+        return transformers.AutoModelForSequenceClassification
+    return _AUTO_CLASSES[task_type]
 
 
 @dataclass
@@ -43,8 +52,12 @@ class BaseModel:
     arch: Architecture
 
 
-def build_random_preset(name: str) -> tuple[torch.nn.Module, ByteTokenizer]:
-    """Build `random:<name>` from its shipped config with the preset's fixed seed (CPU, fp32)."""
+def build_random_preset(name: str, objective: str | None = None) -> tuple[torch.nn.Module, ByteTokenizer]:
+    """Build `random:<name>` from its shipped config with the preset's fixed seed (CPU, fp32).
+
+    With `objective` "classification" it is the family's sequence classifier (two labels; see
+    `classifier_model` for a job's own head): the base weights come from the same seed.
+    """
     try:
         preset = PRESETS[name]
     except KeyError:
@@ -57,7 +70,7 @@ def build_random_preset(name: str) -> tuple[torch.nn.Module, ByteTokenizer]:
     # what the process drew from torch's RNG before.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(preset["seed"])
-        model = _AUTO_CLASSES[arch.task_type].from_config(config)
+        model = auto_class(arch.task_type, objective).from_config(config)
     model.name_or_path = f"random:{name}"
     return model, ByteTokenizer()
 
@@ -76,19 +89,28 @@ def base_family(name: str) -> str | None:
         return None
 
 
-def load_base_model(name: str, device_manager: DeviceManager) -> BaseModel:
-    """Load a base model, freeze it and place it per the dtype policy. Raises JobError/ConfigError."""
+def base_task_type(name: str) -> str | None:
+    """The task type ("seq2seq", "causal", "encoder") of base model `name`; None if it cannot be read."""
+    family = base_family(name)
+    return None if family is None else ARCHITECTURES[family].task_type
+
+
+def load_base_model(name: str, device_manager: DeviceManager, objective: str | None = None) -> BaseModel:
+    """Load a base model, freeze it and place it per the dtype policy. Raises JobError/ConfigError.
+
+    With `objective` "classification" the model is the family's sequence classifier.
+    """
     if name.startswith("random:"):
-        model, tokenizer = build_random_preset(name.removeprefix("random:"))
+        model, tokenizer = build_random_preset(name.removeprefix("random:"), objective)
         device_manager.place_base(model)
     else:
-        model, tokenizer = _load_pretrained(name, device_manager)
+        model, tokenizer = _load_pretrained(name, device_manager, objective)
     model.requires_grad_(False)
     model.eval()
     return BaseModel(name=name, model=model, tokenizer=tokenizer, arch=architecture_for(model))
 
 
-def _load_pretrained(name: str, device_manager: DeviceManager):
+def _load_pretrained(name: str, device_manager: DeviceManager, objective: str | None = None):
     path = Path(name).expanduser()
     local = path.is_dir()
     source = str(path) if local else name
@@ -99,7 +121,7 @@ def _load_pretrained(name: str, device_manager: DeviceManager):
         arch = architecture_for(config)
         # Loaded straight into the device and the base dtype: no fp32 copy in host memory, and
         # transformers keeps its fp32 buffers and `keep_in_fp32` modules.
-        model = _AUTO_CLASSES[arch.task_type].from_pretrained(
+        model = auto_class(arch.task_type, objective).from_pretrained(
             source, local_files_only=True, dtype=device_manager.base_dtype, device_map=str(device_manager.device))
     except (OSError, ValueError) as error:
         if local:
@@ -144,6 +166,59 @@ def structural_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def classification_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The head of a sequence classifier (PEFT's wrapper around it on a PEFT model); None for any other model."""
+    get_base = getattr(model, "get_base_model", None)
+    root = get_base() if callable(get_base) else model
+    if not type(root).__name__.endswith("ForSequenceClassification"):
+        return None
+    return next((getattr(root, name) for name in HEAD_MODULES if isinstance(getattr(root, name, None),
+                                                                             torch.nn.Module)), None)
+
+
+def classifier_model(base: BaseModel, labels: list[str], seed: int) -> torch.nn.Module:
+    """A job's classifier: a structural copy of the classifier `base` (frozen, shared tensors) with a
+    new fp32 head for `labels`, drawn from a generator seeded with `seed` (normal with the config's
+    `initializer_range`, zero biases), and `id2label`/`label2id` in its config.
+    Raises JobError for fewer than two labels.
+    """
+    if len(labels) < 2:
+        raise JobError(f"train.dataset: a classifier needs at least two labels; the training data has "
+                       f"{len(labels)} ({', '.join(map(repr, labels)) or 'none'})")
+    model = structural_copy(base.model)
+    root_head = classification_head(model)
+    if root_head is None:
+        raise ConfigError(f"base_model: {base.name!r} was not loaded as a sequence classifier")
+    head = copy.deepcopy(root_head).to(torch.float32)  # fresh tensors: the cached head stays as it is
+    linears = [(name, module) for name, module in head.named_modules() if isinstance(module, torch.nn.Linear)]
+    last_name, last = linears[-1]
+    out = torch.nn.Linear(last.in_features, len(labels), bias=last.bias is not None)
+    head = out if not last_name else head
+    if last_name:
+        parent, _, attr = last_name.rpartition(".")
+        setattr(head.get_submodule(parent) if parent else head, attr, out)
+    generator = torch.Generator().manual_seed(seed)
+    std = getattr(model.config, "initializer_range", 0.02)
+    with torch.no_grad():
+        for module in head.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std)
+                if module.bias is not None:
+                    module.bias.zero_()
+    for name in HEAD_MODULES:
+        if getattr(model, name, None) is root_head:
+            setattr(model, name, head)
+    config = model.config
+    config.num_labels = len(labels)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {label: index for index, label in enumerate(labels)}
+    config.problem_type = "single_label_classification"
+    if config.pad_token_id is None:  # decoder-only classifiers find each row's last token by it
+        config.pad_token_id = base.tokenizer.pad_token_id
+    head.to(next(base.model.parameters()).device)
+    return model
+
+
 class BaseModelCache:
     """Keeps the most recently used base model(s) of this process (one by default)."""
 
@@ -154,9 +229,9 @@ class BaseModelCache:
         self.hits = 0
         self.misses = 0
 
-    def get(self, name: str, device_manager: DeviceManager) -> tuple[BaseModel, bool]:
-        """Return (base model, whether it came from the cache)."""
-        key = (name, str(device_manager.device), device_manager.dtype_name)
+    def get(self, name: str, device_manager: DeviceManager, objective: str | None = None) -> tuple[BaseModel, bool]:
+        """Return (base model, whether it came from the cache); a classifier for `objective` "classification"."""
+        key = (name, str(device_manager.device), device_manager.dtype_name, objective == "classification")
         with self._lock:
             if key in self._models:
                 self.hits += 1
@@ -166,7 +241,7 @@ class BaseModelCache:
             while len(self._models) >= self.capacity:
                 self._models.pop(next(iter(self._models)))
                 device_manager.release()
-            base = load_base_model(name, device_manager)
+            base = load_base_model(name, device_manager, objective)
             if self.capacity > 0:
                 self._models[key] = base
             return base, False

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from jobs.extensions import EXTENSION_KINDS
-from jobs.spec import JOB_REF_RE, JobKind, JobSpec
+from jobs.metrics import resolve_objective
+from jobs.spec import JOB_REF_RE, JobKind, JobSpec, resolve_train
 from worker.artifacts import job_directory, write_atomically, write_job_json
 from worker.errors import JobCancelled, JobError
 
@@ -84,6 +85,8 @@ class JobOutcome:
     #: the loss curve: (step, split, loss) with split "train" or "eval"
     loss_curve: list[tuple[int, str, float]] = field(default_factory=list)
     setup_seconds: float = 0.0
+    #: task metrics on the eval split (`train.metrics`): name -> value
+    task_metrics: dict[str, float] = field(default_factory=dict)
 
 
 def parent_refs(spec: JobSpec) -> dict[str, str]:
@@ -215,14 +218,35 @@ def _clear_frames(error: BaseException) -> None:
         error = error.__cause__ or error.__context__
 
 
+def resolve_objective_of(spec: JobSpec) -> tuple[JobSpec, str]:
+    """(`spec` with `train.objective` and `train.metrics` resolved for its base, the objective).
+
+    A create job gets the objective of its base's family: the model a train job would build.
+    Raises JobError for an objective or a metric the base cannot have.
+    """
+    from worker.models import base_task_type
+
+    task_type = base_task_type(spec.base_model)
+    if task_type is None:  # the base cannot be read: loading it reports why
+        return spec, spec.train.objective if spec.train is not None else None
+    try:
+        if spec.train is None:
+            return spec, resolve_objective(task_type, None)
+        train = resolve_train(spec.train, task_type)
+    except ValueError as error:
+        raise JobError(str(error)) from None
+    return spec.model_copy(update={"train": train}), train.objective
+
+
 def _run_job(ctx: JobContext) -> JobOutcome:
+    from worker.data import read_labels
     from worker.device import DeviceManager
     from worker.extensions import ExtensionConfig, extension_class
-    from worker.models import BASE_MODELS, base_family
+    from worker.models import BASE_MODELS, base_family, classifier_model
     from worker.training import Trainer
 
     _freeze_startup_objects()
-    spec = ctx.spec
+    spec, objective = resolve_objective_of(ctx.spec)
     job_dir = ctx.job_dir  # validates the ids before anything runs
     report = ctx.on_progress or (lambda progress: None)
     cancelled = ctx.should_cancel or (lambda: False)
@@ -235,11 +259,17 @@ def _run_job(ctx: JobContext) -> JobOutcome:
     started = time.perf_counter()
     device_manager = DeviceManager(spec.device, spec.dtype, family=base_family(spec.base_model))
     device_manager.reset_peak_memory()
-    base, from_cache = BASE_MODELS.get(spec.base_model, device_manager)
+    base, from_cache = BASE_MODELS.get(spec.base_model, device_manager, objective)
     seed = spec.train.seed if spec.train is not None else 0
     device_manager.seed(seed)
+    labels = None
+    base_model = base.model
+    if objective == "classification":
+        # A create job has no data: it counts the model with a two-label head.
+        labels = read_labels(spec.train) if spec.train is not None else ["0", "1"]
+        base_model = classifier_model(base, labels, seed)
     config = ExtensionConfig.from_job_spec(spec, _start_from(spec, ctx.needed_dirs))
-    extension = extension_class(spec.extension)(base.model, config, device_manager)
+    extension = extension_class(spec.extension)(base_model, config, device_manager)
     model = extension.build(spec.task)
     stats = extension.statistics(spec.task)
     refs = parent_refs(spec)
@@ -252,6 +282,7 @@ def _run_job(ctx: JobContext) -> JobOutcome:
 
     metrics: dict = {"train_loss": None, "eval_loss": None, "steps": 0, "tokens_per_second": None,
                      "train_seconds": None}
+    task_metrics: dict[str, float] = {}
     curve: list[tuple[int, str, float]] = []
     resumed_from_step = 0
     resume_dir = ctx.resume_dir
@@ -264,14 +295,15 @@ def _run_job(ctx: JobContext) -> JobOutcome:
                 last_report[0] = now
                 report(Progress(step=step, total_steps=total, loss=loss))
 
-        trainer = Trainer(model, base.tokenizer, base.arch.task_type, spec.train, device_manager,
+        trainer = Trainer(model, base.tokenizer, objective, spec.train, device_manager,
                           on_step=on_step, should_cancel=cancelled,
-                          checkpoint_dir=resume_dir if spec.train.checkpoint_every else None)
+                          checkpoint_dir=resume_dir if spec.train.checkpoint_every else None, labels=labels)
         try:
             trainer.setup()
             if trainer.step:
                 log.info("job %s: resuming from the checkpoint at step %d", ctx.job_id, trainer.step)
             result = trainer.train()
+            task_metrics = trainer.task_metrics()
         finally:
             trainer.cleanup()
         metrics.update(train_loss=result.train_loss, eval_loss=result.eval_loss, steps=result.steps,
@@ -289,8 +321,10 @@ def _run_job(ctx: JobContext) -> JobOutcome:
         "metrics": {**metrics, "resumed_from_step": resumed_from_step,
                     **({"effective_batch_size": spec.train.effective_batch_size} if spec.train else {})},
         "device": str(device_manager.device),
-        "dtype": device_manager.dtype_name, "versions": versions,
+        "dtype": device_manager.dtype_name, "versions": versions, "task_metrics": task_metrics,
     }
+    if labels is not None:
+        payload["labels"] = labels
     if started_from:
         payload["started_from"] = started_from
     artifacts = write_atomically(job_dir, functools.partial(_write_artifacts, extension, spec, payload))
@@ -300,17 +334,18 @@ def _run_job(ctx: JobContext) -> JobOutcome:
         dtype=device_manager.dtype_name, versions=versions, job_dir=str(job_dir),
         adapter_path=str(job_dir / artifacts["adapter"]) if "adapter" in artifacts else None,
         layer_path=str(job_dir / artifacts["layer"]) if "layer" in artifacts else None,
-        loss_curve=curve, setup_seconds=setup_seconds,
+        loss_curve=curve, setup_seconds=setup_seconds, task_metrics=task_metrics,
     )
     # Drop this job's model before freeing memory, so nothing leaks into the next job.
-    del model, extension
+    del model, extension, base_model
     device_manager.release()
     return outcome
 
 
 def _write_artifacts(extension, spec: JobSpec, payload: dict, directory: Path) -> dict[str, Path]:
-    """Save the task's artifacts and job.json in `directory`; return {role: path relative to it}."""
-    saved = extension.save(spec.task, directory)
+    """Save the task's artifacts and job.json in `directory`; return {role: path relative to it}.
+    A classifier's head that no PEFT adapter holds (a layer job's) is saved under `head/`."""
+    saved = {**extension.save(spec.task, directory), **extension.save_head(spec.task, directory)}
     write_job_json(directory, payload)
     return {role: Path(path).relative_to(directory) for role, path in saved.items()}
 
@@ -324,16 +359,22 @@ def load_job_model(job_dir: str | Path, device: str = "cpu", dtype: str = "auto"
     from worker.artifacts import read_job_json
     from worker.device import DeviceManager
     from worker.extensions import ExtensionConfig, extension_class
-    from worker.models import base_family, load_base_model
+    from worker.models import base_family, classification_head, classifier_model, load_base_model
 
     job_dir = Path(job_dir)
     info = read_job_json(job_dir)
-    spec = JobSpec.model_validate(info["spec"])
+    spec, objective = resolve_objective_of(JobSpec.model_validate(info["spec"]))
     device_manager = DeviceManager(device, dtype, family=base_family(spec.base_model))
-    base = load_base_model(spec.base_model, device_manager)
-    extension = extension_class(spec.extension)(base.model, ExtensionConfig.from_job_spec(spec), device_manager)
+    base = load_base_model(spec.base_model, device_manager, objective)
+    base_model = base.model
+    if objective == "classification":
+        seed = spec.train.seed if spec.train is not None else 0
+        base_model = classifier_model(base, info.get("labels") or ["0", "1"], seed)
+    extension = extension_class(spec.extension)(base_model, ExtensionConfig.from_job_spec(spec), device_manager)
     model = extension.load(spec.task, job_dir)
-    for block in extension.new_blocks[spec.task]:
+    extension.load_head(model, job_dir)
+    head = classification_head(model)
+    for block in [*extension.new_blocks[spec.task], *([head] if head is not None else [])]:
         device_manager.place_base(block)
     model.eval()
     return model, base.tokenizer, info

@@ -7,9 +7,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import ModulesToSaveWrapper
 
 #: the parameter groups an extension may declare; group `g` is counted in `g_params`
-GROUPS = ("lora", "layer")
+#: ("head": a classifier's head, which trains with any kind)
+GROUPS = ("lora", "layer", "head")
 
 
 def count_params(params: Iterable[torch.nn.Parameter]) -> int:
@@ -37,6 +39,12 @@ def own_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if id(p) not in adapters]
 
 
+def saved_module_copies(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters of PEFT's `modules_to_save` wrappers in `module` (a classifier's head): the frozen
+    original and every adapter's trainable copy. A task's model computes with its own copy only."""
+    return [p for layer in module.modules() if isinstance(layer, ModulesToSaveWrapper) for p in layer.parameters()]
+
+
 @dataclass(frozen=True)
 class ParamStats:
     base_params: int
@@ -44,6 +52,7 @@ class ParamStats:
     trainable_params: int
     lora_params: int
     layer_params: int
+    head_params: int = 0
 
     @property
     def trainable_pct(self) -> float:
@@ -64,8 +73,10 @@ def param_stats(model: torch.nn.Module, base_params: int,
     if unknown:
         raise ValueError(f"parameter groups {sorted(unknown)} are counted nowhere; use {', '.join(GROUPS)}")
     own = [p for params in groups.values() for p in params]
-    others = {id(p) for p in adapter_parameters(model)} - {id(p) for p in own}
+    others = ({id(p) for p in adapter_parameters(model)} | {id(p) for p in saved_module_copies(model)}) - {
+        id(p) for p in own}
     return ParamStats(base_params=base_params,
                       total_params=count_params(p for p in model.parameters() if id(p) not in others),
                       trainable_params=count_params(own),
-                      lora_params=count_params(groups.get("lora", ())), layer_params=count_params(groups.get("layer", ())))
+                      lora_params=count_params(groups.get("lora", ())), layer_params=count_params(groups.get("layer", ())),
+                      head_params=count_params(groups.get("head", ())))

@@ -31,6 +31,10 @@ class ByteTokenizer:
         ids = [byte + self.offset for byte in text.encode("utf-8")]
         return ids[:max_length] if max_length is not None else ids
 
+    def encode_sequence(self, text: str, max_length: int) -> list[int]:
+        """The ids a sequence classifier reads: the text, then eos."""
+        return self.encode(text, max_length - 1) + [self.eos_token_id]
+
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         data = bytes(int(i) - self.offset for i in ids if int(i) >= self.offset and int(i) < 256 + self.offset)
         return data.decode("utf-8", errors="replace")
@@ -58,6 +62,11 @@ class HFTokenizer:
     def encode(self, text: str, max_length: int | None = None) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return ids[:max_length] if max_length is not None else ids
+
+    def encode_sequence(self, text: str, max_length: int) -> list[int]:
+        """The ids a sequence classifier reads: with the tokenizer's own special tokens (BERT's
+        [CLS] ... [SEP], whose first token the pooler reads), truncated to `max_length`."""
+        return self.tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)

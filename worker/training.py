@@ -1,6 +1,7 @@
 """Training with a fixed skeleton: setup() -> train() -> save_checkpoint() -> cleanup().
 
-Seq2seq for encoder-decoder families, causal LM (loss on the target only) for decoder-only ones.
+The objective (`task_type` here): seq2seq, causal LM (loss on the target only) or classification
+(cross-entropy on a head's logits; `task_metrics` then scores the eval split's predicted labels).
 An optimizer step accumulates `grad_accum_steps` micro-batches, each weighted by its share of the
 step's target tokens, so its gradient is that of one batch of them all; gradients are clipped
 (`max_grad_norm`) before the step, and the learning rate follows `lr_scheduler` after the warm-up.
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from jobs.metrics import OBJECTIVES
 from jobs.spec import TrainSpec
 from worker.data import Example, StepBatches, collate, read_training_rows, tokenize, tokenize_chat
 from worker.device import DeviceManager
@@ -52,12 +54,14 @@ class Trainer:
                  device_manager: DeviceManager, *,
                  on_step: Callable[[int, int, float], None] | None = None,
                  should_cancel: Callable[[], bool] | None = None,
-                 checkpoint_dir: Path | None = None):
-        if task_type not in ("seq2seq", "causal"):
-            raise JobError("kind: train is not supported for encoder-only models yet; use kind: create")
+                 checkpoint_dir: Path | None = None, labels: list[str] | None = None):
+        if task_type not in OBJECTIVES:
+            raise JobError(f"train.objective: {task_type!r} is not one of {', '.join(OBJECTIVES)}")
         self.model = model
         self.tokenizer = tokenizer
         self.task_type = task_type
+        #: the classifier's labels, by index (classification)
+        self.labels = labels
         self.spec = spec
         self.dm = device_manager
         self.on_step = on_step
@@ -73,8 +77,13 @@ class Trainer:
         spec = self.spec
         train_rows, eval_rows = read_training_rows(spec)
         encode = tokenize_chat if spec.format == "chat" else tokenize
-        self.train_set = encode(train_rows, self.tokenizer, self.task_type, spec.max_length)
-        self.eval_set = encode(eval_rows, self.tokenizer, self.task_type, spec.max_length)
+        if self.task_type == "classification":
+            sources = ", ".join(spec.datasets)
+            self.train_set = tokenize(train_rows, self.tokenizer, self.task_type, spec.max_length, self.labels, sources)
+            self.eval_set = tokenize(eval_rows, self.tokenizer, self.task_type, spec.max_length, self.labels, sources)
+        else:
+            self.train_set = encode(train_rows, self.tokenizer, self.task_type, spec.max_length)
+            self.eval_set = encode(eval_rows, self.tokenizer, self.task_type, spec.max_length)
         # micro-batch i of the endless shuffle; optimizer step s uses micro-batches s*accum .. s*accum+accum-1
         self.batches = StepBatches(self.train_set, spec.batch_size, spec.seed)
         if spec.max_steps is not None:
@@ -199,6 +208,27 @@ class Trainer:
         from the second on), or examples where labels are one per example."""
         labels = batch["labels"][:, 1:] if self.task_type == "causal" else batch["labels"]
         return int((labels != -100).sum())
+
+    @torch.no_grad()
+    def task_metrics(self) -> dict[str, float]:
+        """The `train.metrics` on the held-out split ({} without one, or without metrics)."""
+        from worker.metrics import compute
+
+        if not self.eval_set or not self.spec.metrics:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        predictions: list[int] = []
+        references: list[int] = []
+        for start in range(0, len(self.eval_set), self.eval_batch_size):
+            batch = collate(self.eval_set[start:start + self.eval_batch_size], self.task_type, self.pad_id)
+            labels = batch.pop("labels")
+            with self.dm.autocast():
+                logits = self.model(**{k: v.to(self.dm.device) for k, v in batch.items()}).logits
+            predictions += logits.argmax(-1).tolist()
+            references += labels.tolist()
+        self.model.train(was_training)
+        return compute(self.spec.metrics, predictions, references)
 
     def _non_finite(self, what: str, value: float, when: str) -> str:
         return (f"{what} is {value} {when} with dtype {self.dm.dtype_name} on {self.dm.device}; set dtype: "

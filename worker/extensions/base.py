@@ -13,13 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft.utils import ModulesToSaveWrapper
+from safetensors.torch import load_file, save_file
 
 from jobs.extensions import EXTENSION_KINDS
 from jobs.spec import SECTION_SPECS, JobSpec
 from worker.architectures import Architecture, architecture_for
 from worker.device import DeviceManager
 from worker.errors import ConfigError
+from worker.models import classification_head
 from worker.stats import ParamStats, count_params, param_stats
+
+HEAD_WEIGHTS = "head.safetensors"
 
 
 class ExtensionConfig:
@@ -68,6 +73,10 @@ class BaseExtension:
       with `layer.freeze`) is in no group, so it counts in `total_params` only;
     - `load(task, directory)`: the task's model rebuilt from what `save` wrote.
 
+    On a sequence classifier the head is handled here for every kind: it trains (PEFT's own copy
+    under an adapter, else the head itself), counts in `head_params`, and `save_head`/`load_head`
+    keep it under `head/` when no PEFT adapter holds it.
+
     `starts_from` names the sections whose `config.start_from` the kind's `build` honours; a
     `start_from` for any other section is refused with a ConfigError.
     """
@@ -89,7 +98,10 @@ class BaseExtension:
         self.arch: Architecture = architecture_for(base_model)
         if self.config.freeze_base:
             base_model.requires_grad_(False)
-        self.base_params = count_params(base_model.parameters())
+        # A classifier's head is the job's (it trains, and counts in head_params), not the base's.
+        head = classification_head(base_model)
+        head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+        self.base_params = count_params(p for p in base_model.parameters() if id(p) not in head_ids)
         self.models: dict[str, torch.nn.Module] = {}
         self.new_blocks: dict[str, list[torch.nn.Module]] = {}
         #: task -> the resolved LayerPlacement of its added block (layer and hybrid kinds)
@@ -100,6 +112,11 @@ class BaseExtension:
 
     # -- per-task bookkeeping -------------------------------------------------------------
     def _remember(self, task: str, model: torch.nn.Module, new_blocks: list[torch.nn.Module]) -> torch.nn.Module:
+        head = classification_head(model)
+        if head is not None and not isinstance(head, ModulesToSaveWrapper):
+            # Outside PEFT (an added block alone) the head trains as it is; PEFT trains its own copy.
+            head.requires_grad_(True)
+            self._place_trainable(head)
         self.models[task] = model
         self.new_blocks[task] = new_blocks
         self.active_task = task
@@ -118,9 +135,48 @@ class BaseExtension:
         return model
 
     def statistics(self, task: str | None = None) -> ParamStats:
-        """Parameter counts of `task`'s model (the active task's by default), from its parameter groups."""
+        """Parameter counts of `task`'s model (the active task's by default), from its parameter groups
+        and, on a classifier, its head (`head_params`)."""
         task = task or self.active_task
-        return param_stats(self.model_for(task), self.base_params, self.parameter_groups(task))
+        groups = dict(self.parameter_groups(task))
+        head = self.head_parameters(task)
+        if head:
+            groups.setdefault("head", head)
+        return param_stats(self.model_for(task), self.base_params, groups)
+
+    def head_parameters(self, task: str) -> list[torch.nn.Parameter]:
+        """The classifier head that `task` trains (PEFT's copy for the task's adapter on a PEFT model);
+        empty for a model without a classification head."""
+        head = classification_head(self.model_for(task))
+        if head is None:
+            return []
+        if isinstance(head, ModulesToSaveWrapper):
+            from worker.extensions.lora import adapter_name_for
+
+            name = adapter_name_for(task)
+            copies = head.modules_to_save
+            return list(copies[name].parameters()) if name in copies else []
+        return list(head.parameters())
+
+    def save_head(self, task: str, directory: Path) -> dict[str, Path]:
+        """Save `task`'s classifier head when no PEFT adapter holds it (`modules_to_save`), as a layer
+        job's: {"head": its directory}; {} otherwise."""
+        head = classification_head(self.model_for(task))
+        if head is None or isinstance(head, ModulesToSaveWrapper):
+            return {}
+        target = Path(directory) / "head"
+        target.mkdir(parents=True, exist_ok=True)
+        save_file({name: tensor.detach().to("cpu").contiguous() for name, tensor in head.state_dict().items()},
+                  str(target / HEAD_WEIGHTS))
+        return {"head": target}
+
+    @staticmethod
+    def load_head(model: torch.nn.Module, directory: Path) -> None:
+        """Load the head that `save_head` wrote into `model`'s head (nothing when none was saved)."""
+        saved = Path(directory) / "head" / HEAD_WEIGHTS
+        head = classification_head(model)
+        if head is not None and saved.is_file():
+            head.load_state_dict(load_file(str(saved)), strict=True)
 
     def _place_trainable(self, module: torch.nn.Module) -> None:
         if self.device_manager is not None:

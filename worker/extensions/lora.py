@@ -15,7 +15,7 @@ from jobs.spec import LoRASpec
 from worker.architectures import Architecture
 from worker.errors import ConfigError
 from worker.extensions.base import BaseExtension
-from worker.models import structural_copy
+from worker.models import classification_head, structural_copy
 from worker.stats import adapter_parameters
 
 #: what PEFT can wrap; Conv1D is transformers' transposed Linear (Architecture.weights_fan_in_fan_out)
@@ -59,7 +59,9 @@ def adapter_name_for(task_name: str) -> str:
 
 
 def lora_config(model: torch.nn.Module, spec: LoRASpec, arch: Architecture) -> LoraConfig:
-    task_type = {"seq2seq": "SEQ_2_SEQ_LM", "causal": "CAUSAL_LM"}.get(arch.task_type)
+    # SEQ_CLS: PEFT trains and saves the classifier's head with the adapter (`modules_to_save`).
+    task_type = "SEQ_CLS" if classification_head(model) is not None else {
+        "seq2seq": "SEQ_2_SEQ_LM", "causal": "CAUSAL_LM"}.get(arch.task_type)
     return LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
