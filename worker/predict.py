@@ -147,10 +147,13 @@ class Predictor:
 
     def encode(self, text: str) -> list[int]:
         """The input as training saw it: its tokens (at most max_length - 1), then eos; for a chat job,
-        a conversation of one user message and the template's generation prompt."""
+        a conversation of one user message and the template's generation prompt; for a classifier, the
+        tokenizer's `encode_sequence` (a hub tokenizer's special tokens around the text)."""
         if self.chat:
             return self.tokenizer.encode(self.tokenizer.render_chat([{"role": "user", "content": text}],
                                                                     add_generation_prompt=True))
+        if self.task_type == "classification":  # framed as a classification job's inputs are
+            return self.tokenizer.encode_sequence(text, self.max_length)
         return self.tokenizer.encode(text, self.max_length - 1) + [self.tokenizer.eos_token_id]
 
     def batch(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
