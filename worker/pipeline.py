@@ -235,7 +235,7 @@ def _run_job(ctx: JobContext) -> JobOutcome:
     started = time.perf_counter()
     device_manager = DeviceManager(spec.device, spec.dtype, family=base_family(spec.base_model))
     device_manager.reset_peak_memory()
-    base, from_cache = BASE_MODELS.get(spec.base_model, device_manager)
+    base, from_cache = BASE_MODELS.get(spec.base_model, device_manager, spec.quantize)
     seed = spec.train.seed if spec.train is not None else 0
     device_manager.seed(seed)
     config = ExtensionConfig.from_job_spec(spec, _start_from(spec, ctx.needed_dirs))
@@ -266,7 +266,8 @@ def _run_job(ctx: JobContext) -> JobOutcome:
 
         trainer = Trainer(model, base.tokenizer, base.arch.task_type, spec.train, device_manager,
                           on_step=on_step, should_cancel=cancelled,
-                          checkpoint_dir=resume_dir if spec.train.checkpoint_every else None)
+                          checkpoint_dir=resume_dir if spec.train.checkpoint_every else None,
+                          after_step=functools.partial(extension.after_step, spec.task))
         try:
             trainer.setup()
             if trainer.step:
@@ -330,7 +331,9 @@ def load_job_model(job_dir: str | Path, device: str = "cpu", dtype: str = "auto"
     info = read_job_json(job_dir)
     spec = JobSpec.model_validate(info["spec"])
     device_manager = DeviceManager(device, dtype, family=base_family(spec.base_model))
-    base = load_base_model(spec.base_model, device_manager)
+    # a QLoRA job's adapter also applies to the unquantised base, which is all a CPU can load
+    base = load_base_model(spec.base_model, device_manager,
+                           spec.quantize if device_manager.device.type == "cuda" else None)
     extension = extension_class(spec.extension)(base.model, ExtensionConfig.from_job_spec(spec), device_manager)
     model = extension.load(spec.task, job_dir)
     for block in extension.new_blocks[spec.task]:

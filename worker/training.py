@@ -52,7 +52,8 @@ class Trainer:
                  device_manager: DeviceManager, *,
                  on_step: Callable[[int, int, float], None] | None = None,
                  should_cancel: Callable[[], bool] | None = None,
-                 checkpoint_dir: Path | None = None):
+                 checkpoint_dir: Path | None = None,
+                 after_step: Callable[[int], None] = lambda step: None):
         if task_type not in ("seq2seq", "causal"):
             raise JobError("kind: train is not supported for encoder-only models yet; use kind: create")
         self.model = model
@@ -63,6 +64,7 @@ class Trainer:
         self.on_step = on_step
         self.should_cancel = should_cancel
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.after_step = after_step
         self.eval_batch_size = spec.eval_batch_size or spec.batch_size
         self.step = 0
         self.checkpointed_step = 0
@@ -289,6 +291,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        self.after_step(self.step)  # the extension's per-step work (AdaLoRA), while the gradients exist
         self.optimizer.zero_grad(set_to_none=True)
         return value
 

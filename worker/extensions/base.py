@@ -122,6 +122,13 @@ class BaseExtension:
         task = task or self.active_task
         return param_stats(self.model_for(task), self.base_params, self.parameter_groups(task))
 
+    def after_step(self, task: str, step: int) -> None:
+        """Called by the trainer after optimizer step `step` (0-based), before the gradients are cleared:
+        the PEFT method's per-step work (AdaLoRA reallocates its rank budget); nothing for other kinds."""
+        from worker.extensions.peft_methods import after_adapter_step  # it builds on the kinds built on this
+
+        after_adapter_step(self.model_for(task), step)
+
     def _place_trainable(self, module: torch.nn.Module) -> None:
         if self.device_manager is not None:
             self.device_manager.place_trainable(module)
