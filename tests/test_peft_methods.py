@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from jobs.errors import describe_validation_error
 from jobs.extensions import EXTENSION_KINDS
 from jobs.spec import JobSpec
+from worker.device import DeviceManager
 from worker.errors import JobError
 from worker.extensions import ExtensionConfig, extension_class
 from worker.extensions.layer import apply_saved_layer
@@ -215,6 +216,5 @@ def test_a_4bit_qlora_job_trains_on_cuda(dataset, tmp_path):
     outcome = run_job(JobContext(job_id="j1", batch_id="b1", spec=spec, artifacts_root=tmp_path))
     assert outcome.metrics["steps"] == 3 and math.isfinite(outcome.metrics["train_loss"])
     assert outcome.stats["trainable_params"] == outcome.stats["lora_params"] > 0
-    base, cached = BASE_MODELS.get("random:llama-tiny", __import__("worker.device").device.DeviceManager("cuda"),
-                                   "4bit")
+    base, cached = BASE_MODELS.get("random:llama-tiny", DeviceManager("cuda", family="llama"), "4bit")
     assert cached and any(isinstance(m, bnb.nn.Linear4bit) for m in base.model.modules())
