@@ -107,6 +107,7 @@ register(Architecture(
     layer_count_keys={"encoder": "encoder_layers", "decoder": "decoder_layers"},
     output_projections=("self_attn.out_proj", "encoder_attn.out_proj", "fc2"),
     default_lora_targets=("q_proj", "k_proj", "v_proj", "out_proj"),
+    default_ia3_targets=("k_proj", "v_proj", "fc2"), default_ia3_feedforward=("fc2",),
 ))
 register(Architecture(
     family="phi3", task_type="causal",
@@ -116,6 +117,7 @@ register(Architecture(
     output_projections=("self_attn.o_proj", "mlp.down_proj"),
     # the attention's q, k and v are one fused projection
     default_lora_targets=("qkv_proj", "o_proj"),
+    default_ia3_targets=("qkv_proj", "down_proj"), default_ia3_feedforward=("down_proj",),
 ))
 # Gemma scales its embeddings by sqrt(hidden_size), before the blocks: an added block sees what its
 # source block saw. It was trained in bfloat16, and its activations overflow in float16.
@@ -126,6 +128,7 @@ register(Architecture(
     layer_count_keys={"decoder": "num_hidden_layers"},
     output_projections=("self_attn.o_proj", "mlp.down_proj"),
     default_lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+    default_ia3_targets=("k_proj", "v_proj", "down_proj"), default_ia3_feedforward=("down_proj",),
     overflows_in_fp16=True,
 ))
 
