@@ -218,3 +218,13 @@ def test_a_4bit_qlora_job_trains_on_cuda(dataset, tmp_path):
     assert outcome.stats["trainable_params"] == outcome.stats["lora_params"] > 0
     base, cached = BASE_MODELS.get("random:llama-tiny", DeviceManager("cuda", family="llama"), "4bit")
     assert cached and any(isinstance(m, bnb.nn.Linear4bit) for m in base.model.modules())
+
+
+def test_the_methods_example_compares_lora_dora_ia3_and_a_two_block_expansion():
+    from jobs.batch import load_batch
+
+    batch = load_batch(Path(__file__).resolve().parent.parent / "examples" / "methods.yaml")
+    kinds = {(job.extension, job.lora.variant if job.lora else None) for job in batch.jobs}
+    assert kinds == {("lora", "lora"), ("lora", "dora"), ("ia3", None), ("layer", None)}
+    assert all(job.layer.positions == [1, 2] for job in batch.jobs if job.extension == "layer")
+    assert len(batch.jobs) == 12
