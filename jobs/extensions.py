@@ -35,3 +35,13 @@ def register(kind: str, sections: tuple[str, ...], builder: str) -> ExtensionKin
 register("lora", ("lora",), "worker.extensions.lora:LoRAExtension")
 register("layer", ("layer",), "worker.extensions.layer:TransformerLayerExtension")
 register("hybrid", ("layer", "lora"), "worker.extensions.hybrid:HybridExtension")
+# PEFT methods beyond LoRA: a spec section each (jobs/spec.py) and a config builder each
+# (worker/extensions/peft_methods.py), alone and after an added block (as `hybrid` does with LoRA).
+# AdaLoRA has no hybrid: its per-module rank counters are parameters a block would save as its own.
+register("adalora", ("adalora",), "worker.extensions.peft_methods:AdapterExtension")
+register("ia3", ("ia3",), "worker.extensions.peft_methods:AdapterExtension")
+register("loha", ("loha",), "worker.extensions.peft_methods:AdapterExtension")
+register("lokr", ("lokr",), "worker.extensions.peft_methods:AdapterExtension")
+register("hybrid-ia3", ("layer", "ia3"), "worker.extensions.hybrid:HybridExtension")
+register("hybrid-loha", ("layer", "loha"), "worker.extensions.hybrid:HybridExtension")
+register("hybrid-lokr", ("layer", "lokr"), "worker.extensions.hybrid:HybridExtension")

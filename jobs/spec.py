@@ -46,6 +46,15 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, populate_by_name=True)
 
 
+def _check_modules(value: list[str] | None, key: str = "target_modules") -> list[str] | None:
+    if value is not None:
+        if not value:
+            raise ValueError(f"give at least one module name, or leave {key} out for the default")
+        if any(not name or not isinstance(name, str) for name in value):
+            raise ValueError("module names must be non-empty strings")
+    return value
+
+
 class LoRASpec(_Spec):
     """LoRA adapter settings (PEFT)."""
 
@@ -64,6 +73,19 @@ class LoRASpec(_Spec):
         ),
     ] = None
 
+    variant: Annotated[
+        Literal["lora", "dora", "rslora"],
+        Field(description="`lora` (plain), `dora` (DoRA: a trained magnitude per output feature; PEFT's "
+              "`use_dora`) or `rslora` (rank-stabilised scaling alpha / sqrt(r); PEFT's `use_rslora`)."),
+    ] = "lora"
+    init: Annotated[
+        Literal["default", "gaussian", "pissa", "olora"],
+        Field(description="Adapter initialisation (PEFT's `init_lora_weights`): `default` (B = 0: starts as "
+              "a no-op), `gaussian`, `pissa` (principal singular vectors of each weight, by SVD) or `olora` "
+              "(QR). pissa and olora move part of each target weight into the adapter; the saved adapter is "
+              "converted so that it applies to the unchanged base."),
+    ] = "default"
+
     from_: Annotated[
         str | None,
         Field(alias="from", description="Start from the adapter that another job trained: a job `name` of this "
@@ -79,12 +101,7 @@ class LoRASpec(_Spec):
     @field_validator("target_modules")
     @classmethod
     def _non_empty(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None:
-            if not value:
-                raise ValueError("give at least one module name, or leave target_modules out for the default")
-            if any(not name or not isinstance(name, str) for name in value):
-                raise ValueError("module names must be non-empty strings")
-        return value
+        return _check_modules(value)
 
 
 class ExpandSpec(_Spec):
@@ -221,6 +238,104 @@ class DatasetSource(_Spec):
     @classmethod
     def _columns(cls, value: dict[str, str] | None) -> dict[str, str] | None:
         return _check_columns(value)
+
+
+_TARGETS_HELP = ("Names (suffixes) of the Linear modules that get adapters. Default: the family's LoRA targets "
+                 "(see `lora.target_modules`).")
+
+
+class _AdapterSpec(_Spec):
+    """What every PEFT method's section has: the modules it adapts."""
+
+    target_modules: Annotated[list[str] | None, Field(description=_TARGETS_HELP)] = None
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, value: list[str] | None) -> list[str] | None:
+        return _check_modules(value)
+
+
+class IA3Spec(_AdapterSpec):
+    """IA3 settings (PEFT): learned scaling vectors on the target modules' activations."""
+
+    target_modules: Annotated[
+        list[str] | None,
+        Field(description="Modules whose activations IA3 scales. Default by architecture: T5 k,v,wo; LLaMA "
+              "k_proj,v_proj,down_proj; GPT-2 c_attn,mlp.c_proj; BERT key,value,output.dense."),
+    ] = None
+    feedforward_modules: Annotated[
+        list[str] | None,
+        Field(description="Which of target_modules are MLP layers (IA3 scales their input, not their output). "
+              "Default: the family's MLP output projection (T5 wo, LLaMA down_proj, GPT-2 mlp.c_proj) when "
+              "target_modules is left out, else none."),
+    ] = None
+
+    @field_validator("feedforward_modules")
+    @classmethod
+    def _feedforward(cls, value: list[str] | None) -> list[str] | None:
+        return _check_modules(value, "feedforward_modules")
+
+    @model_validator(mode="after")
+    def _feedforward_targeted(self) -> IA3Spec:
+        if self.feedforward_modules is not None and self.target_modules is not None:
+            extra = [name for name in self.feedforward_modules if name not in self.target_modules]
+            if extra:
+                raise ValueError(f"feedforward_modules {extra} are not in target_modules; every feedforward "
+                                 "module must also be a target")
+        return self
+
+
+class LoHaSpec(_AdapterSpec):
+    """LoHa settings (PEFT): the update is a Hadamard product of two low-rank products."""
+
+    r: Annotated[int, Field(gt=0, le=1024, description="Rank of each low-rank factor pair; must be > 0.")] = 8
+    alpha: Annotated[float, Field(gt=0, description="Scaling numerator: the update is scaled by alpha / r.")] = 8.0
+    rank_dropout: Annotated[
+        float, Field(ge=0, lt=1, description="Dropout on the update's rank dimension during training.")
+    ] = 0.0
+    module_dropout: Annotated[
+        float, Field(ge=0, lt=1, description="Probability of skipping a module's update during training.")
+    ] = 0.0
+
+
+class LoKrSpec(LoHaSpec):
+    """LoKr settings (PEFT): the update is a Kronecker product with a low-rank factor."""
+
+    r: Annotated[int, Field(gt=0, le=1024, description="Rank of the low-rank Kronecker factor; must be > 0.")] = 8
+
+
+class AdaLoRASpec(_AdapterSpec):
+    """AdaLoRA settings (PEFT): SVD-form LoRA whose rank budget is reallocated during training."""
+
+    init_r: Annotated[int, Field(gt=0, le=1024, description="Rank each module starts with.")] = 12
+    target_r: Annotated[
+        int, Field(gt=0, le=1024, description="Average rank per module at the end of the budget schedule.")
+    ] = 8
+    alpha: Annotated[float, Field(gt=0, description="Scaling numerator (`lora_alpha`).")] = 8.0
+    dropout: Annotated[float, Field(ge=0, lt=1, description="Dropout on the adapter input.")] = 0.0
+    tinit: Annotated[int, Field(ge=0, description="Steps of warm-up before ranks are pruned.")] = 0
+    tfinal: Annotated[int, Field(ge=0, description="Final steps trained at the target budget, ranks fixed.")] = 0
+    deltaT: Annotated[int, Field(gt=0, description="Steps between two budget reallocations.")] = 1
+    beta1: Annotated[float, Field(gt=0, lt=1, description="EMA factor of the sensitivity smoothing.")] = 0.85
+    beta2: Annotated[float, Field(gt=0, lt=1, description="EMA factor of the uncertainty quantification.")] = 0.85
+    orth_reg_weight: Annotated[
+        float, Field(ge=0, description="Weight of the orthogonality regulariser added to the loss.")
+    ] = 0.5
+    total_step: Annotated[
+        int | None,
+        Field(gt=0, description="Length of the budget schedule in optimizer steps. Default: train.max_steps "
+              "(needed: a job with only train.epochs sets this)."),
+    ] = None
+
+    @model_validator(mode="after")
+    def _ranks(self) -> AdaLoRASpec:
+        if self.target_r > self.init_r:
+            raise ValueError(f"target_r ({self.target_r}) is above init_r ({self.init_r}); AdaLoRA only prunes "
+                             "ranks: lower target_r or raise init_r")
+        if self.total_step is not None and self.tinit >= self.total_step - self.tfinal:
+            raise ValueError(f"tinit ({self.tinit}) + tfinal ({self.tfinal}) leave no steps of total_step "
+                             f"({self.total_step}) for reallocating ranks; lower them or train longer")
+        return self
 
 
 class TrainSpec(_Spec):
@@ -444,6 +559,18 @@ class JobSpec(_Spec):
               "CUDA of compute capability 8.0+, float16 on older CUDA (float32 for T5-family bases), float32 "
               "on MPS and CPU. On a CPU, bfloat16 halves the base's memory."),
     ] = "auto"
+    quantize: Annotated[
+        Literal["4bit", "8bit"] | None,
+        Field(description="QLoRA: load the frozen base quantised with bitsandbytes (`4bit`: NF4 with double "
+              "quantisation; `8bit`: LLM.int8), on CUDA only (install graftq[qlora]); adapter kinds only "
+              "(lora, adalora, ia3, loha, lokr), no added block."),
+    ] = None
+    adalora: Annotated[
+        AdaLoRASpec | None, Field(description="AdaLoRA settings (adalora jobs).")
+    ] = None
+    ia3: Annotated[IA3Spec | None, Field(description="IA3 settings (ia3 and hybrid-ia3 jobs).")] = None
+    loha: Annotated[LoHaSpec | None, Field(description="LoHa settings (loha and hybrid-loha jobs).")] = None
+    lokr: Annotated[LoKrSpec | None, Field(description="LoKr settings (lokr and hybrid-lokr jobs).")] = None
     lora: Annotated[LoRASpec | None, Field(description="LoRA settings (lora and hybrid jobs).")] = None
     layer: Annotated[LayerSpec | None, Field(description="Added-layer settings (layer and hybrid jobs).")] = None
     train: Annotated[TrainSpec | None, Field(description="Training settings (train jobs).")] = None
@@ -488,6 +615,21 @@ class JobSpec(_Spec):
     def _device(cls, value: str) -> str:
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
             raise ValueError(f"unknown device {value!r}: use auto, cpu, cuda, cuda:N or mps")
+        return value
+
+    @field_validator("quantize")
+    @classmethod
+    def _quantize(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return value
+        device, extension = info.data.get("device"), info.data.get("extension")
+        if device in ("cpu", "mps"):
+            raise ValueError(f"quantize: {value} needs a CUDA GPU (bitsandbytes) and this job asks for device: "
+                             f"{device}; set device: cuda (or auto on a GPU worker), or leave quantize out")
+        if extension in EXTENSION_KINDS and "layer" in EXTENSION_KINDS[extension].sections:
+            raise ValueError(f"quantize: a {extension} job copies a block of the base, and a quantised block "
+                             "cannot train; use an adapter kind (lora, adalora, ia3, loha, lokr), or leave "
+                             "quantize out")
         return value
 
     @field_validator("base_model")
@@ -539,10 +681,43 @@ class JobSpec(_Spec):
                              "or hybrid")
         return self
 
+    @model_validator(mode="after")
+    def _init_without_block(self) -> JobSpec:
+        if self.lora is not None and self.layer is not None and self.lora.init in ("pissa", "olora"):
+            raise ValueError(f"lora.init: {self.lora.init} rewrites the weights it adapts, and a {self.extension} "
+                             "job saves its block's weights too, which would keep the rewrite; use it in lora "
+                             "jobs, or lora.init: default or gaussian here")
+        return self
+
+    @model_validator(mode="after")
+    def _quantized_init(self) -> JobSpec:
+        if self.quantize is not None and self.lora is not None and self.lora.init in ("pissa", "olora"):
+            raise ValueError(f"lora.init: {self.lora.init} rewrites the base weights, which quantize: "
+                             f"{self.quantize} keeps quantised; use lora.init: default or gaussian, or leave "
+                             "quantize out")
+        return self
+
+    @model_validator(mode="after")
+    def _adalora_schedule(self) -> JobSpec:
+        """AdaLoRA lays its rank budget out over the job's steps: `total_step` defaults to train.max_steps."""
+        spec = self.adalora
+        if spec is None or spec.total_step is not None or self.train is None:
+            return self  # a create job trains no steps; the worker gives the schedule a nominal length
+        if self.train.max_steps is None:
+            raise ValueError("adalora.total_step: AdaLoRA needs the number of optimizer steps in advance; set "
+                             "train.max_steps (instead of train.epochs) or adalora.total_step")
+        if spec.tinit >= self.train.max_steps - spec.tfinal:
+            raise ValueError(f"adalora.tinit ({spec.tinit}) + adalora.tfinal ({spec.tfinal}) leave no steps of "
+                             f"train.max_steps ({self.train.max_steps}) for reallocating ranks; lower them or "
+                             "raise train.max_steps")
+        object.__setattr__(self, "adalora", spec.model_copy(update={"total_step": self.train.max_steps}))
+        return self
+
     @property
     def queue_kind(self) -> str:
-        """`gpu` when the job must run on a GPU, `cpu` when it must not, `any` otherwise."""
-        if self.device.startswith("cuda"):
+        """`gpu` when the job must run on a GPU (its device, or `quantize`), `cpu` when it must not,
+        `any` otherwise."""
+        if self.device.startswith("cuda") or self.quantize is not None:
             return "gpu"
         if self.device == "cpu":
             return "cpu"

@@ -35,7 +35,7 @@ def test_defaults_fill_the_sections_the_kind_uses():
     ({"lora": {"dropout": 1.0}}, "lora.dropout", "less than 1"),
     ({"lora": {"rank": 8}}, "lora.rank", "unknown key"),
     ({"lora": {"target_modules": []}}, "lora.target_modules", "at least one module"),
-    ({"extension": "prefix"}, "extension", "'lora', 'layer' or 'hybrid'"),
+    ({"extension": "prefix"}, "extension", "'lora', 'layer', 'hybrid', 'adalora'"),
     ({"base_model": "random:t5-huge"}, "base_model", "choose one of"),
     ({"layer": {"stack": "middle"}, "extension": "layer"}, "layer.stack", "'encoder' or 'decoder'"),
     ({"layer": {"position": -1}, "extension": "layer"}, "layer.position", ">= 0 or 'end'"),
@@ -67,7 +67,7 @@ def test_a_registered_kind_is_valid_at_once_and_gets_only_its_sections():
     try:
         job = spec(extension="toy", layer={"init_scale": 0})
         assert job.lora == LoRASpec() and job.layer is None
-        assert any("'hybrid' or 'toy'" in line for line in problems(extension="prefix"))
+        assert any("'hybrid-lokr' or 'toy'" in line for line in problems(extension="prefix"))
     finally:
         del EXTENSION_KINDS["toy"]
 

@@ -24,6 +24,10 @@ class Architecture:
     #: dotted names, relative to a block, of the attention-output and MLP-output projections
     output_projections: tuple[str, ...]
     default_lora_targets: tuple[str, ...]
+    #: IA3's default targets and which of them are MLP layers (PEFT's own defaults for the family);
+    #: empty: the LoRA targets, none of them feedforward
+    default_ia3_targets: tuple[str, ...] = ()
+    default_ia3_feedforward: tuple[str, ...] = ()
     #: the first block owns state (T5's relative attention bias) that a new block must not take
     first_block_owns_position_bias: bool = False
     #: config attribute holding the block count on a stack's *own* config (T5's stacks carry a copy
@@ -56,6 +60,7 @@ register(Architecture(
     output_projections=("layer.0.SelfAttention.o", "layer.1.EncDecAttention.o",
                         "layer.1.DenseReluDense.wo", "layer.2.DenseReluDense.wo"),
     default_lora_targets=("q", "k", "v", "o"),
+    default_ia3_targets=("k", "v", "wo"), default_ia3_feedforward=("wo",),
     first_block_owns_position_bias=True,
     stack_config_count_key="num_layers",
     overflows_in_fp16=True,
@@ -68,6 +73,7 @@ register(Architecture(
     layer_count_keys={"decoder": "num_hidden_layers"},
     output_projections=("self_attn.o_proj", "mlp.down_proj"),
     default_lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+    default_ia3_targets=("k_proj", "v_proj", "down_proj"), default_ia3_feedforward=("down_proj",),
     model_types=("mistral", "qwen2", "qwen3"),
 ))
 register(Architecture(
@@ -77,6 +83,7 @@ register(Architecture(
     layer_count_keys={"decoder": "n_layer"},
     output_projections=("attn.c_proj", "mlp.c_proj"),
     default_lora_targets=("c_attn", "c_proj"),
+    default_ia3_targets=("c_attn", "mlp.c_proj"), default_ia3_feedforward=("mlp.c_proj",),
     weights_fan_in_fan_out=True,
 ))
 register(Architecture(
@@ -86,6 +93,7 @@ register(Architecture(
     layer_count_keys={"encoder": "num_hidden_layers"},
     output_projections=("attention.output.dense", "output.dense"),
     default_lora_targets=("query", "key", "value"),
+    default_ia3_targets=("key", "value", "output.dense"), default_ia3_feedforward=("output.dense",),
 ))
 register(Architecture(
     family="roberta", task_type="encoder",
@@ -94,6 +102,7 @@ register(Architecture(
     layer_count_keys={"encoder": "num_hidden_layers"},
     output_projections=("attention.output.dense", "output.dense"),
     default_lora_targets=("query", "key", "value"),
+    default_ia3_targets=("key", "value", "output.dense"), default_ia3_feedforward=("output.dense",),
 ))
 
 
@@ -106,6 +115,7 @@ register(Architecture(
     layer_count_keys={"encoder": "encoder_layers", "decoder": "decoder_layers"},
     output_projections=("self_attn.out_proj", "encoder_attn.out_proj", "fc2"),
     default_lora_targets=("q_proj", "k_proj", "v_proj", "out_proj"),
+    default_ia3_targets=("k_proj", "v_proj", "fc2"), default_ia3_feedforward=("fc2",),
 ))
 register(Architecture(
     family="phi3", task_type="causal",
@@ -115,6 +125,7 @@ register(Architecture(
     output_projections=("self_attn.o_proj", "mlp.down_proj"),
     # the attention's q, k and v are one fused projection
     default_lora_targets=("qkv_proj", "o_proj"),
+    default_ia3_targets=("qkv_proj", "down_proj"), default_ia3_feedforward=("down_proj",),
 ))
 # Gemma scales its embeddings by sqrt(hidden_size), before the blocks: an added block sees what its
 # source block saw. It was trained in bfloat16, and its activations overflow in float16.
@@ -125,6 +136,7 @@ register(Architecture(
     layer_count_keys={"decoder": "num_hidden_layers"},
     output_projections=("self_attn.o_proj", "mlp.down_proj"),
     default_lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+    default_ia3_targets=("k_proj", "v_proj", "down_proj"), default_ia3_feedforward=("down_proj",),
     overflows_in_fp16=True,
 ))
 

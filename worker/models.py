@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,12 +96,16 @@ def base_task_type(name: str) -> str | None:
     return None if family is None else ARCHITECTURES[family].task_type
 
 
-def load_base_model(name: str, device_manager: DeviceManager, objective: str | None = None) -> BaseModel:
-    """Load a base model, freeze it and place it per the dtype policy. Raises JobError/ConfigError.
+def load_base_model(name: str, device_manager: DeviceManager, objective: str | None = None,
+                    quantize: str | None = None) -> BaseModel:
+    """Load a base model, freeze it and place it per the dtype policy (quantised with bitsandbytes for
+    `quantize`: `4bit` or `8bit`). Raises JobError/ConfigError.
 
     With `objective` "classification" the model is the family's sequence classifier.
     """
-    if name.startswith("random:"):
+    if quantize is not None:
+        model, tokenizer = _load_quantized(name, device_manager, quantize, objective)
+    elif name.startswith("random:"):
         model, tokenizer = build_random_preset(name.removeprefix("random:"), objective)
         device_manager.place_base(model)
     else:
@@ -110,7 +115,39 @@ def load_base_model(name: str, device_manager: DeviceManager, objective: str | N
     return BaseModel(name=name, model=model, tokenizer=tokenizer, arch=architecture_for(model))
 
 
-def _load_pretrained(name: str, device_manager: DeviceManager, objective: str | None = None):
+def _load_quantized(name: str, device_manager: DeviceManager, quantize: str, objective: str | None = None):
+    """QLoRA's base: quantised weights on the GPU, prepared by PEFT for training adapters on it."""
+    device = device_manager.device
+    if device.type != "cuda":
+        raise JobError(f"quantize: {quantize} needs a CUDA GPU (bitsandbytes), and this job runs on {device} "
+                       f"(device: {device_manager.requested}); set device: cuda so that a GPU worker takes it, "
+                       "or leave quantize out")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        raise JobError(f"quantize: {quantize} needs bitsandbytes, which this worker lacks: install it with "
+                       "`pip install 'graftq[worker,qlora]'`, or leave quantize out") from error
+    from peft import prepare_model_for_kbit_training
+
+    if quantize == "4bit":
+        config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                 bnb_4bit_use_double_quant=True,
+                                                 bnb_4bit_compute_dtype=device_manager.base_dtype)
+    else:
+        config = transformers.BitsAndBytesConfig(load_in_8bit=True)
+    if name.startswith("random:"):
+        # bitsandbytes quantises while loading: the preset goes through a model directory
+        with tempfile.TemporaryDirectory(prefix="graftq-preset-") as directory:
+            save_base_model(*build_random_preset(name.removeprefix("random:"), objective), directory)
+            model, tokenizer = _load_pretrained(directory, device_manager, objective, quantization_config=config)
+        model.name_or_path = name
+    else:
+        model, tokenizer = _load_pretrained(name, device_manager, objective, quantization_config=config)
+    # gradient checkpointing stays the job's choice, not a side effect of quantising
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), tokenizer
+
+
+def _load_pretrained(name: str, device_manager: DeviceManager, objective: str | None = None, **options):
     path = Path(name).expanduser()
     local = path.is_dir()
     source = str(path) if local else name
@@ -122,7 +159,8 @@ def _load_pretrained(name: str, device_manager: DeviceManager, objective: str | 
         # Loaded straight into the device and the base dtype: no fp32 copy in host memory, and
         # transformers keeps its fp32 buffers and `keep_in_fp32` modules.
         model = auto_class(arch.task_type, objective).from_pretrained(
-            source, local_files_only=True, dtype=device_manager.base_dtype, device_map=str(device_manager.device))
+            source, local_files_only=True, dtype=device_manager.base_dtype, device_map=str(device_manager.device),
+            **options)
     except (OSError, ValueError) as error:
         if local:
             raise JobError(f"base_model: cannot load the model directory {source!r}: {error}") from error
@@ -224,14 +262,15 @@ class BaseModelCache:
 
     def __init__(self, capacity: int = 1):
         self.capacity = capacity
-        self._models: dict[tuple[str, str, str], BaseModel] = {}
+        self._models: dict[tuple[str, str, str, bool, str | None], BaseModel] = {}
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
-    def get(self, name: str, device_manager: DeviceManager, objective: str | None = None) -> tuple[BaseModel, bool]:
+    def get(self, name: str, device_manager: DeviceManager, objective: str | None = None,
+            quantize: str | None = None) -> tuple[BaseModel, bool]:
         """Return (base model, whether it came from the cache); a classifier for `objective` "classification"."""
-        key = (name, str(device_manager.device), device_manager.dtype_name, objective == "classification")
+        key = (name, str(device_manager.device), device_manager.dtype_name, objective == "classification", quantize)
         with self._lock:
             if key in self._models:
                 self.hits += 1
@@ -241,7 +280,7 @@ class BaseModelCache:
             while len(self._models) >= self.capacity:
                 self._models.pop(next(iter(self._models)))
                 device_manager.release()
-            base = load_base_model(name, device_manager, objective)
+            base = load_base_model(name, device_manager, objective, quantize)
             if self.capacity > 0:
                 self._models[key] = base
             return base, False

@@ -259,7 +259,7 @@ def _run_job(ctx: JobContext) -> JobOutcome:
     started = time.perf_counter()
     device_manager = DeviceManager(spec.device, spec.dtype, family=base_family(spec.base_model))
     device_manager.reset_peak_memory()
-    base, from_cache = BASE_MODELS.get(spec.base_model, device_manager, objective)
+    base, from_cache = BASE_MODELS.get(spec.base_model, device_manager, objective, spec.quantize)
     seed = spec.train.seed if spec.train is not None else 0
     device_manager.seed(seed)
     labels = None
@@ -297,7 +297,8 @@ def _run_job(ctx: JobContext) -> JobOutcome:
 
         trainer = Trainer(model, base.tokenizer, objective, spec.train, device_manager,
                           on_step=on_step, should_cancel=cancelled,
-                          checkpoint_dir=resume_dir if spec.train.checkpoint_every else None, labels=labels)
+                          checkpoint_dir=resume_dir if spec.train.checkpoint_every else None, labels=labels,
+                          after_step=functools.partial(extension.after_step, spec.task))
         try:
             trainer.setup()
             if trainer.step:
@@ -365,7 +366,9 @@ def load_job_model(job_dir: str | Path, device: str = "cpu", dtype: str = "auto"
     info = read_job_json(job_dir)
     spec, objective = resolve_objective_of(JobSpec.model_validate(info["spec"]))
     device_manager = DeviceManager(device, dtype, family=base_family(spec.base_model))
-    base = load_base_model(spec.base_model, device_manager, objective)
+    # a QLoRA job's adapter also applies to the unquantised base, which is all a CPU can load
+    base = load_base_model(spec.base_model, device_manager, objective,
+                           spec.quantize if device_manager.device.type == "cuda" else None)
     base_model = base.model
     if objective == "classification":
         seed = spec.train.seed if spec.train is not None else 0

@@ -54,7 +54,8 @@ class Trainer:
                  device_manager: DeviceManager, *,
                  on_step: Callable[[int, int, float], None] | None = None,
                  should_cancel: Callable[[], bool] | None = None,
-                 checkpoint_dir: Path | None = None, labels: list[str] | None = None):
+                 checkpoint_dir: Path | None = None, labels: list[str] | None = None,
+                 after_step: Callable[[int], None] = lambda step: None):
         if task_type not in OBJECTIVES:
             raise JobError(f"train.objective: {task_type!r} is not one of {', '.join(OBJECTIVES)}")
         self.model = model
@@ -67,6 +68,7 @@ class Trainer:
         self.on_step = on_step
         self.should_cancel = should_cancel
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.after_step = after_step
         self.eval_batch_size = spec.eval_batch_size or spec.batch_size
         self.step = 0
         self.checkpointed_step = 0
@@ -319,6 +321,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        self.after_step(self.step)  # the extension's per-step work (AdaLoRA), while the gradients exist
         self.optimizer.zero_grad(set_to_none=True)
         return value
 

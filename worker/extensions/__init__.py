@@ -9,6 +9,7 @@ from worker.extensions.base import BaseExtension, ExtensionConfig
 from worker.extensions.hybrid import HybridExtension
 from worker.extensions.layer import TransformerLayerExtension
 from worker.extensions.lora import LoRAExtension
+from worker.extensions.peft_methods import AdapterExtension
 
 
 def extension_class(kind: str) -> type[BaseExtension]:
@@ -17,5 +18,5 @@ def extension_class(kind: str) -> type[BaseExtension]:
     return getattr(importlib.import_module(module), name)
 
 
-__all__ = ["BaseExtension", "ExtensionConfig", "HybridExtension", "LoRAExtension", "TransformerLayerExtension",
+__all__ = ["AdapterExtension", "BaseExtension", "ExtensionConfig", "HybridExtension", "LoRAExtension", "TransformerLayerExtension",
            "extension_class"]

@@ -178,6 +178,13 @@ class BaseExtension:
         if head is not None and saved.is_file():
             head.load_state_dict(load_file(str(saved)), strict=True)
 
+    def after_step(self, task: str, step: int) -> None:
+        """Called by the trainer after optimizer step `step` (0-based), before the gradients are cleared:
+        the PEFT method's per-step work (AdaLoRA reallocates its rank budget); nothing for other kinds."""
+        from worker.extensions.peft_methods import after_adapter_step  # it builds on the kinds built on this
+
+        after_adapter_step(self.model_for(task), step)
+
     def _place_trainable(self, module: torch.nn.Module) -> None:
         if self.device_manager is not None:
             self.device_manager.place_trainable(module)

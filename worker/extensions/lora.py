@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel
 from transformers.pytorch_utils import Conv1D
 
 from jobs.spec import LoRASpec
@@ -34,14 +34,16 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name in _linear_modules(model)})
 
 
-def resolve_targets(model: torch.nn.Module, spec: LoRASpec, arch: Architecture) -> list[str]:
-    """Check target_modules against the model; ConfigError lists the model's Linear module names."""
-    targets = list(spec.target_modules or arch.default_lora_targets)
+def resolve_targets(model: torch.nn.Module, spec: LoRASpec, arch: Architecture, section: str = "lora",
+                    default: tuple[str, ...] | None = None) -> list[str]:
+    """Check the `section` spec's target_modules (else `default`, else the family's LoRA targets) against
+    the model; ConfigError lists the model's Linear module names."""
+    targets = list(spec.target_modules or default or arch.default_lora_targets)
     names = _linear_modules(model)
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         raise ConfigError(
-            f"lora.target_modules: no Linear module named {', '.join(map(repr, missing))} in this {arch.family} "
+            f"{section}.target_modules: no Linear module named {', '.join(map(repr, missing))} in this {arch.family} "
             f"model; its Linear modules are: {', '.join(linear_module_names(model))}"
         )
     return targets
@@ -58,30 +60,34 @@ def adapter_name_for(task_name: str) -> str:
     return "task_" + task_name.replace(".", "-dot-")
 
 
+def task_type_for(model: torch.nn.Module, arch: Architecture) -> str | None:
+    """PEFT's task type of `model` (None: no task head PEFT knows). SEQ_CLS for a classifier: PEFT
+    then trains and saves its head with the adapter (`modules_to_save`), whatever the method."""
+    if classification_head(model) is not None:
+        return "SEQ_CLS"
+    return {"seq2seq": "SEQ_2_SEQ_LM", "causal": "CAUSAL_LM"}.get(arch.task_type)
+
+
 def lora_config(model: torch.nn.Module, spec: LoRASpec, arch: Architecture) -> LoraConfig:
-    # SEQ_CLS: PEFT trains and saves the classifier's head with the adapter (`modules_to_save`).
-    task_type = "SEQ_CLS" if classification_head(model) is not None else {
-        "seq2seq": "SEQ_2_SEQ_LM", "causal": "CAUSAL_LM"}.get(arch.task_type)
     return LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
         target_modules=resolve_targets(model, spec, arch),
-        task_type=task_type,
+        task_type=task_type_for(model, arch),
         fan_in_fan_out=arch.weights_fan_in_fan_out,
         bias="none",
+        use_dora=spec.variant == "dora",
+        use_rslora=spec.variant == "rslora",
+        init_lora_weights=True if spec.init == "default" else spec.init,
     )
 
 
 def add_lora(model: torch.nn.Module, spec: LoRASpec, arch: Architecture, adapter_name: str = "default") -> PeftModel:
     """Wrap `model` (in place) with a LoRA adapter; adapter weights are fp32 and trainable."""
-    config = lora_config(model, spec, arch)
-    if isinstance(model, PeftModel):
-        model.add_adapter(adapter_name, config)
-        model.set_adapter(adapter_name)
-        return model
-    # autocast_adapter_dtype keeps the adapters in fp32 on a bf16/fp16 base (the dtype policy).
-    return get_peft_model(model, config, adapter_name=adapter_name, autocast_adapter_dtype=True)
+    from worker.extensions.peft_methods import add_adapter  # built on this module's helpers
+
+    return add_adapter(model, "lora", spec, arch, adapter_name)
 
 
 def load_trainable_adapter(model: torch.nn.Module, job_dir: Path, adapter_name: str,
@@ -113,10 +119,13 @@ def load_trainable_adapter(model: torch.nn.Module, job_dir: Path, adapter_name: 
 def add_task_adapter(extension: BaseExtension, model: torch.nn.Module, task_name: str) -> PeftModel:
     """`model` wrapped (in place) with `task_name`'s adapter: a new one from the extension's `lora`
     section, or the one its `config.start_from["lora"]` job saved (recorded in `extension.origins`)."""
+    from worker.extensions.peft_methods import adapter_section, add_adapter  # built on this module's helpers
+
     adapter_name = adapter_name_for(task_name)
     start_from = extension.config.start_from.get("lora")
     if start_from is None:
-        return add_lora(model, extension.config.section("lora"), extension.arch, adapter_name=adapter_name)
+        section = adapter_section(extension.config)
+        return add_adapter(model, section, extension.config.section(section), extension.arch, adapter_name)
     device = str(extension.device_manager.device) if extension.device_manager is not None else None
     model, origin = load_trainable_adapter(model, start_from, adapter_name, device)
     extension.origins.setdefault(task_name, {})["lora"] = origin
@@ -124,11 +133,19 @@ def add_task_adapter(extension: BaseExtension, model: torch.nn.Module, task_name
 
 
 def save_adapter(model: PeftModel, directory: Path, adapter_name: str = "default") -> Path:
-    """Save one adapter in PEFT format directly in `directory` (adapter_config.json + safetensors)."""
+    """Save one adapter in PEFT format directly in `directory` (adapter_config.json + safetensors).
+
+    A PiSSA/OLoRA adapter is saved converted (PEFT's `path_initial_model_for_weight_conversion`): a
+    plain LoRA of twice the rank that applies to the unchanged base.
+    """
+    from worker.extensions.peft_methods import initial_adapter  # built on this module's helpers
+
     directory = Path(directory)
     staging = directory.with_name(directory.name + ".peft")
+    initial = initial_adapter(model, adapter_name)
     model.save_pretrained(str(staging), selected_adapters=[adapter_name], safe_serialization=True,
-                          save_embedding_layers=False)  # never look the base model up on a hub
+                          save_embedding_layers=False,  # never look the base model up on a hub
+                          path_initial_model_for_weight_conversion=str(initial) if initial else None)
     # PEFT puts every adapter but "default" in a sub-directory named after it.
     produced = staging / adapter_name if (staging / adapter_name / "adapter_config.json").exists() else staging
     shutil.move(str(produced), str(directory))
