@@ -21,8 +21,10 @@ STAMP := $(VENV)/.graftq-installed
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= worker,dev
 
-# Tests never reach a model hub: random presets only.
-TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# Tests never reach a model hub: random presets only. One compute thread per process: the two
+# test processes and the workers they start share the cores, and torch's default (a thread per
+# core in every process) oversubscribes them.
+TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1
 # Tests and the demo may start `graftq` or `celery` as subprocesses: the venv's come first.
 VENV_PATH := PATH="$(abspath $(BIN)):$$PATH"
 # Two test processes, one test file each at a time (pytest-xdist): much of the suite waits on
