@@ -6,7 +6,7 @@ never names a family.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from worker.errors import ConfigError
 
@@ -86,7 +86,7 @@ register(Architecture(
     default_ia3_targets=("c_attn", "mlp.c_proj"), default_ia3_feedforward=("mlp.c_proj",),
     weights_fan_in_fan_out=True,
 ))
-register(Architecture(
+_BERT = register(Architecture(
     family="bert", task_type="encoder",
     stacks={"encoder": ("bert.encoder.layer", "encoder.layer")},
     default_stack="encoder",
@@ -95,15 +95,8 @@ register(Architecture(
     default_lora_targets=("query", "key", "value"),
     default_ia3_targets=("key", "value", "output.dense"), default_ia3_feedforward=("output.dense",),
 ))
-register(Architecture(
-    family="roberta", task_type="encoder",
-    stacks={"encoder": ("roberta.encoder.layer", "encoder.layer")},
-    default_stack="encoder",
-    layer_count_keys={"encoder": "num_hidden_layers"},
-    output_projections=("attention.output.dense", "output.dense"),
-    default_lora_targets=("query", "key", "value"),
-    default_ia3_targets=("key", "value", "output.dense"), default_ia3_feedforward=("output.dense",),
-))
+# RoBERTa is BERT's architecture under another attribute name.
+register(replace(_BERT, family="roberta", stacks={"encoder": ("roberta.encoder.layer", "encoder.layer")}))
 
 
 # Post-norm (a LayerNorm after each residual sum): a new block at init_scale 0 is not an identity here,
