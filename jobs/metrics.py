@@ -30,17 +30,28 @@ def _metrics(*entries: Metric) -> dict[str, Metric]:
 
 
 CLASSIFICATION = frozenset({"classification"})
+#: generative jobs: scored on greedy generations for the eval split's inputs
+GENERATIVE = frozenset({"seq2seq", "causal"})
 
 METRICS: dict[str, Metric] = _metrics(
     Metric("accuracy", CLASSIFICATION, True, "share of eval examples whose predicted label is the reference label"),
     Metric("f1", CLASSIFICATION, True, "macro F1: the unweighted mean over the labels of each label's F1 "
            "(a label never predicted nor present scores 0)"),
+    Metric("exact_match", GENERATIVE, True, "share of eval examples whose generation equals the target "
+           "(both stripped of surrounding whitespace)"),
+    Metric("char_accuracy", GENERATIVE, True, "per example, the characters equal position by position over the "
+           "longer of generation and target; averaged over the examples"),
+    Metric("token_accuracy", GENERATIVE, True, "char_accuracy over the job's tokenizer's tokens instead of "
+           "characters"),
+    Metric("bleu", GENERATIVE, True, "corpus BLEU (sacrebleu, 0-100) of the generations against the targets"),
+    Metric("rouge_l", GENERATIVE, True, "ROUGE-L F-measure (rouge-score) of each generation against its target, "
+           "averaged"),
 )
 
 #: objective -> the metrics a job computes when `train.metrics` is not given
 DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
-    "seq2seq": (),
-    "causal": (),
+    "seq2seq": ("exact_match", "char_accuracy"),
+    "causal": ("exact_match", "char_accuracy"),
     "classification": ("accuracy", "f1"),
 }
 

@@ -418,8 +418,16 @@ class TrainSpec(_Spec):
     metrics: Annotated[
         list[str] | None,
         Field(description="Task metrics computed on the eval split after training (see `jobs/metrics.py`): "
-              "`accuracy`, `f1` (macro) for classification. Default: the objective's defaults "
-              "(classification: accuracy, f1)."),
+              "`accuracy`, `f1` (macro) for classification; `exact_match`, `char_accuracy`, `token_accuracy`, `bleu`, "
+              "`rouge_l` for seq2seq and causal jobs (on greedy generations of the eval inputs). Default: the "
+              "objective's defaults (classification: accuracy, f1; seq2seq and causal: exact_match, "
+              "char_accuracy)."),
+    ] = None
+    max_new_tokens: Annotated[
+        int | None,
+        Field(gt=0, le=8192, description="Generation length limit for the generative metrics (and the default of "
+              "`graftq predict --max-new-tokens`). Default: the longest eval target in tokens + 8, at most "
+              "max_length (targets are truncated to max_length in training, so longer was never learned)."),
     ] = None
     max_length: Annotated[
         int, Field(gt=0, le=8192, description="Token limit applied to inputs and targets (truncation).")

@@ -85,7 +85,8 @@ def test_every_registered_metric_has_an_implementation_and_defaults_apply():
 
 
 @pytest.mark.parametrize(("base", "train", "message"), [
-    ("random:bert-tiny", {"metrics": ["bleu"]}, "unknown metric 'bleu'; metrics: accuracy, f1"),
+    ("random:bert-tiny", {"metrics": ["meteor"]}, "unknown metric 'meteor'; metrics: accuracy, f1, exact_match"),
+    ("random:bert-tiny", {"metrics": ["bleu"]}, "metric 'bleu' does not apply to the classification objective"),
     ("random:t5-tiny", {"metrics": ["accuracy"]}, "metric 'accuracy' does not apply to the seq2seq objective"),
     ("random:bert-tiny", {"objective": "seq2seq"}, "seq2seq is not possible on an encoder-only base model; use "
                                                    "classification"),
@@ -108,7 +109,8 @@ def test_the_objective_defaults_by_family_and_is_recorded():
     assert (spec("random:bert-tiny").train.objective, spec("random:bert-tiny").train.metrics) == (
         "classification", ["accuracy", "f1"])
     assert spec("random:roberta-tiny").train.objective == "classification"
-    assert (spec("random:t5-tiny").train.objective, spec("random:t5-tiny").train.metrics) == ("seq2seq", [])
+    assert (spec("random:t5-tiny").train.objective, spec("random:t5-tiny").train.metrics) == (
+        "seq2seq", ["exact_match", "char_accuracy"])
     assert spec("random:gpt2-tiny").train.objective == "causal"
     # a hub base's family is read by the worker: nothing is resolved at validation
     assert spec("org/model").train.objective is None

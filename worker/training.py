@@ -78,6 +78,8 @@ class Trainer:
     def setup(self) -> None:
         spec = self.spec
         train_rows, eval_rows = read_training_rows(spec)
+        #: the held-out rows as read: the generative metrics generate from their inputs
+        self.eval_rows = eval_rows
         encode = tokenize_chat if spec.format == "chat" else tokenize
         if self.task_type == "classification":
             sources = ", ".join(spec.datasets)
@@ -218,6 +220,8 @@ class Trainer:
 
         if not self.eval_set or not self.spec.metrics:
             return {}
+        if self.task_type != "classification":
+            return self._generative_metrics()
         was_training = self.model.training
         self.model.eval()
         predictions: list[int] = []
@@ -231,6 +235,45 @@ class Trainer:
             references += labels.tolist()
         self.model.train(was_training)
         return compute(self.spec.metrics, predictions, references)
+
+    def generation_predictor(self):
+        """A worker.predict Predictor over the model in training: the eval generations are `graftq
+        predict`'s (same encoding, padding and decoding)."""
+        from worker.predict import Predictor
+
+        return Predictor(model=self.model, tokenizer=self.tokenizer, info={}, device=self.dm.device,
+                         max_length=self.spec.max_length, task_type=self.task_type,
+                         max_new_tokens=self.max_new_tokens())
+
+    def max_new_tokens(self) -> int:
+        """`train.max_new_tokens`, else the longest eval target in tokens + 8, at most max_length."""
+        if self.spec.max_new_tokens is not None:
+            return self.spec.max_new_tokens
+        longest = max((len(self.tokenizer.encode(row["target"])) for row in self.eval_rows), default=0)
+        return min(longest + 8, self.spec.max_length)
+
+    def _generative_metrics(self) -> dict[str, float]:
+        from worker.metrics import compute
+        from worker.predict import GenerationSettings
+
+        if self.spec.format == "chat":
+            # a conversation has no single input/target pair to generate from and compare with
+            log.info("task metrics are not computed for chat data")
+            return {}
+        predictor = self.generation_predictor()
+        settings = GenerationSettings(max_new_tokens=predictor.max_new_tokens)
+        rows = [{"input": row["input"]} for row in self.eval_rows]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            # under the training's autocast: a low-precision base can hold float32 trainable weights
+            with self.dm.autocast():
+                predictions = [line["prediction"] for line in
+                               predictor.predict(rows, settings, batch_size=self.eval_batch_size)]
+        finally:
+            self.model.train(was_training)
+        references = [row["target"] for row in self.eval_rows]
+        return compute(self.spec.metrics, predictions, references, tokenizer=self.tokenizer)
 
     def _non_finite(self, what: str, value: float, when: str) -> str:
         return (f"{what} is {value} {when} with dtype {self.dm.dtype_name} on {self.dm.device}; set dtype: "
