@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,8 +139,9 @@ def finish_job(
     layer_path: str | None = None,
     loss_curve: Iterable[tuple[int, str, float]] = (),
     task_metrics: Mapping[str, float] | None = None,
+    samples: Sequence[Mapping[str, str]] | None = None,
 ) -> bool:
-    """Record a succeeded job (statistics, metrics, task metrics, paths, loss curve) if the claim is held.
+    """Record a succeeded job (statistics, metrics, task metrics, samples, paths, loss curve) if the claim is held.
 
     The waiting jobs that need it and now have every need met become `queued` in the same
     transaction (`release_dependants`); the caller publishes them after commit.
@@ -167,7 +168,8 @@ def finish_job(
         .values(
             **_declared(job_id, "stats", stats, STAT_FIELDS), **_declared(job_id, "metrics", metrics, METRIC_FIELDS),
             device=device, dtype=dtype, versions=dict(versions) if versions is not None else None, job_dir=job_dir,
-            adapter_path=adapter_path, layer_path=layer_path, metrics=scores, finished_at=now, heartbeat_at=now,
+            adapter_path=adapter_path, layer_path=layer_path, metrics=scores,
+            samples=[dict(sample) for sample in samples] if samples else None, finished_at=now, heartbeat_at=now,
             status=JobStatus.SUCCEEDED.value, error=None, traceback=None, progress_phase="done",
         )
     )

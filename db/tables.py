@@ -146,6 +146,7 @@ FIELDS = (
     Field("train_seconds", Float, "metrics", sortable=True),
     Field("peak_memory_mb", Float, "metrics", sortable=True),
     Field("metrics", JSON, None, note="task metrics on the eval split: name → value, `{}` if none"),
+    Field("samples", JSON, None, result=False),  # eval rows' input / target / prediction, for `graftq show`
     Field("error", Text, None),
     Field("created_at", UTCDateTime, sortable=True, required=True, default=utcnow),
     Field("published_at", UTCDateTime, result=False),
@@ -226,7 +227,7 @@ jobs = Table(
     _optional("traceback", Text),
     *_fields("created_at", "started_at", "finished_at"),
     # Revision 0002 (campaigns) added these at the end.
-    *_fields("name", "params", "queued_at", "history", "head_params", "metrics"),
+    *_fields("name", "params", "queued_at", "history", "head_params", "metrics", "samples"),
     Index("ix_jobs_batch_id_status", "batch_id", "status"),
     Index("ix_jobs_status_heartbeat_at", "status", "heartbeat_at"),
 )

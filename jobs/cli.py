@@ -741,14 +741,20 @@ def _jobs_or_batch(database: Database, job_ids: Sequence[str], batch_id: str | N
         return found, batch_job_ids(session, found)
 
 
+def _cut(text: str, limit: int = 200) -> str:
+    """`text` on one line, cut to `limit` characters with an ellipsis (a sample's input can be a document)."""
+    text = " ".join(text.split()) if "\n" in text or "\r" in text else text
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 @cli.command()
 @click.argument("job_id")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.pass_context
 @_handle_db_errors
 def show(ctx: click.Context, job_id: str, fmt: str) -> None:
-    """One job in full: spec, params, statistics, metrics, artifact paths, error and traceback, and the
-    earlier runs of a retried job (history)."""
+    """One job in full: spec, params, statistics, metrics, sample predictions of its eval split, artifact
+    paths, error and traceback, and the earlier runs of a retried job (history)."""
     from db.queries import get_job, loss_curve
     from db.tables import FIELDS, SHOW_SECTIONS
 
@@ -764,7 +770,8 @@ def show(ctx: click.Context, job_id: str, fmt: str) -> None:
                       "loss": job.progress_loss},
             loss_curve=[{"step": s, "split": sp, "loss": loss} for s, sp, loss in loss_curve(connection, job_id)],
         )
-    record.update(params=record["params"] or {}, metrics=record["metrics"] or {}, history=record["history"] or [])
+    record.update(params=record["params"] or {}, metrics=record["metrics"] or {}, history=record["history"] or [],
+                  samples=record["samples"] or [])
     if fmt == "json":
         click.echo(json.dumps({k: _iso(v) for k, v in record.items()}, indent=2))
         return
@@ -784,6 +791,11 @@ def show(ctx: click.Context, job_id: str, fmt: str) -> None:
     if record["metrics"]:
         click.echo("task metrics:\n" + "\n".join(f"  {name:<18} {_fmt(value)}"
                                                   for name, value in sorted(record["metrics"].items())))
+    if record["samples"]:
+        click.echo("samples:")
+        for sample in record["samples"]:
+            for key in ("input", "target", "prediction"):
+                click.echo(f"  {key:<10} {_cut(str(sample.get(key, '')))}")
     if record["versions"]:
         click.echo("versions:\n" + "".join(f"  {k:<18} {v}\n" for k, v in record["versions"].items()).rstrip("\n"))
     click.echo("spec:\n  " + json.dumps(record["spec"], sort_keys=True))

@@ -429,6 +429,10 @@ class TrainSpec(_Spec):
               "`graftq predict --max-new-tokens`). Default: the longest eval target in tokens + 8, at most "
               "max_length (targets are truncated to max_length in training, so longer was never learned)."),
     ] = None
+    num_samples: Annotated[
+        int, Field(ge=0, le=100, description="How many input / target / prediction triples of the eval split (its "
+                   "first rows) the job stores for `graftq show` (0 = none).")
+    ] = 5
     max_length: Annotated[
         int, Field(gt=0, le=8192, description="Token limit applied to inputs and targets (truncation).")
     ] = 64

@@ -87,6 +87,8 @@ class JobOutcome:
     setup_seconds: float = 0.0
     #: task metrics on the eval split (`train.metrics`): name -> value
     task_metrics: dict[str, float] = field(default_factory=dict)
+    #: up to `train.num_samples` eval rows' {input, target, prediction}; None when none
+    samples: list[dict[str, str]] | None = None
 
 
 def parent_refs(spec: JobSpec) -> dict[str, str]:
@@ -283,6 +285,7 @@ def _run_job(ctx: JobContext) -> JobOutcome:
     metrics: dict = {"train_loss": None, "eval_loss": None, "steps": 0, "tokens_per_second": None,
                      "train_seconds": None}
     task_metrics: dict[str, float] = {}
+    samples: list[dict[str, str]] = []
     curve: list[tuple[int, str, float]] = []
     resumed_from_step = 0
     resume_dir = ctx.resume_dir
@@ -305,6 +308,7 @@ def _run_job(ctx: JobContext) -> JobOutcome:
                 log.info("job %s: resuming from the checkpoint at step %d", ctx.job_id, trainer.step)
             result = trainer.train()
             task_metrics = trainer.task_metrics()
+            samples = trainer.samples
         finally:
             trainer.cleanup()
         metrics.update(train_loss=result.train_loss, eval_loss=result.eval_loss, steps=result.steps,
@@ -323,6 +327,7 @@ def _run_job(ctx: JobContext) -> JobOutcome:
                     **({"effective_batch_size": spec.train.effective_batch_size} if spec.train else {})},
         "device": str(device_manager.device),
         "dtype": device_manager.dtype_name, "versions": versions, "task_metrics": task_metrics,
+        "samples": samples,
     }
     if labels is not None:
         payload["labels"] = labels
@@ -336,6 +341,7 @@ def _run_job(ctx: JobContext) -> JobOutcome:
         adapter_path=str(job_dir / artifacts["adapter"]) if "adapter" in artifacts else None,
         layer_path=str(job_dir / artifacts["layer"]) if "layer" in artifacts else None,
         loss_curve=curve, setup_seconds=setup_seconds, task_metrics=task_metrics,
+        samples=samples or None,
     )
     # Drop this job's model before freeing memory, so nothing leaks into the next job.
     del model, extension, base_model

@@ -73,6 +73,8 @@ class Trainer:
         self.step = 0
         self.checkpointed_step = 0
         self.curve: list[tuple[int, str, float]] = []
+        #: up to `train.num_samples` eval rows' {input, target, prediction}, filled by `task_metrics`
+        self.samples: list[dict[str, str]] = []
 
     # -- setup ----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -215,26 +217,38 @@ class Trainer:
 
     @torch.no_grad()
     def task_metrics(self) -> dict[str, float]:
-        """The `train.metrics` on the held-out split ({} without one, or without metrics)."""
+        """The `train.metrics` on the held-out split ({} without one, or without metrics); fills
+        `samples` with the first `train.num_samples` eval rows' input / target / prediction."""
         from worker.metrics import compute
 
-        if not self.eval_set or not self.spec.metrics:
+        self.samples = []
+        if not self.eval_set or not (self.spec.metrics or self.spec.num_samples):
             return {}
         if self.task_type != "classification":
             return self._generative_metrics()
+        # without metrics only the samples' rows are predicted
+        count = len(self.eval_set) if self.spec.metrics else min(self.spec.num_samples, len(self.eval_set))
         was_training = self.model.training
         self.model.eval()
         predictions: list[int] = []
         references: list[int] = []
-        for start in range(0, len(self.eval_set), self.eval_batch_size):
-            batch = collate(self.eval_set[start:start + self.eval_batch_size], self.task_type, self.pad_id)
+        for start in range(0, count, self.eval_batch_size):
+            batch = collate(self.eval_set[start:min(start + self.eval_batch_size, count)], self.task_type,
+                            self.pad_id)
             labels = batch.pop("labels")
             with self.dm.autocast():
                 logits = self.model(**{k: v.to(self.dm.device) for k, v in batch.items()}).logits
             predictions += logits.argmax(-1).tolist()
             references += labels.tolist()
         self.model.train(was_training)
-        return compute(self.spec.metrics, predictions, references)
+        names = self.labels or []
+        self.samples = [
+            {"input": str(row["input"]), "target": str(names[reference]),
+             "prediction": str(names[prediction])}
+            for row, reference, prediction in zip(self.eval_rows[:self.spec.num_samples], references, predictions,
+                                                  strict=False)
+        ]
+        return compute(self.spec.metrics, predictions, references) if self.spec.metrics else {}
 
     def generation_predictor(self):
         """A worker.predict Predictor over the model in training: the eval generations are `graftq
@@ -262,7 +276,9 @@ class Trainer:
             return {}
         predictor = self.generation_predictor()
         settings = GenerationSettings(max_new_tokens=predictor.max_new_tokens)
-        rows = [{"input": row["input"]} for row in self.eval_rows]
+        # the metrics' generations give the samples too; without metrics only the samples' rows are generated
+        eval_rows = self.eval_rows if self.spec.metrics else self.eval_rows[:self.spec.num_samples]
+        rows = [{"input": row["input"]} for row in eval_rows]
         was_training = self.model.training
         self.model.eval()
         try:
@@ -272,7 +288,11 @@ class Trainer:
                                predictor.predict(rows, settings, batch_size=self.eval_batch_size)]
         finally:
             self.model.train(was_training)
-        references = [row["target"] for row in self.eval_rows]
+        references = [row["target"] for row in eval_rows]
+        self.samples = [{"input": str(row["input"]), "target": str(row["target"]), "prediction": prediction}
+                        for row, prediction in zip(eval_rows[:self.spec.num_samples], predictions, strict=False)]
+        if not self.spec.metrics:
+            return {}
         return compute(self.spec.metrics, predictions, references, tokenizer=self.tokenizer)
 
     def _non_finite(self, what: str, value: float, when: str) -> str:

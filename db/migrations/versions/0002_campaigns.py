@@ -6,9 +6,9 @@ Create Date: 2026-11-29 14:40:00.000000
 
 Adds `jobs.name`, `jobs.params` (the matrix values that made a job), `jobs.queued_at` (when it
 last became queued) and `jobs.history` (earlier runs, kept by `graftq retry`), and the
-`job_needs` table (which jobs a job waits for); `jobs.head_params` (a classifier's head) and
-`jobs.metrics` (task metrics by name). Existing jobs keep their rows unchanged: no
-name, no params, no dependencies. The new statuses (`waiting`, `skipped`) need no change.
+`job_needs` table (which jobs a job waits for); `jobs.head_params` (a classifier's head),
+`jobs.metrics` (task metrics by name) and `jobs.samples` (eval rows' input / target / prediction).
+Existing jobs keep their rows unchanged: no name, no params, no dependencies. The new statuses (`waiting`, `skipped`) need no change.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("history", sa.JSON(), nullable=True))
         batch_op.add_column(sa.Column("head_params", sa.BigInteger(), nullable=True))
         batch_op.add_column(sa.Column("metrics", sa.JSON(), nullable=True))
+        batch_op.add_column(sa.Column("samples", sa.JSON(), nullable=True))
 
     op.create_table(
         "job_needs",
@@ -51,6 +52,7 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_job_needs_needed_id"))
     op.drop_table("job_needs")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.drop_column("samples")
         batch_op.drop_column("metrics")
         batch_op.drop_column("head_params")
         batch_op.drop_column("history")
