@@ -125,3 +125,8 @@ def test_a_classification_job_stores_true_and_predicted_labels(tmp_path):
     assert len(eval_rows) == 10  # fewer eval rows than num_samples: all of them
     assert [(s["input"], s["target"]) for s in outcome.samples] == [(r["input"], r["label"]) for r in eval_rows]
     assert all(sample["prediction"] in ("even", "odd") for sample in outcome.samples)
+    # without metrics only the samples' rows are classified
+    outcome = run_job(JobContext(job_id="cls-3", batch_id="batch", artifacts_root=tmp_path,
+                                 spec=_spec(path, "bert-tiny", num_samples=3, metrics=[])))
+    assert outcome.task_metrics == {}
+    assert [(s["input"], s["target"]) for s in outcome.samples] == [(r["input"], r["label"]) for r in eval_rows[:3]]
