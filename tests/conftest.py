@@ -57,6 +57,18 @@ def redis_url(redis_server: RedisServer) -> str:
 
 
 @pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for the test: on a machine busier than its cores (as `make test` keeps it),
+    OpenMP teams wait for each other on every tiny matmul, and generation slows a hundredfold."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'graftq.db'}"
 

@@ -14,15 +14,7 @@ from worker.pipeline import JobContext, run_job
 from worker.predict import GenerationSettings, Predictor
 from worker.tokenizer import ByteTokenizer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_metrics_on_hand_checked_cases():

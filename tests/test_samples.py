@@ -16,15 +16,7 @@ from worker.data import read_training_rows
 from worker.pipeline import JobContext, run_job
 from worker.predict import GenerationSettings, Predictor
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _spec(dataset: Path, preset: str = "t5-tiny", **train) -> JobSpec:
