@@ -124,6 +124,14 @@ def _declared(job_id: str, what: str, values: Mapping[str, Any], fields: tuple[s
     return {name: values.get(name) for name in fields}
 
 
+def _finite_scores(job_id: str, what: str, values: Mapping[str, float]) -> dict[str, float]:
+    scores = {str(name): float(value) for name, value in values.items()}
+    for name, value in scores.items():
+        if not math.isfinite(value):
+            raise ValueError(f"job {job_id}: {what} {name} is {value}; a succeeded job records finite values")
+    return scores
+
+
 def finish_job(
     connection: Connection,
     job_id: str,
@@ -140,6 +148,9 @@ def finish_job(
     loss_curve: Iterable[tuple[int, str, float]] = (),
     task_metrics: Mapping[str, float] | None = None,
     samples: Sequence[Mapping[str, str]] | None = None,
+    metric_curve: Iterable[tuple[int, str, float]] = (),
+    eval_sets: Mapping[str, Mapping[str, float]] | None = None,
+    packed_with: Sequence[str] | None = None,
 ) -> bool:
     """Record a succeeded job (statistics, metrics, task metrics, samples, paths, loss curve) if the claim is held.
 
@@ -150,17 +161,19 @@ def finish_job(
     and for a non-finite loss or task metric; a missing one is recorded as null.
     """
     points = [
-        {"job_id": job_id, "step": int(step), "split": str(split), "loss": float(loss)}
+        {"job_id": job_id, "step": int(step), "split": str(split), "metric": "loss", "value": float(loss)}
         for step, split, loss in loss_curve
+    ] + [
+        {"job_id": job_id, "step": int(step), "split": "eval", "metric": str(name), "value": float(value)}
+        for step, name, value in metric_curve
     ]
     for point in points:
-        if not math.isfinite(point["loss"]):
-            raise ValueError(f"job {job_id}: the loss curve's point at step {point['step']} is {point['loss']}; "
-                             "a succeeded job records finite values (fail the job instead)")
-    scores = {str(name): float(value) for name, value in (task_metrics or {}).items()}
-    for name, value in scores.items():
-        if not math.isfinite(value):
-            raise ValueError(f"job {job_id}: task metric {name} is {value}; a succeeded job records finite values")
+        if not math.isfinite(point["value"]):
+            raise ValueError(f"job {job_id}: the {point['metric']} curve's point at step {point['step']} is "
+                             f"{point['value']}; a succeeded job records finite values (fail the job instead)")
+    scores = _finite_scores(job_id, "task metric", task_metrics or {})
+    sets = {str(name): _finite_scores(job_id, f"eval set {name!r}: metric", values)
+            for name, values in (eval_sets or {}).items()}
     now = utcnow()
     result = connection.execute(
         update(jobs)
@@ -168,7 +181,8 @@ def finish_job(
         .values(
             **_declared(job_id, "stats", stats, STAT_FIELDS), **_declared(job_id, "metrics", metrics, METRIC_FIELDS),
             device=device, dtype=dtype, versions=dict(versions) if versions is not None else None, job_dir=job_dir,
-            adapter_path=adapter_path, layer_path=layer_path, metrics=scores,
+            adapter_path=adapter_path, layer_path=layer_path, metrics=scores, eval_sets=sets,
+            packed_with=list(packed_with) if packed_with else None,
             samples=[dict(sample) for sample in samples] if samples else None, finished_at=now, heartbeat_at=now,
             status=JobStatus.SUCCEEDED.value, error=None, traceback=None, progress_phase="done",
         )

@@ -55,10 +55,30 @@ def resolve_id(connection: Connection, prefix: str, *, batch: bool = False) -> s
 
 def loss_curve(connection: Connection, job_id: str) -> list[tuple[int, str, float]]:
     rows = connection.execute(
-        select(metric_points.c.step, metric_points.c.split, metric_points.c.loss)
-        .where(metric_points.c.job_id == job_id).order_by(metric_points.c.split, metric_points.c.step)
+        select(metric_points.c.step, metric_points.c.split, metric_points.c.value)
+        .where(metric_points.c.job_id == job_id, metric_points.c.metric == "loss")
+        .order_by(metric_points.c.split, metric_points.c.step)
     )
     return [(step, split, loss) for step, split, loss in rows]
+
+
+def metric_curve(connection: Connection, job_id: str) -> dict[str, list[tuple[int, float]]]:
+    """{task metric: its (step, value) points on the eval split, by step} for one job."""
+    return metric_curves(connection, [job_id]).get(job_id, {})
+
+
+def metric_curves(connection: Connection, job_ids: Sequence[str]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """{job id: {task metric: its (step, value) points, by step}} for the jobs that have such points."""
+    found: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for chunk in chunks(list(job_ids)):
+        rows = connection.execute(
+            select(metric_points.c.job_id, metric_points.c.metric, metric_points.c.step, metric_points.c.value)
+            .where(metric_points.c.job_id.in_(chunk), metric_points.c.metric != "loss")
+            .order_by(metric_points.c.job_id, metric_points.c.metric, metric_points.c.step)
+        )
+        for job_id, metric, step, value in rows:
+            found.setdefault(job_id, {}).setdefault(metric, []).append((step, value))
+    return found
 
 
 def batch_job_ids(connection: Connection, batch_id: str) -> list[str]:
@@ -335,8 +355,8 @@ def loss_curves(connection: Connection, job_ids: Sequence[str]) -> dict[str, lis
     found: dict[str, list[tuple[int, str, float]]] = {}
     for chunk in chunks(list(job_ids)):
         rows = connection.execute(
-            select(metric_points.c.job_id, metric_points.c.step, metric_points.c.split, metric_points.c.loss)
-            .where(metric_points.c.job_id.in_(chunk))
+            select(metric_points.c.job_id, metric_points.c.step, metric_points.c.split, metric_points.c.value)
+            .where(metric_points.c.job_id.in_(chunk), metric_points.c.metric == "loss")
             .order_by(metric_points.c.job_id, metric_points.c.split, metric_points.c.step)
         )
         for job_id, step, split, loss in rows:

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 #: The newest Alembic revision. A test checks it against the migration scripts; comparing
 #: the `alembic_version` row with this constant keeps alembic out of every CLI start.
-SCHEMA_HEAD = "0002"
+SCHEMA_HEAD = "0003"
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 SQLITE_BUSY_TIMEOUT_S = 30.0

@@ -103,10 +103,12 @@ class Field:
     note: str = ""  # said about it in the README
     index: bool = False  # indexed though not sortable
     primary_key: bool = False
+    server_default: str | None = None  # what a revision gives the rows that existed before the column
 
     def column(self) -> Column[Any]:
         return Column(self.name, self.type, nullable=not self.required, default=self.default,
-                      index=self.sortable or self.index or None, primary_key=self.primary_key)
+                      server_default=self.server_default, index=self.sortable or self.index or None,
+                      primary_key=self.primary_key)
 
 
 #: The job fields a user sees, in the order of `graftq results`' keys. The `statistics` and
@@ -121,6 +123,11 @@ FIELDS = (
     Field("extension", String(16), sortable=True, required=True),
     Field("params", JSON, note="the `matrix`/`sample` values that made the job: dotted key → value, `{}` if none"),
     Field("status", String(16), sortable=True, required=True, default=JobStatus.QUEUED.value),
+    Field("priority", Integer, required=True, default=0, server_default="0",
+          note="0-9, higher first (`priority` in the batch file, `graftq submit --priority`)"),
+    Field("gpus", Integer, required=True, default=1, server_default="1",
+          note="the GPUs the job runs on (`resources.gpus`)"),
+    Field("packed_with", JSON, note="the ids of the jobs trained in one process with it (`--pack`), null if alone"),
     Field("attempts", Integer, sortable=True, required=True, default=0),
     Field("max_attempts", Integer, required=True, default=3, result=False),
     Field("base_model", String(500), required=True),
@@ -145,7 +152,15 @@ FIELDS = (
     Field("tokens_per_second", Float, "metrics", sortable=True),
     Field("train_seconds", Float, "metrics", sortable=True),
     Field("peak_memory_mb", Float, "metrics", sortable=True),
+    Field("micro_batch_size", Integer, "metrics",
+          note="the micro-batch it trained with: `train.batch_size`, halved by each out-of-memory back-off"),
+    Field("best_step", Integer, "metrics", sortable=True,
+          note="the step whose weights were kept (`train.keep: best`), or null"),
+    Field("best_metric", String(64), "metrics", note="what chose `best_step`: `eval_loss` or a task metric"),
+    Field("best_value", Float, "metrics", note="its value at `best_step`"),
     Field("metrics", JSON, None, note="task metrics on the eval split: name → value, `{}` if none"),
+    Field("eval_sets", JSON, None,
+          note="per `eval.datasets` set: {name: {eval_loss, metric → value}}, `{}` if none"),
     Field("samples", JSON, None, result=False),  # eval rows' input / target / prediction, for `graftq show`
     Field("error", Text, None),
     Field("created_at", UTCDateTime, sortable=True, required=True, default=utcnow),
@@ -228,6 +243,9 @@ jobs = Table(
     *_fields("created_at", "started_at", "finished_at"),
     # Revision 0002 (campaigns) added these at the end.
     *_fields("name", "params", "queued_at", "history", "head_params", "metrics", "samples"),
+    # Revision 0003 (evaluation and scale).
+    *_fields("best_step", "best_metric", "best_value", "eval_sets", "priority", "gpus", "micro_batch_size",
+             "packed_with"),
     Index("ix_jobs_batch_id_status", "batch_id", "status"),
     Index("ix_jobs_status_heartbeat_at", "status", "heartbeat_at"),
 )
@@ -239,10 +257,11 @@ job_needs = Table(
 )
 
 metric_points = Table(
-    "metric_points", metadata,  # one point of a job's loss curve
+    "metric_points", metadata,  # one point of a job's loss curve, or of a task metric's curve
     _required("id", Integer, primary_key=True, autoincrement=True),
     _required("job_id", ForeignKey("jobs.id", ondelete="CASCADE"), index=True),
     _required("step", Integer),
     _required("split", String(8)),  # "train" or "eval"
-    _required("loss", Float),
+    _required("value", Float),
+    _required("metric", String(64), server_default="loss"),  # "loss", or a task metric's name
 )

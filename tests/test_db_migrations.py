@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, select, text
@@ -181,19 +182,37 @@ def _release_revision() -> str:
         return connection.execute("SELECT version_num FROM alembic_version").fetchone()[0]
 
 
-def _typed_rows(url: str) -> dict[str, list[dict]]:
-    """Every row of the release's tables at `url`, its columns read with this graftq's column types."""
+#: Columns renamed since the release: (table, the release's name) -> this graftq's name.
+RENAMED = {("metric_points", "loss"): "value"}
+
+
+def _typed_rows(url: str, *, upgraded: bool = False) -> dict[str, list[dict]]:
+    """Every row of the release's tables at `url` under the release's column names, read with this
+    graftq's column types; `upgraded`: the database at `url` has this graftq's schema."""
     engine = create_engine(url)
     try:
         with engine.connect() as connection:
-            return {
-                name: [dict(row._mapping) for row in connection.execute(
-                    select(*(metadata.tables[name].c[column] for column in columns))
-                    .order_by(*metadata.tables[name].primary_key.columns))]
-                for name, columns in _release_columns().items()
-            }
+            rows = {}
+            for name, columns in _release_columns().items():
+                table = metadata.tables[name]
+                current = {column: table.c[RENAMED.get((name, column), column)] for column in columns}
+                if upgraded:
+                    selected = [current[column].label(column) for column in columns]
+                else:
+                    selected = [sa.column(column, current[column].type) for column in columns]
+                query = (select(*selected).select_from(table if upgraded else sa.table(name))
+                         .order_by(*(sa.column(key.name) for key in table.primary_key.columns)))
+                rows[name] = [dict(row._mapping) for row in connection.execute(query)]
+            return rows
     finally:
         engine.dispose()
+
+
+def _release_table(name: str) -> sa.TableClause:
+    """Table `name` as the release's schema has it, for inserting its rows."""
+    table = metadata.tables[name]
+    return sa.table(name, *(sa.column(column, table.c[RENAMED.get((name, column), column)].type)
+                            for column in _release_columns()[name]))
 
 
 def _check_upgraded(env: dict, url: str, expected: dict[str, list[dict]]) -> None:
@@ -203,7 +222,7 @@ def _check_upgraded(env: dict, url: str, expected: dict[str, list[dict]]) -> Non
     engine = create_engine(url)
     assert current_revision(engine) == SCHEMA_HEAD
     engine.dispose()
-    assert _typed_rows(url) == expected
+    assert _typed_rows(url, upgraded=True) == expected
 
     results = subprocess.run(graftq_argv("results", "--format", "json"), cwd=ROOT, env=env, capture_output=True,
                              text=True, timeout=60)
@@ -254,7 +273,7 @@ def test_graftq_db_upgrade_keeps_every_row_of_the_previous_release_on_postgresql
         command.upgrade(config, _release_revision())
         for table in metadata.sorted_tables:
             if table.name in expected:  # tables added since the release start empty
-                connection.execute(table.insert(), expected[table.name])
+                connection.execute(_release_table(table.name).insert(), expected[table.name])
         connection.execute(text("SELECT setval(pg_get_serial_sequence('metric_points', 'id'), "
                                 "(SELECT max(id) FROM metric_points))"))
     engine.dispose()
