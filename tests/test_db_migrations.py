@@ -7,6 +7,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -165,35 +166,39 @@ def test_upgrade_head_on_postgresql_matches_the_tables(postgres_database):
 
 # --- upgrading a database written by the previous release ------------------------------------------
 
-RELEASE_FIXTURE = ROOT / "tests" / "fixtures" / "results-0.1.0.sqlite"  # see make_results_0_1_0.py beside it
-RELEASE_URL = f"sqlite:///file:{RELEASE_FIXTURE}?mode=ro&uri=true"
+FIXTURES = ROOT / "tests" / "fixtures"
+#: Databases written by earlier releases (see the make_results_*.py scripts beside them); each
+#: upgrade is tested from every one of them.
+RELEASES = {"0.1.0": FIXTURES / "results-0.1.0.sqlite", "0.2.0": FIXTURES / "results-0.2.0.sqlite"}
+#: Columns renamed since a release: (table, the release's name) -> this graftq's name.
+RENAMED = {("metric_points", "loss"): "value"}
 
 
-def _release_columns() -> dict[str, list[str]]:
+def _read_only(fixture: Path) -> str:
+    return f"sqlite:///file:{fixture}?mode=ro&uri=true"
+
+
+def _release_columns(fixture: Path) -> dict[str, list[str]]:
     """The release's tables and their columns, as its database has them."""
-    with sqlite3.connect(f"file:{RELEASE_FIXTURE}?mode=ro", uri=True) as connection:
+    with sqlite3.connect(f"file:{fixture}?mode=ro", uri=True) as connection:
         names = [name for (name,) in connection.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name != 'alembic_version' ORDER BY name")]
         return {name: [row[1] for row in connection.execute(f"PRAGMA table_info('{name}')")] for name in names}
 
 
-def _release_revision() -> str:
-    with sqlite3.connect(f"file:{RELEASE_FIXTURE}?mode=ro", uri=True) as connection:
+def _release_revision(fixture: Path) -> str:
+    with sqlite3.connect(f"file:{fixture}?mode=ro", uri=True) as connection:
         return connection.execute("SELECT version_num FROM alembic_version").fetchone()[0]
 
 
-#: Columns renamed since the release: (table, the release's name) -> this graftq's name.
-RENAMED = {("metric_points", "loss"): "value"}
-
-
-def _typed_rows(url: str, *, upgraded: bool = False) -> dict[str, list[dict]]:
+def _typed_rows(fixture: Path, url: str, *, upgraded: bool = False) -> dict[str, list[dict]]:
     """Every row of the release's tables at `url` under the release's column names, read with this
     graftq's column types; `upgraded`: the database at `url` has this graftq's schema."""
     engine = create_engine(url)
     try:
         with engine.connect() as connection:
             rows = {}
-            for name, columns in _release_columns().items():
+            for name, columns in _release_columns(fixture).items():
                 table = metadata.tables[name]
                 current = {column: table.c[RENAMED.get((name, column), column)] for column in columns}
                 if upgraded:
@@ -208,73 +213,93 @@ def _typed_rows(url: str, *, upgraded: bool = False) -> dict[str, list[dict]]:
         engine.dispose()
 
 
-def _release_table(name: str) -> sa.TableClause:
+def _release_table(fixture: Path, name: str) -> sa.TableClause:
     """Table `name` as the release's schema has it, for inserting its rows."""
     table = metadata.tables[name]
     return sa.table(name, *(sa.column(column, table.c[RENAMED.get((name, column), column)].type)
-                            for column in _release_columns()[name]))
+                            for column in _release_columns(fixture)[name]))
 
 
-def _check_upgraded(env: dict, url: str, expected: dict[str, list[dict]]) -> None:
-    upgrade = subprocess.run(graftq_argv("db", "upgrade"), cwd=ROOT, env=env, capture_output=True, text=True,
-                             timeout=120)
-    assert upgrade.returncode == 0, upgrade.stderr
+def _graftq(env: dict, *args: str) -> str:
+    done = subprocess.run(graftq_argv(*args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def _check_upgraded(fixture: Path, env: dict, url: str, expected: dict[str, list[dict]]) -> None:
+    _graftq(env, "db", "upgrade")
     engine = create_engine(url)
     assert current_revision(engine) == SCHEMA_HEAD
+    with engine.connect() as connection:  # what the release knew nothing of gets the defaults
+        assert set(connection.execute(select(metadata.tables["jobs"].c.priority, metadata.tables["jobs"].c.gpus))
+                   .all()) == {(0, 1)}
+        assert set(connection.scalars(select(metadata.tables["metric_points"].c.metric))) <= {"loss"}
     engine.dispose()
-    assert _typed_rows(url, upgraded=True) == expected
+    assert _typed_rows(fixture, url, upgraded=True) == expected
 
-    results = subprocess.run(graftq_argv("results", "--format", "json"), cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=60)
-    assert results.returncode == 0, results.stderr
-    listed = {row["id"]: row for row in json.loads(results.stdout)}
+    listed = {row["id"]: row for row in json.loads(_graftq(env, "results", "--format", "json"))}
     jobs = {job["id"]: job for job in expected["jobs"]}
     assert listed.keys() == jobs.keys()
+    kept = [key for key in ("status", "attempts", "base_params", "eval_loss", "error", "params", "metrics",
+                            "head_params") if key in expected["jobs"][0]]
     for job_id, job in jobs.items():
-        assert {key: listed[job_id][key] for key in ("status", "attempts", "base_params", "eval_loss", "error")} == {
-            key: job[key] for key in ("status", "attempts", "base_params", "eval_loss", "error")}
-    failed = next(job for job in jobs.values() if job["traceback"])
-    shown = subprocess.run(graftq_argv("show", failed["id"]), cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=60)
-    assert shown.returncode == 0, shown.stderr
-    assert failed["error"] in shown.stdout and failed["traceback"].strip().splitlines()[-1] in shown.stdout
+        # `results` shows a job without params or task metrics as `{}`
+        assert {key: listed[job_id][key] for key in kept} == {
+            key: {} if key in ("params", "metrics") and job[key] is None else job[key] for key in kept}
+        assert listed[job_id]["best_step"] is None and listed[job_id]["eval_sets"] in ({}, None)
+    failed = next((job for job in jobs.values() if job["traceback"]), None)
+    if failed is not None:
+        shown = _graftq(env, "show", failed["id"])
+        assert failed["error"] in shown and failed["traceback"].strip().splitlines()[-1] in shown
     curved = next(job for job in jobs.values() if job["eval_loss"] is not None and job["steps"])
-    shown = subprocess.run(graftq_argv("show", curved["id"]), cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=60)
-    assert shown.returncode == 0, shown.stderr
-    assert "loss curve:" in shown.stdout and curved["adapter_path"] in shown.stdout
+    shown = _graftq(env, "show", curved["id"])
+    assert "loss curve:" in shown and (curved["adapter_path"] or curved["layer_path"]) in shown
+    retried = next((job for job in jobs.values() if job.get("history")), None)
+    if retried is not None:
+        assert retried["history"][0]["error"] in _graftq(env, "show", retried["id"])
 
 
-def test_the_previous_release_fixture_holds_every_status():
-    expected = _typed_rows(RELEASE_URL)
-    assert {job["status"] for job in expected["jobs"]} == {"queued", "running", "succeeded", "failed", "cancelled"}
-    assert len(expected["batches"]) == 2 and len(expected["metric_points"]) > 10
-    assert max(job["base_params"] or 0 for job in expected["jobs"]) > 2**32
+def test_the_release_fixtures_hold_every_status():
+    old = _typed_rows(RELEASES["0.1.0"], _read_only(RELEASES["0.1.0"]))
+    assert {job["status"] for job in old["jobs"]} == {"queued", "running", "succeeded", "failed", "cancelled"}
+    assert len(old["batches"]) == 2 and len(old["metric_points"]) > 10
+    assert max(job["base_params"] or 0 for job in old["jobs"]) > 2**32
+    last = _typed_rows(RELEASES["0.2.0"], _read_only(RELEASES["0.2.0"]))
+    assert {job["status"] for job in last["jobs"]} == {"waiting", "queued", "running", "succeeded", "failed",
+                                                      "skipped"}
+    assert last["job_needs"] and any(job["params"] for job in last["jobs"])
+    assert any(job["history"] for job in last["jobs"]) and any(job["samples"] for job in last["jobs"])
+    assert any(job["head_params"] for job in last["jobs"]) and any(job["metrics"] for job in last["jobs"])
 
 
-def test_graftq_db_upgrade_keeps_every_row_of_the_previous_release_on_sqlite(tmp_path, graftq_env):
-    expected = _typed_rows(RELEASE_URL)
+@pytest.mark.parametrize("release", sorted(RELEASES))
+def test_graftq_db_upgrade_keeps_every_row_of_a_previous_release_on_sqlite(release, tmp_path, graftq_env):
+    fixture = RELEASES[release]
+    expected = _typed_rows(fixture, _read_only(fixture))
     path = tmp_path / "graftq.db"
-    shutil.copyfile(RELEASE_FIXTURE, path)
+    shutil.copyfile(fixture, path)
     url = f"sqlite:///{path}"
-    _check_upgraded(dict(graftq_env, GRAFTQ_DATABASE_URL=url), url, expected)
+    _check_upgraded(fixture, dict(graftq_env, GRAFTQ_DATABASE_URL=url), url, expected)
 
 
 @pytest.mark.postgres
-def test_graftq_db_upgrade_keeps_every_row_of_the_previous_release_on_postgresql(postgres_database, graftq_env):
+@pytest.mark.parametrize("release", sorted(RELEASES))
+def test_graftq_db_upgrade_keeps_every_row_of_a_previous_release_on_postgresql(release, postgres_database,
+                                                                               graftq_env):
     from alembic import command
 
-    expected = _typed_rows(RELEASE_URL)
+    fixture = RELEASES[release]
+    expected = _typed_rows(fixture, _read_only(fixture))
     url = postgres_database
     engine = create_engine(url)
     with engine.begin() as connection:  # the release's schema, then its rows
         config = alembic_config(url)
         config.attributes["connection"] = connection
-        command.upgrade(config, _release_revision())
+        command.upgrade(config, _release_revision(fixture))
         for table in metadata.sorted_tables:
             if table.name in expected:  # tables added since the release start empty
-                connection.execute(_release_table(table.name).insert(), expected[table.name])
+                connection.execute(_release_table(fixture, table.name).insert(), expected[table.name])
         connection.execute(text("SELECT setval(pg_get_serial_sequence('metric_points', 'id'), "
                                 "(SELECT max(id) FROM metric_points))"))
     engine.dispose()
-    _check_upgraded(dict(graftq_env, GRAFTQ_DATABASE_URL=url), url, expected)
+    _check_upgraded(fixture, dict(graftq_env, GRAFTQ_DATABASE_URL=url), url, expected)
