@@ -288,9 +288,25 @@ def _with_max_steps(batch: Batch, max_steps: int) -> Batch:
     def capped(spec: JobSpec) -> JobSpec:
         if spec.train is None or (spec.train.max_steps is not None and spec.train.max_steps <= max_steps):
             return spec
-        return spec.model_copy(update={"train": spec.train.model_copy(update={"max_steps": max_steps})})
+        update: dict = {"train": spec.train.model_copy(update={"max_steps": max_steps})}
+        if spec.adalora is not None and spec.adalora.total_step and spec.adalora.total_step > max_steps:
+            update["adalora"] = _compressed_adalora_schedule(spec.adalora, max_steps)
+        return spec.model_copy(update=update)
 
     return dataclasses.replace(batch, jobs=[capped(spec) for spec in batch.jobs])
+
+
+def _compressed_adalora_schedule(adalora, steps: int):
+    """AdaLoRA's rank-budget schedule squeezed into `steps`: a smoke run still prunes ranks the way
+    the full run would, instead of stopping inside the warm-up of a schedule laid out for more steps."""
+    ratio = steps / adalora.total_step
+    tinit, tfinal = int(adalora.tinit * ratio), int(adalora.tfinal * ratio)
+    while tinit + tfinal >= steps and (tinit or tfinal):  # leave at least one step for reallocating
+        if tfinal:
+            tfinal -= 1
+        else:
+            tinit -= 1
+    return adalora.model_copy(update={"total_step": steps, "tinit": tinit, "tfinal": tfinal})
 
 
 # --- worker ------------------------------------------------------------------------------------

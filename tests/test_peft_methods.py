@@ -126,6 +126,23 @@ def test_adalora_reallocates_its_rank_budget_through_the_trainer_hook(dataset, t
     assert ranks and sum(sum(mask) for mask in ranks.values()) <= 2 * len(ranks) < 4 * len(ranks)
 
 
+def test_max_steps_squeezes_the_adalora_schedule_into_the_capped_steps():
+    from jobs.batch import Batch
+    from jobs.cli import _with_max_steps
+
+    spec = JobSpec(task="t", extension="adalora", base_model="random:t5-tiny",
+                   adalora={"init_r": 4, "target_r": 2, "tinit": 200, "tfinal": 300},
+                   train={"dataset": "d.jsonl", "max_steps": 1000})
+    assert spec.adalora.total_step == 1000
+    batch = Batch(name="b", base_model=None, jobs=[spec], source=Path("b.yaml"))
+    capped = _with_max_steps(batch, 10).jobs[0]
+    assert capped.train.max_steps == 10
+    assert (capped.adalora.total_step, capped.adalora.tinit, capped.adalora.tfinal) == (10, 2, 3)
+    tiny = _with_max_steps(batch, 1).jobs[0].adalora  # no room for warm-up or final steps
+    assert (tiny.total_step, tiny.tinit, tiny.tfinal) == (1, 0, 0)
+    assert _with_max_steps(batch, 5000).jobs[0].adalora.total_step == 1000  # not capped: unchanged
+
+
 # ---- validation: every kind validates, unknown keys and bad settings are refused -----------------
 
 def problems(**job) -> list[str]:
