@@ -28,6 +28,7 @@ from pydantic import ValidationError
 
 from jobs.dependencies import Node, resolve_needs, topological_order
 from jobs.errors import Problems, SpecError, describe_validation_error
+from jobs.model_config import ModelConfigs, job_problems
 from jobs.sources import HF_PREFIX, columns_of, hub_columns, missing_columns, parse_hub
 from jobs.spec import JobSpec
 from jobs.sweep import MAX_JOBS, Matrix, Sample, Sweep, SweepError, apply, describe, spec_paths
@@ -336,7 +337,7 @@ def _check_size(entries: list[_Entry], problems: Problems) -> None:
     problems.raise_if_any()
 
 
-def _job_spec(job: dict[str, Any], label: str, group: int, datasets: _Datasets,
+def _job_spec(job: dict[str, Any], label: str, group: int, datasets: _Datasets, models: ModelConfigs,
               problems: Problems) -> JobSpec | None:
     """The validated spec of one expanded job, or None after recording its problems."""
     datasets.resolve(job)
@@ -354,7 +355,19 @@ def _job_spec(job: dict[str, Any], label: str, group: int, datasets: _Datasets,
     if problem is not None:
         problems.add(label, f"key `train.format`: {problem}", group)
         return None
-    return spec
+    return spec if _fits_base_model(spec, label, group, models, problems) else None
+
+
+def _fits_base_model(spec: JobSpec, label: str, group: int, models: ModelConfigs, problems: Problems) -> bool:
+    """Whether the job suits its base model's config (when it can be read here); records each problem."""
+    base, problem = models.find(spec.base_model)
+    if problem is not None:
+        problems.add(label, f"key `base_model`: {problem}", group)
+        return False
+    found = job_problems(spec, base) if base is not None else []
+    for key, message in found:
+        problems.add(label, f"key `{key}`: {message}", group)
+    return not found
 
 
 def _typed(params: dict[str, Any], spec: JobSpec) -> dict[str, Any]:
@@ -409,6 +422,7 @@ def parse_batch(data: Any, source: Path | None = None) -> Batch:
     _check_size(entries, problems)
 
     datasets = _Datasets(source.parent if source is not None else Path.cwd())
+    models = ModelConfigs()
     specs: list[JobSpec] = []
     params: list[dict[str, Any]] = []
     nodes: list[Node] = []
@@ -430,7 +444,7 @@ def parse_batch(data: Any, source: Path | None = None) -> Batch:
         for values in combinations:
             label = _job_label(len(nodes), entry.raw, values)
             job = apply(merged, values) if values else merged
-            spec = _job_spec(job, label, entry.index, datasets, problems)
+            spec = _job_spec(job, label, entry.index, datasets, models, problems)
             nodes.append(Node(label, entry.index, spec, entry.written_from(values)))
             if spec is not None:
                 specs.append(spec)

@@ -35,7 +35,7 @@ VALID = """
       - {task: reverse, extension: lora}
       - {task: reverse, extension: layer, layer: {init_scale: 0}}
       - {task: reverse, extension: hybrid, lora: {r: 2}, train: {max_steps: 3}}
-      - {task: stats-only, kind: create, extension: hybrid, base_model: random:gpt2-tiny}
+      - {task: stats-only, kind: create, extension: hybrid, base_model: random:flan-t5-small}
 """
 
 
@@ -47,7 +47,7 @@ def test_defaults_merge_into_every_job_and_job_keys_win(tmp_path, dataset):
     assert layer.layer.init_scale == 0 and layer.layer.stack == "encoder"
     assert hybrid.lora.r == 2 and hybrid.lora.alpha == 16 and hybrid.train.max_steps == 3
     assert hybrid.train.batch_size == 4  # the rest of the train section still comes from defaults
-    assert create.base_model == "random:gpt2-tiny" and create.train is None
+    assert create.base_model == "random:flan-t5-small" and create.train is None
 
 
 def test_dataset_paths_are_resolved_against_the_batch_file(tmp_path, dataset, monkeypatch):
