@@ -440,6 +440,21 @@ class TrainSpec(_Spec):
     checkpoint_every: Annotated[
         int, Field(ge=0, description="Save a resumable training checkpoint every N steps (0 = never).")
     ] = 50
+    report_to: Annotated[
+        list[Literal["tensorboard", "mlflow"]],
+        Field(description="Experiment trackers that get the losses and metrics, as in Hugging Face's "
+              "`report_to`: `tensorboard` (event files in the job directory's `tensorboard/`; install "
+              "graftq[tensorboard]) and `mlflow` (one run per job, named after its id, with the spec as params "
+              "and job.json and the saved adapter/block as artifacts, at GRAFTQ_MLFLOW_TRACKING_URI, default a "
+              "SQLite store in the artifacts directory; install graftq[mlflow])."),
+    ] = []
+
+    @field_validator("report_to")
+    @classmethod
+    def _report_to(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("a tracker is named twice in report_to")
+        return value
 
     @field_validator("dataset", mode="before")
     @classmethod

@@ -60,6 +60,9 @@ class JobContext:
     progress_interval: float = 1.0
     #: job id -> artifact directory of each job that the spec's `from` keys name (`job:ID`)
     needed_dirs: dict[str, Path] = field(default_factory=dict)
+    #: the `matrix`/`sample` values that made the job, and its batch's name: for the trackers (`train.report_to`)
+    params: dict[str, Any] = field(default_factory=dict)
+    batch_name: str | None = None
 
     @property
     def job_dir(self) -> Path:
@@ -241,6 +244,21 @@ def resolve_objective_of(spec: JobSpec) -> tuple[JobSpec, str]:
 
 
 def _run_job(ctx: JobContext) -> JobOutcome:
+    """`_build_train_save`, reported to the job's trackers (`train.report_to`)."""
+    from worker.trackers import TrackedJob, start_trackers
+
+    trackers = start_trackers(ctx.spec, TrackedJob(ctx.job_id, ctx.batch_id, ctx.job_dir, ctx.params, ctx.batch_name))
+    try:
+        outcome = _build_train_save(ctx, trackers)
+    except BaseException:
+        trackers.finish(None)
+        raise
+    trackers.finish(Path(outcome.job_dir), {**outcome.task_metrics, **outcome.stats, **{
+        name: outcome.metrics.get(name) for name in ("tokens_per_second", "train_seconds", "peak_memory_mb")}})
+    return outcome
+
+
+def _build_train_save(ctx: JobContext, trackers) -> JobOutcome:
     from worker.data import read_labels
     from worker.device import DeviceManager
     from worker.extensions import ExtensionConfig, extension_class
@@ -301,7 +319,8 @@ def _run_job(ctx: JobContext) -> JobOutcome:
         trainer = Trainer(model, base.tokenizer, objective, spec.train, device_manager,
                           on_step=on_step, should_cancel=cancelled,
                           checkpoint_dir=resume_dir if spec.train.checkpoint_every else None, labels=labels,
-                          after_step=functools.partial(extension.after_step, spec.task))
+                          after_step=functools.partial(extension.after_step, spec.task),
+                          on_log=trackers.log_metrics)
         try:
             trainer.setup()
             if trainer.step:

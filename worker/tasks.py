@@ -194,6 +194,13 @@ class _ProgressWriter:
             self.beat.claim_lost = True
 
 
+def _tracking(database: Database, job_id: str) -> dict[str, Any]:
+    """What the experiment trackers record besides the spec: the job's sweep values and batch name."""
+    with database.read() as connection:
+        row = get_job(connection, job_id)
+    return {"params": dict(row.params or {}), "batch_name": row.batch} if row is not None else {}
+
+
 def _describe_unclaimable(database: Database, job_id: str, settings: Settings) -> str:
     with database.begin() as session:
         settled = settle_stale_job(session, job_id, settings.stale_after)
@@ -266,6 +273,8 @@ def execute_job(job_id: str, settings: Settings, *, worker: str, eager: bool = F
             # None: the pipeline's own place (stable per job, so a retried attempt resumes there).
             checkpoint_dir=None,
             needed_dirs=_with_db_retries(lambda: pipeline.needed_dirs(spec, database)),
+            **(_with_db_retries(lambda: _tracking(database, job_id))
+               if spec.train is not None and spec.train.report_to else {}),
         )
         outcome = pipeline.run_job(context)
     except JobInterrupted:

@@ -55,7 +55,8 @@ class Trainer:
                  on_step: Callable[[int, int, float], None] | None = None,
                  should_cancel: Callable[[], bool] | None = None,
                  checkpoint_dir: Path | None = None, labels: list[str] | None = None,
-                 after_step: Callable[[int], None] = lambda step: None):
+                 after_step: Callable[[int], None] = lambda step: None,
+                 on_log: Callable[[int, dict[str, float]], None] | None = None):
         if task_type not in OBJECTIVES:
             raise JobError(f"train.objective: {task_type!r} is not one of {', '.join(OBJECTIVES)}")
         self.model = model
@@ -69,6 +70,9 @@ class Trainer:
         self.should_cancel = should_cancel
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.after_step = after_step
+        #: called with (step, {name: value}): the train loss after each step, the eval loss (and metrics) after
+        #: each evaluation; the experiment trackers' feed
+        self.on_log = on_log or (lambda step, values: None)
         self.eval_batch_size = spec.eval_batch_size or spec.batch_size
         self.step = 0
         self.checkpointed_step = 0
@@ -312,6 +316,7 @@ class Trainer:
                 initial_eval = self.evaluate()
                 if initial_eval is not None:
                     self.curve.append((0, "eval", initial_eval))
+                    self.on_log(0, {"eval_loss": initial_eval})
             self.model.train()
             phase = "train"
             started = time.perf_counter()
@@ -323,6 +328,7 @@ class Trainer:
                 self.step += 1
                 tokens += sum(self._tokens(examples) for examples in micro_batches)
                 self.curve.append((self.step, "train", last_loss))
+                self.on_log(self.step, {"train_loss": last_loss})
                 self.dm.sample_memory()
                 if self.on_step is not None:
                     self.on_step(self.step, self.total_steps, last_loss)
@@ -340,6 +346,7 @@ class Trainer:
             self._raise_oom(phase)
         if final_eval is not None:
             self.curve.append((self.step, "eval", final_eval))
+            self.on_log(self.step, {"eval_loss": final_eval})
         return TrainResult(
             train_loss=last_loss, eval_loss=final_eval, steps=self.step,
             tokens_per_second=tokens / seconds if seconds > 0 else 0.0, train_seconds=seconds,
