@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
+from click.testing import CliRunner
 
 from jobs.batch import parse_batch
+from jobs.cli import cli
 from jobs.errors import SpecError
 from jobs.spec import JobSpec
 from tests.conftest import ROOT
 from worker.errors import JobError
-from worker.pipeline import JobContext, run_job
 from worker.trackers import TrackedJob, start_trackers
 
 pytest.importorskip("tensorboard", reason="graftq[tensorboard] is not installed")
@@ -32,15 +36,29 @@ def job_spec(report_to: list[str], **train) -> JobSpec:
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("artifacts")
+    return tmp_path_factory.mktemp("trackers") / "artifacts"
+
+
+@dataclass
+class Tracked:
+    job_id: str
+    job_dir: Path
+    job: dict
 
 
 @pytest.fixture(scope="module")
-def tracked(artifacts):
-    """One job trained with both trackers on the default (local) MLflow store."""
-    outcome = run_job(JobContext(job_id="job1", batch_id="batch1", spec=job_spec(["tensorboard", "mlflow"]),
-                                 artifacts_root=artifacts, params={"lora.r": 2}, batch_name="trackers"))
-    return outcome
+def tracked(artifacts) -> Tracked:
+    """One job of a sweep, run with `graftq run` and both trackers on the default (local) MLflow store."""
+    spec = job_spec(["tensorboard", "mlflow"]).to_json()
+    batch = artifacts.parent / "batch.yaml"
+    batch.write_text(yaml.safe_dump({"batch": "trackers", "matrix": {"lora.r": [2]},
+                                     "jobs": [{key: spec[key] for key in ("task", "extension", "base_model",
+                                                                          "device", "train")}]}))
+    result = CliRunner().invoke(cli, ["--database-url", f"sqlite:///{artifacts.parent / 'graftq.db'}",
+                                      "--artifacts-dir", str(artifacts), "run", str(batch)])
+    assert result.exit_code == 0, result.output
+    (job_dir,) = [path.parent for path in artifacts.glob("*/*/job.json")]
+    return Tracked(job_dir.name, job_dir, json.loads((job_dir / "job.json").read_text()))
 
 
 def mlflow_client(artifacts: Path):
@@ -60,29 +78,29 @@ def mlflow_run(artifacts: Path, job_id: str):
 def test_tensorboard_event_files_hold_the_losses_and_metrics(tracked):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(Path(tracked.job_dir) / "tensorboard"))
+    events = EventAccumulator(str(tracked.job_dir / "tensorboard"))
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     assert {"train_loss", "eval_loss", "exact_match", "trainable_params"} <= scalars
     assert [event.step for event in events.Scalars("train_loss")] == [1, 2, 3]
     assert [event.step for event in events.Scalars("eval_loss")] == [0, STEPS]
-    assert events.Scalars("train_loss")[-1].value == pytest.approx(tracked.metrics["train_loss"], rel=1e-6)
-    assert events.Scalars("exact_match")[0].value == pytest.approx(tracked.task_metrics["exact_match"])
-    assert not list(Path(tracked.job_dir).parent.glob(".job1.tensorboard"))  # moved into the job directory
+    assert events.Scalars("train_loss")[-1].value == pytest.approx(tracked.job["metrics"]["train_loss"], rel=1e-6)
+    assert events.Scalars("exact_match")[0].value == pytest.approx(tracked.job["task_metrics"]["exact_match"])
+    assert not list(tracked.job_dir.parent.glob(".*.tensorboard"))  # moved into the job directory
 
 
 def test_mlflow_run_has_the_params_metrics_and_artifacts(tracked, artifacts):
-    client, run = mlflow_run(artifacts, "job1")
+    client, run = mlflow_run(artifacts, tracked.job_id)
     assert run.info.status == "FINISHED"
     params = run.data.params
     assert params["lora.r"] == "2" and params["train.max_steps"] == str(STEPS) and params["task"] == "reverse"
     assert params["train.report_to"] == '["tensorboard", "mlflow"]'
-    assert run.data.tags["graftq.batch"] == "trackers" and run.data.tags["graftq.job_id"] == "job1"
+    assert run.data.tags["graftq.batch"] == "trackers" and run.data.tags["graftq.job_id"] == tracked.job_id
     history = client.get_metric_history(run.info.run_id, "train_loss")
     assert sorted(metric.step for metric in history) == [1, 2, 3]
     assert [metric.step for metric in client.get_metric_history(run.info.run_id, "eval_loss")] == [0, STEPS]
-    assert run.data.metrics["exact_match"] == pytest.approx(tracked.task_metrics["exact_match"])
-    assert run.data.metrics["trainable_params"] == tracked.stats["trainable_params"]
+    assert run.data.metrics["exact_match"] == pytest.approx(tracked.job["task_metrics"]["exact_match"])
+    assert run.data.metrics["trainable_params"] == tracked.job["stats"]["trainable_params"]
     top = {item.path for item in client.list_artifacts(run.info.run_id)}
     assert top == {"job.json", "adapter"}
     adapter = {Path(item.path).name for item in client.list_artifacts(run.info.run_id, "adapter")}
