@@ -119,8 +119,6 @@ class BaseConfig:
     """A base model's config as read from its `config.json` (or its preset)."""
 
     name: str
-    #: where it was read: `preset random:x`, a config.json path
-    where: str
     config: dict[str, Any]
     #: objective -> every dotted suffix of every Linear module name (a grid checks the same model many times)
     _suffixes: dict[str | None, frozenset[str]] = field(default_factory=dict, compare=False, repr=False)
@@ -254,11 +252,10 @@ def _generation_problems(spec: Any, base: BaseConfig, objective: str | None) -> 
 
 
 def _objective(spec: Any, family: Family) -> str | None:
-    """The objective the worker resolves for the job (None for a create job: the family's default model)."""
-    if spec.train is None:
-        return None
+    """The objective the worker resolves for the job: its own, else the family's default (a create job
+    builds the model a train job would)."""
+    objective = spec.train.objective if spec.train is not None else None
     allowed = OBJECTIVES_BY_TASK_TYPE.get(family.task_type, ())
-    objective = spec.train.objective
     return objective if objective is not None else (allowed[0] if allowed else None)
 
 
@@ -295,7 +292,7 @@ def _read(name: str, path: Path) -> tuple[BaseConfig | None, str | None]:
         return None, f"cannot read {str(path)!r}: {error}; save the model again with save_pretrained"
     if not isinstance(config, dict):
         return None, f"{str(path)!r} is not a model config (a JSON object); save the model again with save_pretrained"
-    return BaseConfig(name, str(path), config), None
+    return BaseConfig(name, config), None
 
 
 def _looks_local(name: str) -> bool:
@@ -308,7 +305,7 @@ def _find(name: str) -> tuple[BaseConfig | None, str | None]:
         from jobs.presets import PRESETS
 
         preset = PRESETS.get(name.removeprefix("random:"))
-        return (BaseConfig(name, f"preset {name}", dict(preset["config"])), None) if preset else (None, None)
+        return (BaseConfig(name, dict(preset["config"])), None) if preset else (None, None)
     path = Path(name).expanduser()
     if path.is_dir():
         config = path / "config.json"

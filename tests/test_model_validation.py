@@ -75,7 +75,7 @@ def test_the_linear_module_names_are_those_of_the_model_the_worker_builds(name):
     for objective in (None, *OBJECTIVES_BY_TASK_TYPE[family.task_type]):
         model = auto_class(family.task_type, objective).from_config(config)
         expected = sorted(_linear_modules(model))
-        assert sorted(linear_module_names(BaseConfig(name, "test", dict(config_dict)), objective)) == expected
+        assert sorted(linear_module_names(BaseConfig(name, dict(config_dict)), objective)) == expected
 
 
 # --- presets --------------------------------------------------------------------------------------
@@ -143,9 +143,10 @@ def test_a_classifier_has_its_head_and_an_adapter_from_another_job_keeps_its_tar
     labels = data.with_name("labels.jsonl")
     labels.write_text('{"input": "a", "label": "x"}\n{"input": "b", "label": "y"}\n')
     assert problems(labels, {"lora": {"target_modules": ["query", "classifier"]}}, base="random:bert-tiny") == []
-    # a create job builds the masked-LM model, which has no classifier
-    assert "no Linear module named 'classifier'" in problems(
-        labels, {"kind": "create", "lora": {"target_modules": ["classifier"]}}, base="random:bert-tiny")[0]
+    # a create job builds the model a train job would: the classifier, not the masked-LM head
+    assert "no Linear module named 'cls.predictions.decoder'" in problems(
+        labels, {"kind": "create", "lora": {"target_modules": ["classifier", "cls.predictions.decoder"]}},
+        base="random:bert-tiny")[0]
     assert problems(data, {"name": "first"}, {"needs": ["first"], "lora": {"from": "first", "target_modules": ["x"]}}) \
         == []
 
