@@ -31,7 +31,7 @@ RUN if [ -n "$TORCH_SPEC" ]; then pip install $TORCH_SPEC; fi
 COPY pyproject.toml ./
 RUN mkdir -p jobs db worker \
     && touch jobs/__init__.py db/__init__.py worker/__init__.py README.md \
-    && pip install '.[worker,postgres]' \
+    && pip install '.[worker,postgres,s3]' \
     && pip uninstall -y graftq \
     && rm -rf jobs db worker README.md build ./*.egg-info
 

@@ -44,7 +44,7 @@ TABLE_DEFAULT_LIMIT = 50
 class State:
     """What the commands share: settings, the database and the Celery app, built on first use."""
 
-    def __init__(self, database_url: str | None, broker_url: str | None, artifacts_dir: Path | None):
+    def __init__(self, database_url: str | None, broker_url: str | None, artifacts_dir: str | None):
         self._overrides = {"database_url": database_url, "broker_url": broker_url, "artifacts_dir": artifacts_dir}
 
     @functools.cached_property
@@ -131,10 +131,10 @@ def _handle_db_errors(func: F) -> F:
 @click.option("--broker-url", envvar="GRAFTQ_BROKER_URL", metavar="URL",
               help="Celery broker. [env: GRAFTQ_BROKER_URL; default: redis://127.0.0.1:6379/0]")
 @click.option("--artifacts-dir", envvar="GRAFTQ_ARTIFACTS_DIR", metavar="DIR",
-              type=click.Path(file_okay=False, path_type=Path),
-              help="Where job artifacts are written. [env: GRAFTQ_ARTIFACTS_DIR; default: ./graftq-data/artifacts]")
+              help="Where job artifacts are written: a directory, or s3://BUCKET/PREFIX (S3-compatible storage). "
+                   "[env: GRAFTQ_ARTIFACTS_DIR; default: ./graftq-data/artifacts]")
 @click.pass_context
-def cli(ctx: click.Context, database_url: str | None, broker_url: str | None, artifacts_dir: Path | None) -> None:
+def cli(ctx: click.Context, database_url: str | None, broker_url: str | None, artifacts_dir: str | None) -> None:
     """graftq: run batches of LoRA / added-layer / hybrid model-extension experiments.
 
     Write a batch file, then `graftq run BATCH` on this machine, or `graftq submit BATCH`
@@ -948,16 +948,28 @@ def _job_directory(ctx: click.Context, job_id: str) -> tuple[str, Path]:
     if job.status != "succeeded":
         raise click.ClickException(f"job {job_id} is {job.status}; only a job that succeeded has a model to use "
                                    "(`graftq show` it to see why, `graftq retry` to run it again)")
-    candidates = [Path(job.job_dir)] if job.job_dir else []
-    candidates.append(state.settings.artifacts_dir / job.batch_id / job_id)
-    for directory in candidates:
-        if (directory / "job.json").is_file():
-            click.echo(f"job {job_id}: artifacts in {directory}", err=True)
+    candidates = [job.job_dir] if job.job_dir else []
+    candidates.append(str(state.settings.artifacts_dir / job.batch_id / job_id))
+    problems = []
+    for candidate in candidates:
+        if candidate.startswith("s3://"):
+            from worker.errors import JobError, TransientError
+            from worker.storage import local_copy
+
+            try:
+                directory = local_copy(candidate)
+            except (JobError, TransientError) as error:
+                problems.append(str(error))
+                continue
+            click.echo(f"job {job_id}: artifacts from {candidate} (downloaded to {directory})", err=True)
             return job_id, directory
+        if (Path(candidate) / "job.json").is_file():
+            click.echo(f"job {job_id}: artifacts in {candidate}", err=True)
+            return job_id, Path(candidate)
     raise click.ClickException(f"job {job_id}: its artifacts are not on this host (looked in "
-                               f"{' and '.join(str(path) for path in candidates)}); copy the job directory here and "
-                               "point --artifacts-dir (GRAFTQ_ARTIFACTS_DIR) at the directory that holds "
-                               f"{job.batch_id}/{job_id}/")
+                               f"{' and '.join(candidates)}{''.join(f'; {problem}' for problem in problems)}); "
+                               "copy the job directory here and point --artifacts-dir (GRAFTQ_ARTIFACTS_DIR) at the "
+                               f"directory that holds {job.batch_id}/{job_id}/")
 
 
 @cli.command()

@@ -4,7 +4,7 @@
 |---|---|---|
 | database_url | GRAFTQ_DATABASE_URL | sqlite:///graftq-data/graftq.db |
 | broker_url | GRAFTQ_BROKER_URL | redis://127.0.0.1:6379/0 |
-| artifacts_dir | GRAFTQ_ARTIFACTS_DIR | ./graftq-data/artifacts |
+| artifacts_dir | GRAFTQ_ARTIFACTS_DIR | ./graftq-data/artifacts (or `s3://bucket/prefix`, below) |
 | visibility_timeout | GRAFTQ_VISIBILITY_TIMEOUT | 3600 s (kombu's; not a lease, see docs/reliability.md) |
 | heartbeat_interval | GRAFTQ_HEARTBEAT_INTERVAL | 10 s |
 | stale_after | GRAFTQ_STALE_AFTER | 60 s without a heartbeat: the worker is taken for dead |
@@ -15,12 +15,18 @@ A `rediss://` broker URL is TLS with the server's certificate checked: its query
 `ssl_cert_reqs=required` (the default), `ssl_ca_certs=<CA file>` (else the system's CAs) and
 `ssl_certfile`/`ssl_keyfile` (a client certificate). `ssl_cert_reqs=none` or `optional`, which
 would accept any server, is refused. A password goes in the URL: `rediss://:secret@host:6380/0`.
+
+An artifacts directory `s3://bucket/prefix` is S3-compatible object storage (the `s3` extra):
+the endpoint and credentials come from the usual AWS variables (AWS_ENDPOINT_URL or
+AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION), and each host
+stages and caches artifacts under GRAFTQ_ARTIFACTS_CACHE (default ./graftq-data/artifacts-cache).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -54,6 +60,39 @@ _CERT_REQS_REFUSED = {"none", "cert_none", "optional", "cert_optional"}
 
 class SettingsError(ValueError):
     """An environment variable holds a value that cannot be used; the message names it."""
+
+
+class ObjectStoreDir(str):
+    """An artifacts directory in S3-compatible object storage, `s3://bucket/prefix` (no trailing `/`);
+    `/` joins a part as Path does."""
+
+    def __truediv__(self, part: object) -> ObjectStoreDir:
+        return ObjectStoreDir(f"{self}/{part}")
+
+    @property
+    def bucket(self) -> str:
+        return self.removeprefix(OBJECT_STORE_SCHEME).split("/", 1)[0]
+
+
+OBJECT_STORE_SCHEME = "s3://"
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def artifacts_location(value: str | Path) -> Path | ObjectStoreDir:
+    """An absolute local Path, or an ObjectStoreDir for `s3://bucket[/prefix]`.
+
+    Raises SettingsError for an `s3://` URL without a valid bucket name, or with `..` in its prefix.
+    """
+    text = str(value)
+    if not text.startswith(OBJECT_STORE_SCHEME):
+        return Path(value).expanduser().absolute()
+    parts = [part for part in text.removeprefix(OBJECT_STORE_SCHEME).split("/") if part]
+    if not parts or not _BUCKET_RE.fullmatch(parts[0]):
+        raise SettingsError(f"GRAFTQ_ARTIFACTS_DIR={text!r}: expected s3://BUCKET/PREFIX with a bucket name of "
+                            "3-63 lowercase letters, digits, `.` or `-`")
+    if any(part in (".", "..") for part in parts):
+        raise SettingsError(f"GRAFTQ_ARTIFACTS_DIR={text!r}: the prefix may not contain `.` or `..` parts")
+    return ObjectStoreDir(OBJECT_STORE_SCHEME + "/".join(parts))
 
 
 def _redacted(url: str) -> str:
@@ -108,7 +147,8 @@ def broker_tls(broker_url: str) -> tuple[str, dict[str, Any] | None]:
 class Settings:
     database_url: str = DEFAULT_DATABASE_URL
     broker_url: str = DEFAULT_BROKER_URL
-    artifacts_dir: Path = Path(DEFAULT_ARTIFACTS_DIR)
+    #: a local directory, or `s3://bucket/prefix` (an ObjectStoreDir)
+    artifacts_dir: Path | ObjectStoreDir = Path(DEFAULT_ARTIFACTS_DIR)
     visibility_timeout: float = 3600.0
     heartbeat_interval: float = 10.0
     stale_after: float = 60.0
@@ -116,7 +156,7 @@ class Settings:
     queue: str = "graftq"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "artifacts_dir", Path(self.artifacts_dir).expanduser().absolute())
+        object.__setattr__(self, "artifacts_dir", artifacts_location(self.artifacts_dir))
         if self.heartbeat_interval <= 0 or self.stale_after <= 0 or self.visibility_timeout <= 0:
             raise SettingsError("heartbeat_interval, stale_after and visibility_timeout must be > 0")
         if self.stale_after < 2 * self.heartbeat_interval:

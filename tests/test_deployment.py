@@ -23,7 +23,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-TEST_PASSWORDS = {"REDIS_PASSWORD": "redis-secret-123", "POSTGRES_PASSWORD": "pg-secret-456"}
+TEST_PASSWORDS = {"REDIS_PASSWORD": "redis-secret-123", "POSTGRES_PASSWORD": "pg-secret-456",
+                  "S3_SECRET_KEY": "s3-secret-789"}
 
 _VARIABLE = re.compile(r"\$(?:\$|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\})")
 
@@ -109,9 +110,9 @@ def resolve_graftq_command(argv: list[str]) -> click.Command:
 # -- docker-compose.yml --------------------------------------------------------------
 
 
-def test_compose_has_the_five_services():
+def test_compose_has_the_six_services():
     services = load_compose()["services"]
-    assert {"redis", "postgres", "migrate", "worker", "flower"} <= set(services)
+    assert {"redis", "postgres", "s3", "migrate", "worker", "flower"} <= set(services)
 
 
 def test_compose_refuses_to_start_without_passwords():
@@ -119,6 +120,8 @@ def test_compose_refuses_to_start_without_passwords():
         load_compose({"POSTGRES_PASSWORD": "x"})
     with pytest.raises(MissingVariable, match="POSTGRES_PASSWORD"):
         load_compose({"REDIS_PASSWORD": "x"})
+    with pytest.raises(MissingVariable, match="S3_SECRET_KEY"):
+        load_compose({"REDIS_PASSWORD": "x", "POSTGRES_PASSWORD": "y"})
 
 
 def test_redis_is_durable_and_password_protected():
@@ -184,6 +187,7 @@ def test_a_worker_on_a_further_host_reaches_the_pool_host():
     env = env_of(load_compose({**TEST_PASSWORDS, "POOL_HOST": "gpu-host.example"})["services"]["worker"])
     assert "@gpu-host.example:6379/0" in env["GRAFTQ_BROKER_URL"]
     assert "@gpu-host.example:5432/graftq" in env["GRAFTQ_DATABASE_URL"]
+    assert env["AWS_ENDPOINT_URL"] == "http://gpu-host.example:8333"
 
 
 def test_worker_waits_for_the_migration_and_redis():
@@ -192,13 +196,22 @@ def test_worker_waits_for_the_migration_and_redis():
     assert "redis" in depends_on
 
 
-def test_worker_artifacts_volume_is_mounted_at_the_artifacts_dir():
+def test_worker_artifacts_go_to_the_s3_service_and_stage_on_a_volume():
     compose = load_compose()
-    worker = compose["services"]["worker"]
-    artifacts_dir = env_of(worker)["GRAFTQ_ARTIFACTS_DIR"]
+    services = compose["services"]
+    worker, s3 = services["worker"], services["s3"]
+    env = env_of(worker)
+    assert env["GRAFTQ_ARTIFACTS_DIR"].startswith("s3://graftq/")
+    assert "-bucket=graftq" in as_argv(s3["command"]) and as_argv(s3["command"])[0] == "mini"
+    assert env["AWS_ENDPOINT_URL"] == "http://s3:8333"
+    s3_env = env_of(s3)
+    assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (
+        s3_env["AWS_ACCESS_KEY_ID"], s3_env["AWS_SECRET_ACCESS_KEY"]) == ("graftq", TEST_PASSWORDS["S3_SECRET_KEY"])
+    assert worker["depends_on"]["s3"]["condition"] == "service_healthy" and "healthcheck" in s3
+    assert any(volume.endswith(":/data") for volume in s3["volumes"]), "the bucket must live on a volume"
     mounts = dict(volume.split(":")[:2][::-1] for volume in worker["volumes"])
-    source = mounts.get(artifacts_dir)
-    assert source is not None, f"nothing is mounted at GRAFTQ_ARTIFACTS_DIR={artifacts_dir}"
+    source = mounts.get(env["GRAFTQ_ARTIFACTS_CACHE"])
+    assert source is not None, f"nothing is mounted at GRAFTQ_ARTIFACTS_CACHE={env['GRAFTQ_ARTIFACTS_CACHE']}"
     assert source in (compose.get("volumes") or {}) or source.startswith(("/", "."))
 
 
@@ -290,12 +303,12 @@ def dockerfile_workdir() -> str:
     return [rest for keyword, rest in dockerfile_instructions() if keyword == "WORKDIR"][-1]
 
 
-def test_dockerfile_installs_the_worker_and_postgres_extras_and_drops_root():
+def test_dockerfile_installs_the_worker_postgres_and_s3_extras_and_drops_root():
     instructions = dockerfile_instructions()
     assert instructions[0][0] == "FROM" and instructions[0][1].startswith("python:3.11")
     runs = " ".join(rest for keyword, rest in instructions if keyword == "RUN")
-    extras = re.search(r"pip install '?\.\[([a-z,]+)\]", runs)
-    assert extras and {"worker", "postgres"} <= set(extras.group(1).split(","))
+    extras = re.search(r"pip install '?\.\[([a-z0-9,]+)\]", runs)
+    assert extras and {"worker", "postgres", "s3"} <= set(extras.group(1).split(","))
     users = [rest for keyword, rest in instructions if keyword == "USER"]
     assert users and users[-1] not in ("root", "0")
 

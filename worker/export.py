@@ -18,6 +18,7 @@ from typing import Any
 
 from worker.artifacts import read_job_json
 from worker.errors import ConfigError, JobError
+from worker.storage import local_copy
 
 #: transformers Auto class that loads a merged model, by the model class's name suffix
 AUTO_CLASSES = {
@@ -61,7 +62,7 @@ def _fresh_directory(out_dir: Path, write: Callable[[Path], Any]) -> Any:
 def export_artifacts(job_dir: str | Path, out_dir: str | Path) -> list[str]:
     """Copy the job's `adapter/` and `layer/` (and job.json) into `out_dir` with a README.md on
     loading them; return the names written. Raises JobError for a job directory without them."""
-    job_dir = Path(job_dir)
+    job_dir = local_copy(job_dir)
     info = read_job_json(job_dir)
     parts = [name for name in ("adapter", "layer") if (job_dir / name).is_dir()]
     if not parts:

@@ -3,7 +3,9 @@
     outcome = run_job(JobContext(job_id=..., batch_id=..., spec=spec, artifacts_root=...))
 
 It builds the extension on the base model, trains it (train jobs), saves the artifacts
-under `<artifacts_root>/<batch_id>/<job_id>/` atomically, and returns a `JobOutcome`.
+under `<artifacts_root>/<batch_id>/<job_id>/` atomically, and returns a `JobOutcome`. With an
+`s3://` artifacts_root the job is written in this host's artifacts cache, and its checkpoints and
+artifacts are committed to the bucket (worker.storage).
 A job that builds on other jobs (`layer.from`, `lora.from`: `job:ID`) is handed their artifact
 directories in `JobContext.needed_dirs` (the task reads them with `needed_dirs(spec, database)`).
 Raises `worker.errors.JobError` (deterministic, never retried), `JobCancelled` (the cancel
@@ -30,6 +32,7 @@ from jobs.metrics import resolve_objective
 from jobs.spec import JOB_REF_RE, JobKind, JobSpec, resolve_train
 from worker.artifacts import job_directory, write_atomically, write_job_json
 from worker.errors import JobCancelled, JobError
+from worker.storage import JobStore, local_copy, local_root
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,8 @@ class JobContext:
     job_id: str
     batch_id: str
     spec: JobSpec
-    artifacts_root: Path
+    #: a local directory, or `s3://bucket/prefix` (the job is written locally first: worker.storage)
+    artifacts_root: Path | str
     #: called with a Progress now and then (at most every `progress_interval` seconds while training)
     on_progress: Callable[[Progress], None] | None = None
     #: polled between steps; returning True stops the job with JobCancelled
@@ -66,7 +70,7 @@ class JobContext:
 
     @property
     def job_dir(self) -> Path:
-        return job_directory(self.artifacts_root, self.batch_id, self.job_id)
+        return job_directory(local_root(self.artifacts_root), self.batch_id, self.job_id)
 
     @property
     def resume_dir(self) -> Path:
@@ -128,7 +132,7 @@ def needed_dirs(spec: JobSpec, database: Any) -> dict[str, Path]:
         if status != JobStatus.SUCCEEDED.value or directory is None:
             raise JobError(f"{section}.from: job {job_id} is {status}; a job can only build on the artifacts of a "
                            "job that succeeded")
-        dirs[job_id] = Path(directory)
+        dirs[job_id] = local_copy(directory)
     return dirs
 
 
@@ -307,6 +311,7 @@ def _build_train_save(ctx: JobContext, trackers) -> JobOutcome:
     curve: list[tuple[int, str, float]] = []
     resumed_from_step = 0
     resume_dir = ctx.resume_dir
+    store = JobStore(ctx.artifacts_root, ctx.batch_id, ctx.job_id)
     if spec.kind == JobKind.TRAIN:
         last_report = [0.0]
 
@@ -320,8 +325,11 @@ def _build_train_save(ctx: JobContext, trackers) -> JobOutcome:
                           on_step=on_step, should_cancel=cancelled,
                           checkpoint_dir=resume_dir if spec.train.checkpoint_every else None, labels=labels,
                           after_step=functools.partial(extension.after_step, spec.task),
-                          on_log=trackers.log_metrics)
+                          on_log=trackers.log_metrics,
+                          on_checkpoint=store.checkpoint_saved)
         try:
+            if spec.train.checkpoint_every:
+                store.restore_checkpoint(resume_dir)
             trainer.setup()
             if trainer.step:
                 log.info("job %s: resuming from the checkpoint at step %d", ctx.job_id, trainer.step)
@@ -353,12 +361,14 @@ def _build_train_save(ctx: JobContext, trackers) -> JobOutcome:
     if started_from:
         payload["started_from"] = started_from
     artifacts = write_atomically(job_dir, functools.partial(_write_artifacts, extension, spec, payload))
+    location = store.publish(job_dir)
     shutil.rmtree(resume_dir, ignore_errors=True)
+    store.discard_checkpoint()
     outcome = JobOutcome(
         stats=stats.as_dict(), metrics=metrics, device=str(device_manager.device),
-        dtype=device_manager.dtype_name, versions=versions, job_dir=str(job_dir),
-        adapter_path=str(job_dir / artifacts["adapter"]) if "adapter" in artifacts else None,
-        layer_path=str(job_dir / artifacts["layer"]) if "layer" in artifacts else None,
+        dtype=device_manager.dtype_name, versions=versions, job_dir=str(location),
+        adapter_path=str(location / artifacts["adapter"]) if "adapter" in artifacts else None,
+        layer_path=str(location / artifacts["layer"]) if "layer" in artifacts else None,
         loss_curve=curve, setup_seconds=setup_seconds, task_metrics=task_metrics,
         samples=samples or None,
     )
@@ -387,7 +397,7 @@ def load_job_model(job_dir: str | Path, device: str = "cpu", dtype: str = "auto"
     from worker.extensions import ExtensionConfig, extension_class
     from worker.models import base_family, classification_head, classifier_model, load_base_model
 
-    job_dir = Path(job_dir)
+    job_dir = local_copy(job_dir)
     info = read_job_json(job_dir)
     spec, objective = resolve_objective_of(JobSpec.model_validate(info["spec"]))
     device_manager = DeviceManager(device, dtype, family=base_family(spec.base_model))

@@ -56,7 +56,8 @@ class Trainer:
                  should_cancel: Callable[[], bool] | None = None,
                  checkpoint_dir: Path | None = None, labels: list[str] | None = None,
                  after_step: Callable[[int], None] = lambda step: None,
-                 on_log: Callable[[int, dict[str, float]], None] | None = None):
+                 on_log: Callable[[int, dict[str, float]], None] | None = None,
+                 on_checkpoint: Callable[[Path], None] | None = None):
         if task_type not in OBJECTIVES:
             raise JobError(f"train.objective: {task_type!r} is not one of {', '.join(OBJECTIVES)}")
         self.model = model
@@ -73,6 +74,8 @@ class Trainer:
         #: called with (step, {name: value}): the train loss after each step, the eval loss (and metrics) after
         #: each evaluation; the experiment trackers' feed
         self.on_log = on_log or (lambda step, values: None)
+        #: called with the checkpoint directory after each save (worker.storage uploads it)
+        self.on_checkpoint = on_checkpoint
         self.eval_batch_size = spec.eval_batch_size or spec.batch_size
         self.step = 0
         self.checkpointed_step = 0
@@ -460,6 +463,8 @@ class Trainer:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         self.checkpointed_step = self.step
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(target)
         return target
 
     def _load_checkpoint(self) -> None:
