@@ -935,9 +935,11 @@ def report(ctx: click.Context, batch_refs: tuple[str, ...], all_batches: bool, o
 # --- predict / export ----------------------------------------------------------------------------
 
 
-def _job_directory(ctx: click.Context, job_id: str) -> tuple[str, Path]:
+def _job_directory(ctx: click.Context, job_id: str, download: Callable[[str], Path],
+                   download_errors: tuple[type[Exception], ...]) -> tuple[str, Path]:
     """(full job id, the artifact directory of a succeeded job): the one the database records, or,
-    where that path is not on this host, the same job under --artifacts-dir. Says on stderr which."""
+    where that path is not on this host, the same job under --artifacts-dir. Says on stderr which.
+    An `s3://` directory is `download`ed (worker.storage.local_copy), which raises `download_errors`."""
     from db.queries import get_job
 
     state = _state(ctx)
@@ -953,12 +955,9 @@ def _job_directory(ctx: click.Context, job_id: str) -> tuple[str, Path]:
     problems = []
     for candidate in candidates:
         if candidate.startswith("s3://"):
-            from worker.errors import JobError, TransientError
-            from worker.storage import local_copy
-
             try:
-                directory = local_copy(candidate)
-            except (JobError, TransientError) as error:
+                directory = download(candidate)
+            except download_errors as error:
                 problems.append(str(error))
                 continue
             click.echo(f"job {job_id}: artifacts from {candidate} (downloaded to {directory})", err=True)
@@ -1007,7 +1006,9 @@ def predict(ctx: click.Context, job_id: str, texts: tuple[str, ...], input_file:
         raise click.UsageError("give the inputs with --input TEXT (repeatable) or with --file FILE, not both")
     if (temperature is not None or top_p is not None) and not do_sample:
         raise click.UsageError("--temperature and --top-p apply to sampling; add --do-sample")
-    job_id, job_dir = _job_directory(ctx, job_id)
+    from worker.storage import READ_ERRORS, local_copy
+
+    job_id, job_dir = _job_directory(ctx, job_id, local_copy, READ_ERRORS)
     _require_worker_extra("predict")
     from worker.errors import JobError
     from worker.predict import GenerationSettings, Predictor, read_inputs
@@ -1060,7 +1061,9 @@ def export(ctx: click.Context, job_id: str, out_dir: Path, merge: bool, dtype: s
     with a README.md on how to load them. With --merge: a model directory that
     `AutoModelFor...from_pretrained(OUT_DIR)` loads and generates with, without graftq or peft.
     """
-    job_id, job_dir = _job_directory(ctx, job_id)
+    from worker.storage import READ_ERRORS, local_copy
+
+    job_id, job_dir = _job_directory(ctx, job_id, local_copy, READ_ERRORS)
     from worker.errors import JobError
 
     try:

@@ -50,6 +50,10 @@ class StorageUnavailable(TransientError):
     """The object store could not be reached; a retry may succeed."""
 
 
+#: what `local_copy` raises when a directory cannot be read
+READ_ERRORS = (JobError, TransientError)
+
+
 def is_remote(location: str | Path | None) -> bool:
     return location is not None and str(location).startswith(OBJECT_STORE_SCHEME)
 
