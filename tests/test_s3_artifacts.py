@@ -90,19 +90,25 @@ def test_graftq_run_records_s3_paths_and_another_host_predicts_and_exports(s3_se
         "batch: s3\nbase_model: random:t5-tiny\n"
         "defaults:\n  lora: {r: 4, alpha: 8, dropout: 0.0}\n"
         f"  train: {{dataset: {EXAMPLES / 'reverse.jsonl'}, max_steps: 2, checkpoint_every: 1, batch_size: 8}}\n"
-        "jobs:\n  - {task: reverse, extension: lora}\n")
+        "jobs:\n  - {name: first, task: reverse, extension: lora}\n"
+        "  - {task: more, extension: lora, lora: {from: first}}\n")
     options = ["--database-url", f"sqlite:///{tmp_path / 'graftq.db'}", "--artifacts-dir", bucket_dir]
     runner = CliRunner()
     worker_host.enter()
     result = runner.invoke(cli, [*options, "run", str(tmp_path / "batch.yaml")])
     assert result.exit_code == 0, result.output
-    [job] = json.loads(runner.invoke(cli, [*options, "results", "--format", "json"]).output)
+    jobs = {job["task"]: job for job in json.loads(runner.invoke(cli, [*options, "results", "--format", "json"]).output)}
+    job = jobs["reverse"]
     job_url = f"{bucket_dir}/{job['batch_id']}/{job['id']}"
     assert job["adapter_path"] == f"{job_url}/adapter"
     committed = keys(s3_server, job_url)
     assert {MANIFEST, "job.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= set(committed)
     assert keys(s3_server, f"{bucket_dir}/{job['batch_id']}/.{job['id']}.checkpoint") == []  # gone on success
-    assert not any(worker_host.cache.rglob("adapter_model.safetensors"))  # the staging copy went after the upload
+    staged = worker_host.cache / bucket_dir.removeprefix("s3://") / job["batch_id"] / jobs["more"]["id"]
+    assert worker_host.cache.is_dir() and not staged.exists()  # the staging copy went after the upload
+    # the second job started from the first one's adapter, downloaded from the bucket
+    more = json.loads((local_copy(jobs["more"]["adapter_path"].removesuffix("/adapter")) / "job.json").read_text())
+    assert more["started_from"]["lora"]["from"] == f"job:{job['id']}"
 
     reader_host.enter()
     predicted = runner.invoke(cli, [*options, "predict", job["id"][:12], "--input", "abc", "--input", "xy"])
@@ -221,3 +227,18 @@ def test_artifacts_dir_url_is_checked_up_front(tmp_path):
     result = CliRunner().invoke(cli, ["--database-url", f"sqlite:///{tmp_path / 'graftq.db'}",
                                       "--artifacts-dir", "s3://Bad_Bucket/x", "results"])
     assert result.exit_code == 2 and "GRAFTQ_ARTIFACTS_DIR='s3://Bad_Bucket/x'" in result.output
+
+
+@pytest.mark.parametrize("bucket,secret,message", [
+    ("no-such-bucket", None, "does bucket no-such-bucket exist"),
+    (None, "wrong-secret", "access denied"),
+])
+def test_a_missing_bucket_or_refused_credentials_fail_the_job_before_training(
+        s3_server, hosts, monkeypatch, bucket, secret, message):
+    hosts[0].enter()
+    if secret is not None:
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    root = f"s3://{bucket or s3_server.bucket}/x"
+    with pytest.raises(JobError, match=message):
+        run_job(JobContext(job_id="job1", batch_id="batch1", spec=train_spec(), artifacts_root=root))
+    assert not hosts[0].cache.exists()  # failed before anything was built or written

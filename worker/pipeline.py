@@ -272,6 +272,8 @@ def _build_train_save(ctx: JobContext, trackers) -> JobOutcome:
     _freeze_startup_objects()
     spec, objective = resolve_objective_of(ctx.spec)
     job_dir = ctx.job_dir  # validates the ids before anything runs
+    store = JobStore(ctx.artifacts_root, ctx.batch_id, ctx.job_id)
+    store.check_access()  # a missing bucket or refused credentials fail the job before any training
     report = ctx.on_progress or (lambda progress: None)
     cancelled = ctx.should_cancel or (lambda: False)
 
@@ -311,7 +313,6 @@ def _build_train_save(ctx: JobContext, trackers) -> JobOutcome:
     curve: list[tuple[int, str, float]] = []
     resumed_from_step = 0
     resume_dir = ctx.resume_dir
-    store = JobStore(ctx.artifacts_root, ctx.batch_id, ctx.job_id)
     if spec.kind == JobKind.TRAIN:
         last_report = [0.0]
 

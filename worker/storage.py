@@ -102,6 +102,14 @@ class JobStore:
             self.job_url = root / batch_id / job_id
             self.checkpoint_url = root / batch_id / f".{job_id}.checkpoint"
 
+    def check_access(self) -> None:
+        """Raise JobError now, before any training, when the bucket is missing or the credentials are
+        refused (a listing needs what a commit needs)."""
+        if not self.remote:
+            return
+        with _storage_errors("checking access to", self.job_url) as fs:
+            _objects(fs, self.job_url)
+
     def publish(self, job_dir: Path) -> Path | ObjectStoreDir:
         """Commit the finished `job_dir` and return where the job's artifacts are recorded: `job_dir`,
         or its URL (the local staging copy is removed once the upload is committed)."""
@@ -114,12 +122,17 @@ class JobStore:
         return self.job_url
 
     def checkpoint_saved(self, checkpoint_dir: Path) -> None:
-        """Upload the checkpoint the trainer has just written to `checkpoint_dir`."""
+        """Upload the checkpoint the trainer has just written to `checkpoint_dir`. An unreachable store
+        only logs: training goes on, and the next checkpoint tries again."""
         if not self.remote:
             return
         step = _checkpoint_step(checkpoint_dir)
-        with _storage_errors("uploading the training checkpoint to", self.checkpoint_url) as fs:
-            _commit_versioned(fs, checkpoint_dir, self.checkpoint_url, step=step)
+        try:
+            with _storage_errors("uploading the training checkpoint to", self.checkpoint_url) as fs:
+                _commit_versioned(fs, checkpoint_dir, self.checkpoint_url, step=step)
+        except StorageUnavailable as error:
+            log.warning("%s; the checkpoint stays on this host only", error)
+            return
         log.info("checkpoint at step %s committed to %s", step, self.checkpoint_url)
 
     def restore_checkpoint(self, checkpoint_dir: Path) -> None:
