@@ -44,9 +44,11 @@ class S3Server:
         return f"http://127.0.0.1:{self.port}"
 
     def env(self) -> dict[str, str]:
-        """What a client needs in its environment to reach this server."""
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
-                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_DEFAULT_REGION": "us-east-1"}
+        """What a client needs in its environment to reach this server (both endpoint variables, so that
+        a developer's AWS_ENDPOINT_URL_S3 cannot win over it)."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ENDPOINT_URL_S3": self.endpoint,
+                "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
+                "AWS_DEFAULT_REGION": "us-east-1"}
 
     def filesystem(self):  # noqa: ANN201 - s3fs.S3FileSystem, imported lazily
         if self._filesystem is None:

@@ -57,6 +57,7 @@ class Host:
     def enter(self) -> Host:
         for name, value in {**self.server.env(), "GRAFTQ_ARTIFACTS_CACHE": str(self.cache)}.items():
             self.monkeypatch.setenv(name, value)
+        self.monkeypatch.delenv("AWS_PROFILE", raising=False)  # a developer's profile must not win
         return self
 
 
@@ -116,6 +117,9 @@ def test_graftq_run_records_s3_paths_and_another_host_predicts_and_exports(s3_se
     lines = [json.loads(line) for line in predicted.stdout.splitlines()]
     assert [line["input"] for line in lines] == ["abc", "xy"] and all("prediction" in line for line in lines)
     assert f"artifacts from {job_url}" in predicted.stderr
+    weights = "adapter/adapter_model.safetensors"
+    downloaded = reader_host.cache / job_url.removeprefix("s3://") / weights
+    assert downloaded.read_bytes() == s3_server.filesystem().cat_file(f"{job_url.removeprefix('s3://')}/{weights}")
     exported = runner.invoke(cli, [*options, "export", job["id"], str(tmp_path / "out")])
     assert exported.exit_code == 0, exported.output
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
@@ -123,6 +127,7 @@ def test_graftq_run_records_s3_paths_and_another_host_predicts_and_exports(s3_se
 
 def _start_upload(server: S3Server, code: str, cwd: Path, env_cache: Path) -> subprocess.Popen:
     env = {**os.environ, **server.env(), "GRAFTQ_ARTIFACTS_CACHE": str(env_cache), "PYTHONPATH": str(ROOT)}
+    env.pop("AWS_PROFILE", None)
     return subprocess.Popen([sys.executable, "-c", code], cwd=cwd, env=env)
 
 
