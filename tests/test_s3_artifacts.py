@@ -91,7 +91,7 @@ def test_graftq_run_records_s3_paths_and_another_host_predicts_and_exports(s3_se
         "batch: s3\nbase_model: random:t5-tiny\n"
         "defaults:\n  lora: {r: 4, alpha: 8, dropout: 0.0}\n"
         f"  train: {{dataset: {EXAMPLES / 'reverse.jsonl'}, max_steps: 2, checkpoint_every: 1, batch_size: 8}}\n"
-        "jobs:\n  - {name: first, task: reverse, extension: lora}\n"
+        "jobs:\n  - {name: first, task: reverse, extension: lora, train: {report_to: [tensorboard]}}\n"
         "  - {task: more, extension: lora, lora: {from: first}}\n")
     options = ["--database-url", f"sqlite:///{tmp_path / 'graftq.db'}", "--artifacts-dir", bucket_dir]
     runner = CliRunner()
@@ -104,9 +104,12 @@ def test_graftq_run_records_s3_paths_and_another_host_predicts_and_exports(s3_se
     assert job["adapter_path"] == f"{job_url}/adapter"
     committed = keys(s3_server, job_url)
     assert {MANIFEST, "job.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= set(committed)
+    assert any(key.startswith("tensorboard/events.out.tfevents") for key in committed)  # the tracker's, added
     assert keys(s3_server, f"{bucket_dir}/{job['batch_id']}/.{job['id']}.checkpoint") == []  # gone on success
-    staged = worker_host.cache / bucket_dir.removeprefix("s3://") / job["batch_id"] / jobs["more"]["id"]
-    assert worker_host.cache.is_dir() and not staged.exists()  # the staging copy went after the upload
+    # the worker's staging copy stays as its cached copy of the commit
+    staged = worker_host.cache / job_url.removeprefix("s3://") / MANIFEST
+    bucket_manifest = s3_server.filesystem().cat_file(f"{job_url.removeprefix('s3://')}/{MANIFEST}")
+    assert json.loads(staged.read_text())["commit"] == json.loads(bucket_manifest)["commit"]
     # the second job started from the first one's adapter, downloaded from the bucket
     more = json.loads((local_copy(jobs["more"]["adapter_path"].removesuffix("/adapter")) / "job.json").read_text())
     assert more["started_from"]["lora"]["from"] == f"job:{job['id']}"

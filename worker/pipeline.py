@@ -257,8 +257,10 @@ def _run_job(ctx: JobContext) -> JobOutcome:
     except BaseException:
         trackers.finish(None)
         raise
-    trackers.finish(Path(outcome.job_dir), {**outcome.task_metrics, **outcome.stats, **{
+    job_dir = local_copy(outcome.job_dir)  # for s3://, this host's copy of what was just committed
+    trackers.finish(job_dir, {**outcome.task_metrics, **outcome.stats, **{
         name: outcome.metrics.get(name) for name in ("tokens_per_second", "train_seconds", "peak_memory_mb")}})
+    JobStore(ctx.artifacts_root, ctx.batch_id, ctx.job_id).amend(job_dir)  # what the trackers added
     return outcome
 
 

@@ -30,7 +30,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -112,14 +112,33 @@ class JobStore:
 
     def publish(self, job_dir: Path) -> Path | ObjectStoreDir:
         """Commit the finished `job_dir` and return where the job's artifacts are recorded: `job_dir`,
-        or its URL (the local staging copy is removed once the upload is committed)."""
+        or its URL (`job_dir` stays, as this host's cached copy of the commit)."""
         if not self.remote:
             return job_dir
         with _storage_errors("uploading the job's artifacts to", self.job_url) as fs:
-            _commit_in_place(fs, job_dir, self.job_url)
-        shutil.rmtree(job_dir, ignore_errors=True)
+            manifest = _commit_in_place(fs, job_dir, self.job_url)
+        (job_dir / MANIFEST).write_text(json.dumps(manifest))
         log.info("artifacts committed to %s", self.job_url)
         return self.job_url
+
+    def amend(self, job_dir: Path) -> None:
+        """Upload what was added to the published `job_dir` since (the trackers' output) and commit it
+        with a new manifest; the files already committed stay as they are. A failure only logs: the
+        job's artifacts are committed already."""
+        if not self.remote:
+            return
+        manifest = json.loads((job_dir / MANIFEST).read_text())
+        try:
+            with _storage_errors("uploading the job's tracker files to", self.job_url) as fs:
+                added = _put_tree(fs, job_dir, self.job_url, skip=set(manifest["files"]))
+                if not added:
+                    return
+                manifest = {**manifest, "files": {**manifest["files"], **added}, "commit": uuid.uuid4().hex}
+                _write_manifest(fs, self.job_url, **manifest)
+        except (JobError, TransientError) as error:
+            log.warning("%s; they stay in %s on this host", error, job_dir)
+            return
+        (job_dir / MANIFEST).write_text(json.dumps(manifest))
 
     def checkpoint_saved(self, checkpoint_dir: Path) -> None:
         """Upload the checkpoint the trainer has just written to `checkpoint_dir`. An unreachable store
@@ -169,21 +188,23 @@ def _key(url: str) -> str:
     return url.removeprefix(OBJECT_STORE_SCHEME)
 
 
-def _put_tree(fs: Any, local_dir: Path, url: str) -> dict[str, int]:
-    """Upload every file under `local_dir` to `url`; return {relative path: size}."""
+def _put_tree(fs: Any, local_dir: Path, url: str, skip: Collection[str] = ()) -> dict[str, int]:
+    """Upload every file under `local_dir` to `url` but those in `skip`; return {relative path: size}."""
     files = {}
     for path in sorted(local_dir.rglob("*")):
-        if not path.is_file() or path.name == MANIFEST:
-            continue
         relative = path.relative_to(local_dir).as_posix()
+        if not path.is_file() or relative == MANIFEST or relative in skip:
+            continue
         fs.put_file(str(path), f"{_key(url)}/{relative}")
         files[relative] = path.stat().st_size
     return files
 
 
-def _write_manifest(fs: Any, url: str, files: dict[str, int], **fields: Any) -> None:
-    manifest = {"format": 1, "committed_at": datetime.now(UTC).isoformat(), "files": files, **fields}
+def _write_manifest(fs: Any, url: str, **fields: Any) -> dict[str, Any]:
+    """Write the manifest (`files`, `commit`, `root` and any other `fields`) that commits `url`; return it."""
+    manifest = {"format": 1, **fields, "committed_at": datetime.now(UTC).isoformat()}
     fs.pipe_file(f"{_key(url)}/{MANIFEST}", json.dumps(manifest, indent=1, sort_keys=True).encode())
+    return manifest
 
 
 def _read_manifest(fs: Any, url: str) -> dict[str, Any] | None:
@@ -207,16 +228,16 @@ def _remove_tree(fs: Any, url: str) -> None:
         fs.rm(objects)
 
 
-def _commit_in_place(fs: Any, local_dir: Path, url: str) -> None:
+def _commit_in_place(fs: Any, local_dir: Path, url: str) -> dict[str, Any]:
     _remove_tree(fs, url)
     files = _put_tree(fs, local_dir, url)
-    _write_manifest(fs, url, files, commit=uuid.uuid4().hex, root="")
+    return _write_manifest(fs, url, files=files, commit=uuid.uuid4().hex, root="")
 
 
 def _commit_versioned(fs: Any, local_dir: Path, url: str, **fields: Any) -> None:
     commit = uuid.uuid4().hex
     files = _put_tree(fs, local_dir, f"{url}/{commit}")
-    _write_manifest(fs, url, files, commit=commit, root=commit, **fields)
+    _write_manifest(fs, url, files=files, commit=commit, root=commit, **fields)
     keep = (f"{_key(url)}/{commit}/", f"{_key(url)}/{MANIFEST}")
     stale = [key for key in _objects(fs, url) if not key.startswith(keep)]
     if stale:  # earlier checkpoints, and what a writer killed mid-upload left
