@@ -66,7 +66,7 @@ def run(quick: bool) -> Result:
                                      GRAFTQ_BROKER_URL=redis.url, GRAFTQ_ARTIFACTS_DIR=str(tmp / "artifacts"))
                     (tmp / f"round{index}").mkdir()
                     seconds, _ = submit(env, batch_file)
-                    queued = client.llen("graftq.cpu")
+                    queued = redis.queue_lengths()["graftq.cpu"]
                     if queued != count:
                         raise RuntimeError(f"graftq submit left {queued} messages on graftq.cpu, not {count}")
                     graftq_rates.append(count / seconds)

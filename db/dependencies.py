@@ -137,9 +137,9 @@ def after_outcome(connection: Connection, job_id: str, status: str) -> list[str]
 
 
 def released_unpublished(connection: Connection, job_id: str) -> list[Row[Any]]:
-    """`(id, queue)` of the queued broker jobs that need `job_id` and have no message yet."""
+    """`(id, queue, priority)` of the queued broker jobs that need `job_id` and have no message yet."""
     return list(connection.execute(
-        select(jobs.c.id, jobs.c.queue)
+        select(jobs.c.id, jobs.c.queue, jobs.c.priority)
         .select_from(jobs.join(job_needs, job_needs.c.job_id == jobs.c.id))
         .where(job_needs.c.needed_id == job_id, jobs.c.status == JobStatus.QUEUED.value,
                jobs.c.published_at.is_(None), jobs.c.queue.is_not(None))

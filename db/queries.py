@@ -290,7 +290,7 @@ def status_counts(connection: Connection, batch_id: str | None = None, *, last: 
 def unpublished_queued(
     connection: Connection, older_than: float, limit: int = 1000, *, released_older_than: float | None = None,
 ) -> list[Row[Any]]:
-    """`(id, queue)` of broker jobs still `queued` with no published message, queued over `older_than` s ago.
+    """`(id, queue, priority)` of broker jobs still `queued` with no published message, queued over `older_than` s ago.
 
     The time counts from when the job became queued (`queued_at`; rows written before that
     column have their creation time). With `released_older_than`, a job released by the jobs it
@@ -307,23 +307,31 @@ def unpublished_queued(
                         jobs.c.queued_at < now - dt.timedelta(seconds=released_older_than))
         due = or_(due, released)
     return list(connection.execute(
-        select(jobs.c.id, jobs.c.queue)
+        select(jobs.c.id, jobs.c.queue, jobs.c.priority)
         .where(jobs.c.status == JobStatus.QUEUED.value, jobs.c.published_at.is_(None), jobs.c.queue.is_not(None),
                due).limit(limit)
     ))
 
 
 def queued_published_before(connection: Connection, older_than: float, limit: int = 10_000) -> list[Row[Any]]:
-    """`(id, queue)` of broker jobs still `queued` whose message was published over `older_than` s ago.
+    """`(id, queue, priority)` of broker jobs still `queued` whose message was published over `older_than` s ago.
 
     The reaper compares them with the messages the broker holds, to re-publish lost ones.
     """
     cutoff = utcnow() - dt.timedelta(seconds=older_than)
     return list(connection.execute(
-        select(jobs.c.id, jobs.c.queue)
+        select(jobs.c.id, jobs.c.queue, jobs.c.priority)
         .where(jobs.c.status == JobStatus.QUEUED.value, jobs.c.queue.is_not(None), jobs.c.published_at.is_not(None),
                jobs.c.published_at < cutoff).limit(limit)
     ))
+
+
+def job_priorities(connection: Connection, job_ids: Sequence[str]) -> dict[str, int]:
+    """{job id: priority} of the given jobs (0-9, higher first); an unknown id is left out."""
+    found: dict[str, int] = {}
+    for chunk in chunks(list(job_ids)):
+        found.update(connection.execute(select(jobs.c.id, jobs.c.priority).where(jobs.c.id.in_(chunk))).tuples())
+    return found
 
 
 def job_dirs(connection: Connection, job_ids: Sequence[str]) -> dict[str, tuple[str, str | None]]:

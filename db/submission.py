@@ -36,7 +36,7 @@ def create_batch(
 
     Each job mapping has `task`, `kind`, `extension`, `base_model`, `requested_device`,
     `queue` and `spec` (the validated spec as JSON), and may have `id` (else one is generated),
-    `name`, `params` and `needs` (ids of the jobs it waits for: of this batch, or recorded
+    `name`, `params`, `priority` (0 if not given) and `needs` (ids of the jobs it waits for: of this batch, or recorded
     earlier). A job with a need that has not succeeded is `waiting` (no message is to be
     published for it), the others `queued`. Needs recorded earlier must exist; they are locked
     until commit, so an outcome recorded meanwhile still finds the new jobs.
@@ -58,7 +58,8 @@ def create_batch(
             "name": job.get("name"), "params": dict(job.get("params") or {}),
             "kind": job["kind"], "extension": job["extension"], "base_model": job["base_model"],
             "requested_device": job.get("requested_device", "auto"), "queue": job.get("queue"),
-            "spec": job["spec"], "status": JobStatus.WAITING.value if waiting else JobStatus.QUEUED.value,
+            "spec": job["spec"], "priority": job.get("priority", 0),
+            "status": JobStatus.WAITING.value if waiting else JobStatus.QUEUED.value,
             "attempts": 0, "max_attempts": max_attempts, "cancel_requested": False, "created_at": now,
             "queued_at": None if waiting else now,
         })

@@ -30,12 +30,12 @@ from jobs.dependencies import Node, resolve_needs, topological_order
 from jobs.errors import Problems, SpecError, describe_validation_error
 from jobs.model_config import ModelConfigs, job_problems
 from jobs.sources import HF_PREFIX, columns_of, hub_columns, missing_columns, parse_hub
-from jobs.spec import JobSpec
+from jobs.spec import MAX_PRIORITY, MIN_PRIORITY, JobSpec
 from jobs.sweep import MAX_JOBS, Matrix, Sample, Sweep, SweepError, apply, describe, spec_paths
 
 __all__ = ["MAX_JOBS", "Batch", "check_dataset", "deep_merge", "gc_paused", "load_batch", "parse_batch"]
 
-TOP_LEVEL_KEYS = ("batch", "base_model", "defaults", "matrix", "sample", "jobs")
+TOP_LEVEL_KEYS = ("batch", "base_model", "priority", "defaults", "matrix", "sample", "jobs")
 REQUIRED_COLUMNS = ("input", "target")
 MAX_BATCH_NAME = 200
 
@@ -55,6 +55,8 @@ class Batch:
     params: list[dict[str, Any]] = field(default_factory=list)
     #: per job: what it waits for: positions in `jobs`, or ids (str) of jobs recorded earlier
     needs: list[list[int | str]] = field(default_factory=list)
+    #: the top-level `priority`: that of the jobs that set none (`graftq submit --priority` replaces it)
+    priority: int | None = None
 
     def __post_init__(self) -> None:
         if not self.params:
@@ -62,10 +64,16 @@ class Batch:
         if not self.needs:
             object.__setattr__(self, "needs", [[] for _ in self.jobs])
 
+    def priorities(self) -> list[int]:
+        """Each job's priority: its own `priority`, else the batch's, else 0."""
+        default = self.priority or 0
+        return [default if spec.priority is None else spec.priority for spec in self.jobs]
+
     def order(self) -> list[int]:
-        """The positions of `jobs`, each after every job of this batch it needs, otherwise in batch
-        order. Raises ValueError if the needs form a cycle (a validated batch never does)."""
-        return topological_order(self.needs)
+        """The positions of `jobs`, each after every job of this batch it needs, otherwise by priority
+        (highest first), then in batch order. Raises ValueError if the needs form a cycle (a validated
+        batch never does)."""
+        return topological_order(self.needs, self.priorities())
 
 
 _SCALARS = (str, int, float, bool, type(None))
@@ -249,6 +257,11 @@ class _Datasets:
         return None
 
 
+def check_priority(value: Any) -> bool:
+    """Whether `value` is a valid priority (an int from MIN_PRIORITY to MAX_PRIORITY, not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and MIN_PRIORITY <= value <= MAX_PRIORITY
+
+
 def _header(data: Mapping[str, Any], source: Path | None, problems: Problems) -> tuple[str, str | None, Mapping]:
     """The batch's name, base_model and defaults; their problems go to `problems`."""
     where = "batch file"
@@ -267,6 +280,11 @@ def _header(data: Mapping[str, Any], source: Path | None, problems: Problems) ->
     if base_model is not None and not isinstance(base_model, str):
         problems.add(where, "key `base_model`: must be a string (hub id, directory or random:<preset>)")
         base_model = None
+
+    priority = data.get("priority")
+    if priority is not None and not check_priority(priority):
+        problems.add(where, f"key `priority`: must be a whole number from {MIN_PRIORITY} to {MAX_PRIORITY} "
+                     f"(higher runs first), not {priority!r}")
 
     defaults = data.get("defaults") or {}
     if not isinstance(defaults, Mapping):
@@ -453,7 +471,9 @@ def parse_batch(data: Any, source: Path | None = None) -> Batch:
 
     needs = resolve_needs(nodes, _names(entries, positions, problems), problems)
     problems.raise_if_any()
-    return Batch(name=name, source=source, base_model=base_model, jobs=specs, params=params, needs=needs)
+    priority = data.get("priority")
+    return Batch(name=name, source=source, base_model=base_model, jobs=specs, params=params, needs=needs,
+                 priority=priority if check_priority(priority) else None)
 
 
 @gc_paused()

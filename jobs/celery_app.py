@@ -8,16 +8,29 @@ Routing: a job whose spec asks for a GPU (`device: cuda...`) goes to `graftq.gpu
 asks for the CPU to `graftq.cpu`, any other to `graftq`. A GPU worker consumes
 `graftq.gpu,graftq`, a CPU worker `graftq.cpu,graftq`, so a GPU job never lands on a
 CPU-only worker.
+
+Priorities: kombu's Redis transport keeps one list per queue and priority step and serves
+them in step order, 0 first; graftq's priority p (0-9, 9 the most urgent) is sent as message
+priority 9 - p (`message_priority`), with one step per value. A worker process holds at most
+one message (prefetch 1, late acknowledgement), so a higher-priority message published while
+it runs a job is the next one it takes.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from celery import Celery
 from kombu import Queue
 
 from jobs.settings import Settings, broker_tls
+from jobs.spec import MAX_PRIORITY
 
 RUN_JOB_TASK = "graftq.run_job"
+#: kombu's Redis transport: the list of queue Q at message priority p > 0 is `Q<sep>p` (kombu's
+#: default separator, which no queue name contains); one step per priority value.
+REDIS_PRIORITY_SEP = "\x06\x16"
+REDIS_PRIORITY_STEPS = tuple(range(MAX_PRIORITY + 1))
 
 app = Celery("graftq", set_as_current=False)
 _settings: Settings | None = None
@@ -63,17 +76,25 @@ def configure(settings: Settings) -> Celery:
     return app
 
 
-def transport_options(settings: Settings) -> dict[str, int]:
-    """kombu's Redis transport options: the visibility timeout, and how often workers look for
+def transport_options(settings: Settings) -> dict[str, Any]:
+    """kombu's Redis transport options: the visibility timeout, how often workers look for
     messages whose timeout expired (kombu's default sweep runs every 10 x 10 s; a worker restores
-    such a message within about a tenth of the timeout, at most 10 s, past it).
+    such a message within about a tenth of the timeout, at most 10 s, past it), and one priority
+    step per priority value (kombu's default, 0/3/6/9, would lump priorities together).
     """
     timeout = max(1, int(settings.visibility_timeout))
     return {
         "visibility_timeout": timeout,
         "unacked_restore_interval": max(1, min(10, timeout // 10)),
         "unacked_restore_throttle": 1,
+        "priority_steps": list(REDIS_PRIORITY_STEPS),
+        "sep": REDIS_PRIORITY_SEP,
     }
+
+
+def message_priority(priority: int) -> int:
+    """The broker message priority of a job of graftq `priority` (kombu's Redis transport serves 0 first)."""
+    return MAX_PRIORITY - priority
 
 
 def current_settings() -> Settings:

@@ -9,6 +9,7 @@ import Celery.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
@@ -169,11 +170,14 @@ def _print_key_reference(ctx: click.Context, _param: click.Parameter, value: boo
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, metavar="N",
               help="Train each train job for at most N steps (N wins over `epochs`): a quick smoke test of "
                    "a batch on the pool. The recorded specs say N.")
+@click.option("--priority", type=click.IntRange(min=0, max=9), default=None, metavar="0-9",
+              help="The batch's priority (higher first: a free worker takes the queued job of highest priority); "
+                   "replaces the file's top-level `priority`. Jobs that set their own `priority` keep it.")
 @click.option("--help-keys", is_flag=True, expose_value=False, is_eager=True, callback=_print_key_reference,
               help="Describe every batch-file key and exit.")
 @click.pass_context
 @_handle_db_errors
-def submit(ctx: click.Context, batch_file: Path, dry_run: bool, max_steps: int | None) -> None:
+def submit(ctx: click.Context, batch_file: Path, dry_run: bool, max_steps: int | None, priority: int | None) -> None:
     """Validate BATCH, record its jobs as queued and enqueue them on the broker.
 
     Prints the batch id. Nothing is recorded or enqueued when the batch file has an
@@ -186,6 +190,8 @@ def submit(ctx: click.Context, batch_file: Path, dry_run: bool, max_steps: int |
     batch = _load(batch_file)
     if max_steps is not None:
         batch = _with_max_steps(batch, max_steps)
+    if priority is not None:
+        batch = dataclasses.replace(batch, priority=priority)
     try:
         check_pool_devices(batch)
     except SpecError as error:
@@ -1227,13 +1233,17 @@ def _report_retry(retried: Any, ids: Sequence[str], invalid: dict[str, str], sta
 
 def _publish_retried(state: State, queued: dict[str, str | None]) -> str | None:
     """Publish the retried jobs' messages; returns what to tell the user when the broker failed."""
+    from db.queries import job_priorities
     from db.submission import mark_published
     from jobs.submit import PublishFailed, publish_jobs
 
     if not queued:
         return None
+    with state.database.read() as session:
+        priorities = job_priorities(session, list(queued))
     try:
-        sent = publish_jobs(state.celery, list(queued), list(queued.values()))
+        sent = publish_jobs(state.celery, list(queued), list(queued.values()),
+                            [priorities.get(job_id, 0) for job_id in queued])
         failure = None
     except PublishFailed as error:
         sent, failure = error.sent, error

@@ -168,9 +168,10 @@ def _check_cycles(edges: dict[int, set[int]], entry_names: dict[int, str], probl
                 pending.append(iter(sorted(edges.get(following, ()))))
 
 
-def topological_order(needs: list[list[int | str]]) -> list[int]:
-    """Positions such that every job comes after the jobs of the batch it needs; otherwise in batch
-    order (the earliest ready job first). Raises ValueError if the needs form a cycle."""
+def topological_order(needs: list[list[int | str]], priorities: list[int] | None = None) -> list[int]:
+    """Positions such that every job comes after the jobs of the batch it needs; otherwise the ready
+    job of highest `priorities` first, then in batch order. Raises ValueError if the needs form a cycle."""
+    rank = priorities or [0] * len(needs)
     waiting = [0] * len(needs)
     dependants: list[list[int]] = [[] for _ in needs]
     for position, need in enumerate(needs):
@@ -178,15 +179,16 @@ def topological_order(needs: list[list[int | str]]) -> list[int]:
             if isinstance(parent, int):
                 waiting[position] += 1
                 dependants[parent].append(position)
-    ready = [position for position, count in enumerate(waiting) if count == 0]
+    ready = [(-rank[position], position) for position, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
     order: list[int] = []
     while ready:
-        position = heapq.heappop(ready)
+        _, position = heapq.heappop(ready)
         order.append(position)
         for child in dependants[position]:
             waiting[child] -= 1
             if waiting[child] == 0:
-                heapq.heappush(ready, child)
+                heapq.heappush(ready, (-rank[child], child))
     if len(order) != len(needs):
         raise ValueError("the jobs' needs form a cycle")
     return order

@@ -25,6 +25,8 @@ from jobs.extensions import EXTENSION_KINDS
 from jobs.metrics import check_metrics, resolve_objective
 
 TASK_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+#: Job priorities: a free worker takes the queued job of highest priority first.
+MIN_PRIORITY, MAX_PRIORITY = 0, 9
 #: A reference to a job recorded earlier (any batch), in `needs` and the `from` keys.
 JOB_REF_RE = re.compile(r"^job:([0-9a-f]{4,32})$")
 
@@ -569,6 +571,12 @@ class JobSpec(_Spec):
     kind: Annotated[
         JobKind, Field(description="`train` (build, train, save) or `create` (build, statistics, save).")
     ] = JobKind.TRAIN
+    priority: Annotated[
+        int | None,
+        Field(ge=MIN_PRIORITY, le=MAX_PRIORITY, strict=True,
+              description="0-9, higher first: a free worker takes the queued job of highest priority (jobs of "
+              "equal priority in submission order). Default: the batch file's top-level `priority`, or 0."),
+    ] = None
     extension: Annotated[
         str, Field(description="One of the extension kinds registered in `jobs/extensions.py`: "
                    f"{', '.join(f'`{kind}`' for kind in EXTENSION_KINDS)}.")

@@ -19,7 +19,7 @@ Order of operations, and what happens when the broker is down:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from jobs.batch import Batch, gc_paused
@@ -41,12 +41,16 @@ class Submitted:
     queues: list[str | None]
     #: jobs recorded `waiting` (a need unmet): no message until the jobs they need succeed
     waiting: frozenset[str] = frozenset()
+    #: each job's priority (0-9, higher first); empty: all 0
+    priorities: list[int] = field(default_factory=list)
 
-    def to_publish(self) -> tuple[list[str], list[str | None]]:
-        """The ids and queues of the jobs to publish now (the queued ones), in batch order."""
-        pairs = [(job_id, queue) for job_id, queue in zip(self.job_ids, self.queues, strict=True)
-                 if job_id not in self.waiting]
-        return [job_id for job_id, _ in pairs], [queue for _, queue in pairs]
+    def to_publish(self) -> tuple[list[str], list[str | None], list[int]]:
+        """The ids, queues and priorities of the jobs to publish now (the queued ones), in batch order."""
+        priorities = self.priorities or [0] * len(self.job_ids)
+        chosen = [(job_id, queue, priority)
+                  for job_id, queue, priority in zip(self.job_ids, self.queues, priorities, strict=True)
+                  if job_id not in self.waiting]
+        return [c[0] for c in chosen], [c[1] for c in chosen], [c[2] for c in chosen]
 
 
 def check_pool_devices(batch: Batch) -> None:
@@ -65,6 +69,8 @@ def check_pool_devices(batch: Batch) -> None:
 def job_rows(batch: Batch, settings: Settings, *, broker: bool = True) -> list[dict[str, Any]]:
     """The rows `db.submission.create_batch` takes for `batch` (queue None when run in-process).
 
+    Each row's `priority` (and its stored spec's) is the job's own, else the batch's, else 0.
+
     Job ids are generated here, so that each row's `needs` lists ids and its stored spec refers
     to other jobs only as `job:ID` (`needs`, `layer.from`, `lora.from`): the worker never sees a
     name. References to jobs recorded earlier are kept as written; `record_batch` checks them
@@ -73,6 +79,7 @@ def job_rows(batch: Batch, settings: Settings, *, broker: bool = True) -> list[d
     from db.submission import new_id
 
     ids = [new_id() for _ in batch.jobs]
+    priorities = batch.priorities()
     rows = []
     for index, spec in enumerate(batch.jobs):
         needs: list[str] = []
@@ -93,6 +100,7 @@ def job_rows(batch: Batch, settings: Settings, *, broker: bool = True) -> list[d
             if needed not in needs:
                 needs.append(needed)
         stored["needs"] = [f"job:{needed}" for needed in needs]
+        stored["priority"] = priorities[index]
         rows.append({
             "id": ids[index],
             "task": spec.task,
@@ -105,6 +113,7 @@ def job_rows(batch: Batch, settings: Settings, *, broker: bool = True) -> list[d
             "queue": settings.queue_for(spec.queue_kind) if broker else None,
             "spec": stored,
             "needs": needs,
+            "priority": priorities[index],
         })
     return rows
 
@@ -210,7 +219,7 @@ def record_batch(database: Database, batch: Batch, settings: Settings, *, broker
             base_model=batch.base_model, max_attempts=settings.max_attempts,
         )
         waiting = frozenset(waiting_in_batch(connection, batch_id)) if any(row["needs"] for row in rows) else frozenset()
-    return Submitted(batch_id, job_ids, [row["queue"] for row in rows], waiting)
+    return Submitted(batch_id, job_ids, [row["queue"] for row in rows], waiting, [row["priority"] for row in rows])
 
 
 def check_broker(app: Celery, timeout: float = 5.0) -> None:
@@ -241,19 +250,22 @@ def _redact(url: str) -> str:
 PUBLISH_CHUNK = 500
 
 
-def publish_jobs(app: Celery, job_ids: Sequence[str], queues: Sequence[str | None]) -> list[str]:
+def publish_jobs(app: Celery, job_ids: Sequence[str], queues: Sequence[str | None],
+                 priorities: Sequence[int] | None = None) -> list[str]:
     """Publish one `graftq.run_job` message per job over one connection; returns the ids sent.
 
     Each message is `app.send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id)`; a job without
-    a queue goes to the default queue (`task_default_queue`). Messages go out in chunks of
+    a queue goes to the default queue (`task_default_queue`). `priorities` are the jobs' graftq
+    priorities (0-9, higher first; all 0 if None), sent as the broker's message priority
+    (`jobs.celery_app.message_priority`). Messages go out in chunks of
     `PUBLISH_CHUNK`, and a chunk counts as sent once the broker took it. Publishing does not
     retry: raises `PublishFailed` (carrying the ids of the chunks sent) as soon as the broker fails.
     """
-    from jobs.celery_app import RUN_JOB_TASK
+    from jobs.celery_app import RUN_JOB_TASK, message_priority
 
     sent: list[str] = []
     default_queue = app.conf.task_default_queue
-    pairs = list(zip(job_ids, queues, strict=True))
+    pairs = list(zip(job_ids, zip(queues, priorities or [0] * len(job_ids), strict=True), strict=True))
     try:
         # A connection of its own, not the app's pool: Celery builds that pool once, for the
         # broker URL of its first use, and would ignore a later `configure` with another URL.
@@ -261,11 +273,12 @@ def publish_jobs(app: Celery, job_ids: Sequence[str], queues: Sequence[str | Non
             for start in range(0, len(pairs), PUBLISH_CHUNK):
                 chunk = pairs[start : start + PUBLISH_CHUNK]
                 with producer.batch(max_size=PUBLISH_CHUNK):
-                    for job_id, queue in chunk:
+                    for job_id, (queue, priority) in chunk:
                         # retry=False: Celery's default policy reconnects and retries each publish;
                         # a broker that dies midway should surface at once, as PublishFailed.
                         app.send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id, queue=queue or default_queue,
-                                      ignore_result=True, producer=producer, retry=False)
+                                      priority=message_priority(priority), ignore_result=True,
+                                      producer=producer, retry=False)
                 sent.extend(job_id for job_id, _ in chunk)
     except Exception as error:  # kombu/redis raise several types; all mean "not (all) sent"
         raise PublishFailed(sent, error) from error
@@ -296,9 +309,9 @@ def submit_batch(
     if not broker_checked:
         check_broker(app)
     submitted = record_batch(database, batch, settings)
-    job_ids, queues = submitted.to_publish()
+    job_ids, queues, priorities = submitted.to_publish()
     try:
-        publish_jobs(app, job_ids, queues)
+        publish_jobs(app, job_ids, queues, priorities)
     except PublishFailed as failure:
         unsent = job_ids[len(failure.sent):]
         with database.begin() as connection:

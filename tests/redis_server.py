@@ -14,6 +14,19 @@ from pathlib import Path
 QUEUE_KEYS = ("graftq", "graftq.gpu", "graftq.cpu")
 
 
+def priority_keys(queue: str) -> list[str]:
+    """The Redis lists that hold one queue's messages: kombu keeps one per message priority (a job
+    of graftq priority 0, the default, is in the last one)."""
+    from jobs.celery_app import REDIS_PRIORITY_SEP, REDIS_PRIORITY_STEPS
+
+    return [queue, *(f"{queue}{REDIS_PRIORITY_SEP}{step}" for step in REDIS_PRIORITY_STEPS if step)]
+
+
+def queued_messages(client, queue: str) -> list[bytes]:  # noqa: ANN001 - a redis.Redis
+    """The raw messages waiting in `queue`, in the order a worker takes them."""
+    return [message for key in priority_keys(queue) for message in reversed(client.lrange(key, 0, -1))]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -79,7 +92,7 @@ class RedisServer:
 
     def queue_lengths(self) -> dict[str, int]:
         client = self.client()
-        return {key: client.llen(key) for key in QUEUE_KEYS}
+        return {queue: sum(client.llen(key) for key in priority_keys(queue)) for queue in QUEUE_KEYS}
 
     def flush(self) -> None:
         self.client().flushall()

@@ -20,6 +20,7 @@ from jobs.celery_app import configure
 from jobs.cli import cli
 from jobs.settings import Settings, SettingsError
 from tests.conftest import free_port, graftq_argv
+from tests.redis_server import queued_messages
 
 
 @pytest.mark.parametrize("reqs", ["none", "CERT_NONE", "optional"])
@@ -110,7 +111,7 @@ def test_submit_over_tls_checks_the_servers_certificate(tmp_path, tls_redis, gra
     result = subprocess.run(graftq_argv("submit", str(batch)), cwd=tmp_path, env={**graftq_env, "GRAFTQ_BROKER_URL": url},
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert client.llen("graftq") == 1
+    assert len(queued_messages(client, "graftq")) == 1
     # The reaper reads the queues over the same verified connection.
     assert len(broker_job_ids(Settings(broker_url=url))) == 1
 
@@ -123,4 +124,4 @@ def test_submit_over_tls_checks_the_servers_certificate(tmp_path, tls_redis, gra
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 1 and "cannot reach the broker" in refused.stderr
     assert "certificate verify failed" in refused.stderr
-    assert client.llen("graftq") == 1
+    assert len(queued_messages(client, "graftq")) == 1

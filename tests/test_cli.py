@@ -16,6 +16,7 @@ from db.session import clear_cache, get_database
 from db.tables import RESULT_FIELDS
 from jobs.cli import cli, iter_commands
 from tests.conftest import ROOT, free_port, graftq_argv
+from tests.redis_server import queued_messages
 
 BATCH = """
     batch: cli-test
@@ -302,11 +303,13 @@ def test_submitted_messages_are_what_send_task_sends(redis_url, redis_server):
     assert publish_jobs(configure(Settings(broker_url="memory://")), ["e" * 16], [None]) == ["e" * 16]
     app = configure(Settings(broker_url=redis_url))
     client = redis_server.client()
-    client.delete("graftq.cpu", "graftq")
-    app.send_task(RUN_JOB_TASK, args=["a" * 16], task_id="a" * 16, queue="graftq.cpu", ignore_result=True)
+    client.flushdb()
+    # a job of priority 0 (the default) is sent with the message priority that kombu serves last
+    app.send_task(RUN_JOB_TASK, args=["a" * 16], task_id="a" * 16, queue="graftq.cpu", ignore_result=True,
+                  priority=9)
     assert publish_jobs(app, ["b" * 16, "c" * 16], ["graftq.cpu", None]) == ["b" * 16, "c" * 16]
-    reference, ours = (json.loads(m) for m in reversed(client.lrange("graftq.cpu", 0, -1)))
-    [default_queue] = [json.loads(m) for m in client.lrange("graftq", 0, -1)]
+    reference, ours = (json.loads(m) for m in queued_messages(client, "graftq.cpu"))
+    [default_queue] = [json.loads(m) for m in queued_messages(client, "graftq")]
     assert default_queue["headers"]["id"] == "c" * 16 and default_queue["properties"]["delivery_info"] == {
         "exchange": "", "routing_key": "graftq"}
 
@@ -318,7 +321,7 @@ def test_submitted_messages_are_what_send_task_sends(redis_url, redis_server):
 
     assert normalised(ours, "b" * 16) == normalised(reference, "a" * 16)
     assert normalised(ours, "b" * 16)["body"][0] == ["JOB"]
-    client.delete("graftq.cpu", "graftq")
+    client.flushdb()
 
 
 def test_the_module_entry_point_runs(graftq_env):

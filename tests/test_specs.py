@@ -47,7 +47,8 @@ def test_defaults_fill_the_sections_the_kind_uses():
     ({"task": "a/../../b"}, "task", "no slashes"),
     ({"task": "a\x00b"}, "task", "no slashes"),
     ({"task": "x" * 500}, "task", "1-64"),
-    ({"priority": 3}, "priority", "unknown key"),
+    ({"priority": 10}, "priority", "less than or equal to 9"),
+    ({"priority": "high"}, "priority", "valid integer"),
 ])
 def test_bad_values_name_the_key_and_the_fix(overrides, key, fix):
     lines = problems(**overrides)

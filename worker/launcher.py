@@ -46,10 +46,8 @@ QUICK_EXIT_SECONDS = 60.0
 UNPUBLISHED_GRACE_SECONDS = 300.0
 #: Queued jobs published longer ago than this are checked against the broker's contents.
 LOST_MESSAGE_GRACE_SECONDS = 60.0
-#: kombu's Redis transport: priority queues are `<queue>\x06\x16<priority>`; `unacked` holds
-#: delivered, unacknowledged messages (running, or held by a worker for a retry countdown).
-_REDIS_PRIORITY_SEP = "\x06\x16"
-_REDIS_PRIORITY_STEPS = (3, 6, 9)
+#: kombu's Redis transport: `unacked` holds delivered, unacknowledged messages (running, or held by
+#: a worker for a retry countdown); the priority lists are named in jobs.celery_app.
 _REDIS_UNACKED = "unacked"
 
 
@@ -254,6 +252,7 @@ def broker_job_ids(settings: Settings) -> set[str] | None:
         return None
     import redis
 
+    from jobs.celery_app import REDIS_PRIORITY_SEP, REDIS_PRIORITY_STEPS
     from jobs.settings import broker_tls
 
     url, tls = broker_tls(settings.broker_url)
@@ -261,7 +260,7 @@ def broker_job_ids(settings: Settings) -> set[str] | None:
     try:
         raw_messages = []
         for queue in settings.queues:
-            for key in (queue, *(f"{queue}{_REDIS_PRIORITY_SEP}{p}" for p in _REDIS_PRIORITY_STEPS)):
+            for key in (queue, *(f"{queue}{REDIS_PRIORITY_SEP}{p}" for p in REDIS_PRIORITY_STEPS if p)):
                 raw_messages += client.lrange(key, 0, -1)
         unacked = [json.loads(value)[0] for value in client.hvals(_REDIS_UNACKED)]
     finally:
@@ -292,7 +291,8 @@ def reap_once(settings: Settings, *, check_lost: bool = True) -> dict[str, int]:
 
     database = get_database(settings.database_url)
     counts = {"requeued": 0, "settled": 0, "republished": 0, "lost": 0}
-    to_publish: list[tuple[str, str]] = []
+    #: (id, queue, priority) of each job to publish
+    to_publish: list[tuple[str, str, int]] = []
     with database.read() as session:
         stale = find_stale_jobs(session, settings.stale_after)
     for job_id in stale:
@@ -306,7 +306,7 @@ def reap_once(settings: Settings, *, check_lost: bool = True) -> dict[str, int]:
                 counts["requeued"] += 1
                 job = get_job(session, job_id)
                 assert job is not None and job.queue is not None
-                to_publish.append((job_id, job.queue))
+                to_publish.append((job_id, job.queue, job.priority))
                 log.warning("job %s: its worker died (no heartbeat for %.0f s); re-queued after attempt %d",
                             job_id, settings.stale_after, job.attempts)
     # Waiting jobs whose needs were all decided without their release or skip (rows written
@@ -316,7 +316,7 @@ def reap_once(settings: Settings, *, check_lost: bool = True) -> dict[str, int]:
         for job_id in released:
             job = get_job(session, job_id)
             if job is not None and job.queue is not None:
-                to_publish.append((job_id, job.queue))
+                to_publish.append((job_id, job.queue, job.priority))
     if released or skipped:
         log.warning("released %d and skipped %d waiting job(s) whose needs had been decided",
                     len(released), len(skipped))
@@ -325,12 +325,12 @@ def reap_once(settings: Settings, *, check_lost: bool = True) -> dict[str, int]:
     # job released by the jobs it needs is published by their worker right after its commit, so
     # its grace is the time after which that worker would count as dead.
     with database.read() as session:
-        requeued = {job_id for job_id, _ in to_publish}
-        to_publish += [(job.id, job.queue)
+        requeued = {job_id for job_id, _, _ in to_publish}
+        to_publish += [(job.id, job.queue, job.priority)
                        for job in unpublished_queued(session, UNPUBLISHED_GRACE_SECONDS,
                                                      released_older_than=settings.stale_after)
                        if job.id not in requeued and job.queue is not None]
-        waiting = [(job.id, job.queue) for job in queued_published_before(session, LOST_MESSAGE_GRACE_SECONDS)
+        waiting = [(job.id, job.queue, job.priority) for job in queued_published_before(session, LOST_MESSAGE_GRACE_SECONDS)
                    if job.queue is not None]
     # The database is the record: a queued job whose message the broker lost
     # (restarted without persistence, or lost its last second of AOF) is published again. A
@@ -339,7 +339,7 @@ def reap_once(settings: Settings, *, check_lost: bool = True) -> dict[str, int]:
     if waiting and check_lost:
         present = broker_job_ids(settings)
         if present is not None:
-            lost = [(job_id, queue) for job_id, queue in waiting if job_id not in present]
+            lost = [job for job in waiting if job[0] not in present]
             if lost:
                 log.warning("%d queued job(s) have no message on the broker (lost in a broker restart?); "
                             "publishing them again", len(lost))
@@ -347,7 +347,8 @@ def reap_once(settings: Settings, *, check_lost: bool = True) -> dict[str, int]:
             to_publish += lost
     if to_publish:
         app = configure(settings)
-        sent = publish_jobs(app, [job_id for job_id, _ in to_publish], [queue for _, queue in to_publish])
+        sent = publish_jobs(app, [job[0] for job in to_publish], [job[1] for job in to_publish],
+                            [job[2] for job in to_publish])
         with database.begin() as session:
             mark_published(session, sent)
         counts["republished"] = len(sent)

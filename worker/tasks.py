@@ -368,7 +368,8 @@ def _publish_released(job: _Claimed) -> None:
         released = _with_db_retries(look_up)
         if not released:
             return
-        sent = publish_jobs(app, [row.id for row in released], [row.queue for row in released])
+        sent = publish_jobs(app, [row.id for row in released], [row.queue for row in released],
+                            [row.priority for row in released])
         _with_db_retries(lambda: _mark_published(job.database, sent))
     except Exception as error:  # the reaper publishes queued jobs that have no message
         log.warning("job %s: the jobs it released were not published (%s); the reaper will publish them",
@@ -425,11 +426,17 @@ def _hand_back(job: _Claimed, resume_dir: Path) -> str:
         saved = "no checkpoint was saved (checkpoint_every: 0, or training had not started)"
     if not job.write(interrupt_job, f"interrupted by a worker shutdown and re-queued; {saved}"):
         return "skipped"
+    from db.queries import job_priorities
     from jobs.submit import publish_jobs
 
     assert job.claim.queue is not None  # only jobs published to a queue are handed back
     try:
-        sent = publish_jobs(app, [job.job_id], [job.claim.queue])
+        def look_up() -> dict[str, int]:
+            with job.database.read() as connection:
+                return job_priorities(connection, [job.job_id])
+
+        priority = _with_db_retries(look_up).get(job.job_id, 0)
+        sent = publish_jobs(app, [job.job_id], [job.claim.queue], [priority])
         _with_db_retries(lambda: _mark_published(job.database, sent))
     except Exception as error:  # the reaper publishes queued jobs without a message
         log.warning("job %s: handed back but not published again (%s); the reaper will publish it",
