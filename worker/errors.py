@@ -19,7 +19,13 @@ class DeviceError(JobError):
 
 
 class OutOfMemory(JobError):
-    """The job ran out of accelerator memory."""
+    """The job ran out of accelerator memory; `phase` is where (`train` or `eval`), `step` the
+    optimizer steps done by then (the OOM back-off re-runs a `train` one with a smaller micro-batch)."""
+
+    def __init__(self, message: str, *, phase: str | None = None, step: int | None = None):
+        super().__init__(message)
+        self.phase = phase
+        self.step = step
 
 
 #: Phrases of CUDA errors after which the process's CUDA context is unusable.

@@ -342,7 +342,8 @@ def _build_train_save(ctx: JobContext, trackers) -> JobOutcome:
         finally:
             trainer.cleanup()
         metrics.update(train_loss=result.train_loss, eval_loss=result.eval_loss, steps=result.steps,
-                       tokens_per_second=result.tokens_per_second, train_seconds=result.train_seconds)
+                       tokens_per_second=result.tokens_per_second, train_seconds=result.train_seconds,
+                       micro_batch_size=spec.train.batch_size)
         curve, resumed_from_step = result.curve, result.resumed_from
     metrics["peak_memory_mb"] = device_manager.peak_memory_mb()
     check_cancel("before saving")

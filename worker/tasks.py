@@ -265,7 +265,7 @@ def execute_job(job_id: str, settings: Settings, *, worker: str, eager: bool = F
 
     context = None
     try:
-        from worker import pipeline
+        from worker import backoff, pipeline
 
         context = pipeline.JobContext(
             job_id=job_id, batch_id=claim.batch_id, spec=spec, artifacts_root=settings.artifacts_dir,
@@ -276,7 +276,7 @@ def execute_job(job_id: str, settings: Settings, *, worker: str, eager: bool = F
             **(_with_db_retries(lambda: _tracking(database, job_id))
                if spec.train is not None and spec.train.report_to else {}),
         )
-        outcome = pipeline.run_job(context)
+        outcome = backoff.run_job(context)  # pipeline.run_job, with a smaller micro-batch after an OOM
     except JobInterrupted:
         beat.stop()
         assert context is not None

@@ -414,12 +414,16 @@ class Trainer:
         if phase == "eval":
             advice = (f"evaluating after step {self.step} with train.eval_batch_size={self.eval_batch_size}; "
                       "lower train.eval_batch_size")
+        elif spec.batch_size == 1:
+            advice = (f"at step {self.step + 1} with train.batch_size=1, the smallest micro-batch; set "
+                      "train.gradient_checkpointing: true, use a smaller lora.r or a GPU with more free memory, "
+                      "or lower")
         else:
             advice = (f"at step {self.step + 1} with train.batch_size={spec.batch_size}; lower "
                       "train.batch_size (raise train.grad_accum_steps to keep the effective batch), set "
                       "train.gradient_checkpointing: true, or use a smaller lora.r")
         raise OutOfMemory(f"out of memory on {self.dm.device} {advice} or train.max_length "
-                          f"(now {spec.max_length})")
+                          f"(now {spec.max_length})", phase=phase, step=self.step)
 
     # -- checkpoints ------------------------------------------------------------------------
     def _trainable_names(self) -> dict[int, str]:
@@ -445,7 +449,7 @@ class Trainer:
         save_file(tensors, str(staging / "optimizer.safetensors"))
         # the accumulation position: a checkpoint is only written between optimizer steps, so the
         # next micro-batch is the first of step `step`
-        state = {"step": self.step, "grad_accum_steps": self.spec.grad_accum_steps,
+        state = {"step": self.step, "batch_size": self.spec.batch_size, "grad_accum_steps": self.spec.grad_accum_steps,
                  "next_micro_batch": self.step * self.spec.grad_accum_steps,
                  "param_names": [names[id(p)] for p in self.params],
                  "param_groups": optimizer_state["param_groups"], "optimizer_scalars": scalars,
@@ -474,10 +478,14 @@ class Trainer:
         if state["param_names"] != [names[id(p)] for p in self.params]:
             raise JobError("the training checkpoint does not match this job's trainable parameters; "
                            f"delete {directory} to start over")
+        # Step s trains on examples s*E .. s*E+E-1 of the shuffle (E = the effective batch), however
+        # they are split into micro-batches: a checkpoint of the same E resumes exactly (OOM back-off).
         saved_accum = state.get("grad_accum_steps", 1)
-        if saved_accum != self.spec.grad_accum_steps:
-            raise JobError(f"the training checkpoint was written with train.grad_accum_steps={saved_accum}, and "
-                           f"this job has {self.spec.grad_accum_steps}; delete {directory} to start over")
+        saved_batch = state.get("batch_size", self.spec.batch_size)
+        if saved_batch * saved_accum != self.spec.effective_batch_size:
+            raise JobError(f"the training checkpoint was written with train.batch_size={saved_batch} x "
+                           f"grad_accum_steps={saved_accum}, and this job has {self.spec.batch_size} x "
+                           f"{self.spec.grad_accum_steps}; delete {directory} to start over")
         weights = load_file(str(directory / "weights.safetensors"))
         with torch.no_grad():
             for p in self.params:
