@@ -329,9 +329,12 @@ def _compressed_adalora_schedule(adalora, steps: int):
               help="Seconds between looks for jobs whose worker died (re-queued or failed); 0 disables.")
 @click.option("--max-restarts", default=5, show_default=True, type=click.IntRange(min=0),
               help="Restarts of a worker process that keeps exiting within a minute before giving up.")
+@click.option("--jobs-per-gpu", default=1, show_default=True, type=click.IntRange(min=1, max=64), metavar="K",
+              help="Worker processes per GPU (per CPU worker without one): up to K jobs at once on one device, "
+                   "each in its own process. Fills a big GPU with small jobs.")
 @click.pass_context
 def worker(ctx: click.Context, gpus: str, queues: str | None, loglevel: str, reap_interval: float,
-           max_restarts: int) -> None:
+           max_restarts: int, jobs_per_gpu: int) -> None:
     """Serve the broker: one Celery worker process per GPU (one job at a time each), or a CPU worker.
 
     On SIGTERM/SIGINT a training job saves a checkpoint at its next step and goes back to the
@@ -349,7 +352,7 @@ def worker(ctx: click.Context, gpus: str, queues: str | None, loglevel: str, rea
     _require_worker_extra("worker")
     try:
         code = serve(state.settings, selection, queues=queues, loglevel=loglevel.upper(),
-                     reap_interval=reap_interval, max_restarts=max_restarts)
+                     reap_interval=reap_interval, max_restarts=max_restarts, jobs_per_gpu=jobs_per_gpu)
     except LauncherError as error:
         raise click.ClickException(str(error)) from None
     ctx.exit(code)

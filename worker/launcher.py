@@ -1,4 +1,5 @@
-"""`graftq worker`: start and supervise one Celery worker process per GPU (or one CPU worker).
+"""`graftq worker`: start and supervise one Celery worker process per GPU (or one CPU worker),
+or K of them per GPU with `--jobs-per-gpu K`.
 
 Each child is `python -m celery -A worker.tasks:app worker --pool solo --concurrency 1
 --prefetch-multiplier 1 -Q <queues> -n graftq-gpu<N>@%h`, pinned to GPU N by its UUID in
@@ -190,14 +191,18 @@ def child_started() -> None:
 
 def plan_workers(
     settings: Settings, selection: GpuSelection, *, queues: str | None = None, loglevel: str = "INFO",
-    gpus: list[Gpu] | None = None,
+    gpus: list[Gpu] | None = None, jobs_per_gpu: int = 1,
 ) -> list[WorkerProcess]:
     """The worker processes to start for `selection` (GPUs from `nvidia-smi` unless given).
 
     `--gpus` takes nvidia-smi's indices (PCI bus order); an inherited CUDA_VISIBLE_DEVICES limits
     them. Each worker is pinned by UUID (a MIG instance gets a worker of its own) with
     CUDA_DEVICE_ORDER=PCI_BUS_ID, so the GPU it gets is the one nvidia-smi names, on any host.
+    `jobs_per_gpu` K starts K processes per device, all pinned to it (K CPU processes without a
+    GPU), so that K small jobs share one GPU, each in a process, memory and peak of its own.
     """
+    if jobs_per_gpu < 1:
+        raise LauncherError(f"--jobs-per-gpu {jobs_per_gpu}: give 1 or more jobs per GPU")
     inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
     devices: list[Gpu | None] = [None]
     if selection.mode != "none":
@@ -232,14 +237,25 @@ def plan_workers(
             name, consumed = f"graftq-{device.label}", queues or f"{settings.gpu_queue},{settings.queue}"
             pinned = {"CUDA_VISIBLE_DEVICES": device.uuid, "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
                       WORKER_GPU_ENV: f"{device.index} ({device.name}, {device.uuid})"}
-        argv = [
-            sys.executable, "-m", "celery", "-A", "worker.tasks:app", "worker",
-            "--pool", "solo", "--concurrency", "1", "--prefetch-multiplier", "1",
-            "-Q", consumed, "-n", f"{name}@%h", "--loglevel", loglevel,
-            "--without-gossip", "--without-mingle",
-        ]
-        planned.append(WorkerProcess(name, argv, {**base_env, **pinned}))
+        for slot in range(1, jobs_per_gpu + 1):
+            process_name = name if jobs_per_gpu == 1 else f"{name}-{slot}"
+            argv = [
+                sys.executable, "-m", "celery", "-A", "worker.tasks:app", "worker",
+                "--pool", "solo", "--concurrency", "1", "--prefetch-multiplier", "1",
+                "-Q", consumed, "-n", f"{process_name}@%h", "--loglevel", loglevel,
+                "--without-gossip", "--without-mingle",
+            ]
+            env = {**base_env, **pinned, **_shared_cores(base_env, jobs_per_gpu)}
+            planned.append(WorkerProcess(process_name, argv, env))
     return planned
+
+
+def _shared_cores(env: dict[str, str], processes: int) -> dict[str, str]:
+    """Thread limits for `processes` worker processes sharing one device: torch's CPU threads
+    (data collation, CPU jobs) split the cores between them, unless OMP_NUM_THREADS is set."""
+    if processes == 1 or env.get("OMP_NUM_THREADS"):
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes))}
 
 
 def broker_job_ids(settings: Settings) -> set[str] | None:
@@ -382,12 +398,12 @@ class _Reaper(threading.Thread):
 
 def serve(
     settings: Settings, selection: GpuSelection, *, queues: str | None = None, loglevel: str = "INFO",
-    reap_interval: float = 30.0, max_restarts: int = 5,
+    reap_interval: float = 30.0, max_restarts: int = 5, jobs_per_gpu: int = 1,
 ) -> int:
     """Run the worker processes until they exit; returns the exit status for the CLI."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/graftq-worker] %(message)s")
-    workers = plan_workers(settings, selection, queues=queues, loglevel=loglevel)
+    workers = plan_workers(settings, selection, queues=queues, loglevel=loglevel, jobs_per_gpu=jobs_per_gpu)
     stopping = threading.Event()
 
     def start(worker: WorkerProcess) -> None:
