@@ -330,7 +330,8 @@ def job_priorities(connection: Connection, job_ids: Sequence[str]) -> dict[str, 
     """{job id: priority} of the given jobs (0-9, higher first); an unknown id is left out."""
     found: dict[str, int] = {}
     for chunk in chunks(list(job_ids)):
-        found.update(connection.execute(select(jobs.c.id, jobs.c.priority).where(jobs.c.id.in_(chunk))).tuples())
+        found.update((row.id, row.priority) for row in connection.execute(
+            select(jobs.c.id, jobs.c.priority).where(jobs.c.id.in_(chunk))))
     return found
 
 

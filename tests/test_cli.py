@@ -73,7 +73,7 @@ def test_submit_records_queued_jobs_and_routes_them_by_device(invoke, batch_file
     assert len(batch_id) == 16
     # auto -> graftq, cpu -> graftq.cpu, cuda:0 -> graftq.gpu (a CPU-only worker never takes it)
     assert redis_server.queue_lengths() == {"graftq": 2, "graftq.gpu": 1, "graftq.cpu": 1}
-    message = json.loads(redis_server.client().lindex("graftq.gpu", 0))
+    [message] = [json.loads(raw) for raw in queued_messages(redis_server.client(), "graftq.gpu")]
     assert message["content-type"] == "application/json" and message["headers"]["task"] == "graftq.run_job"
     database = get_database(sqlite_url)
     from db.queries import jobs_of_batch
