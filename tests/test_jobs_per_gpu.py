@@ -30,6 +30,7 @@ def test_each_gpu_gets_k_processes_pinned_to_it(monkeypatch):
         plan_workers(Settings(), GpuSelection("none"), jobs_per_gpu=0)
 
 
+@pytest.mark.slow
 def test_a_cpu_worker_with_two_jobs_per_gpu_runs_two_jobs_at_once(tmp_path, graftq_env, redis_url):
     from jobs.submit import submit_batch
 

@@ -62,6 +62,7 @@ def test_the_smaller_micro_batch_divides_the_last_one():
     assert [smaller_micro_batch(size) for size in (8, 4, 2, 1, 6, 3, 5)] == [4, 2, 1, None, 3, 1, 1]
 
 
+@pytest.mark.slow
 def test_an_oom_backs_off_resumes_and_trains_on_the_same_examples(sqlite_url, artifacts_dir, tmp_path, monkeypatch):
     status, straight, straight_curve = _run(sqlite_url, tmp_path / "straight")
     assert status == "succeeded" and straight.micro_batch_size == 4

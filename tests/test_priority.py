@@ -98,6 +98,7 @@ def test_the_reaper_republishes_a_dead_workers_job_with_its_priority(sqlite_url,
     clear_cache()
 
 
+@pytest.mark.slow
 def test_a_later_urgent_batch_starts_on_the_next_free_worker(tmp_path, graftq_env, redis_url, dataset):
     from jobs.submit import submit_batch
 
