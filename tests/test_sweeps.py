@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -232,11 +233,13 @@ def test_needs_and_from_resolve_to_positions_and_ids(tmp_path, dataset):
 
 
 def test_order_puts_every_job_after_its_needs_and_keeps_batch_order_otherwise():
-    made = Batch(name="b", source=None, base_model=None, jobs=[None] * 5,  # type: ignore[list-item]
+    unprioritised = SimpleNamespace(priority=None)  # order() reads only each job's priority
+    made = Batch(name="b", source=None, base_model=None, jobs=[unprioritised] * 5,  # type: ignore[list-item]
                  needs=[[3], [], [4, "abc"], [], [1]])
     assert made.order() == [1, 3, 0, 4, 2]
     with pytest.raises(ValueError, match="cycle"):
-        Batch(name="b", source=None, base_model=None, jobs=[None] * 2, needs=[[1], [0]]).order()  # type: ignore
+        Batch(name="b", source=None, base_model=None, jobs=[unprioritised] * 2,  # type: ignore[list-item]
+              needs=[[1], [0]]).order()
 
 
 def test_a_cycle_is_refused_naming_it(tmp_path, dataset):
