@@ -30,7 +30,7 @@ from jobs.dependencies import Node, resolve_needs, topological_order
 from jobs.errors import Problems, SpecError, describe_validation_error
 from jobs.model_config import ModelConfigs, job_problems
 from jobs.sources import HF_PREFIX, columns_of, hub_columns, missing_columns, parse_hub
-from jobs.spec import MAX_PRIORITY, MIN_PRIORITY, JobSpec
+from jobs.spec import MAX_PRIORITY, MIN_PRIORITY, JobSpec, as_source
 from jobs.sweep import MAX_JOBS, Matrix, Sample, Sweep, SweepError, apply, describe, spec_paths
 
 __all__ = ["MAX_JOBS", "Batch", "check_dataset", "deep_merge", "gc_paused", "load_batch", "parse_batch"]
@@ -235,6 +235,11 @@ class _Datasets:
             job["train"] = {**train, "dataset": self._path(dataset)}
         elif isinstance(dataset, list):
             job["train"] = {**train, "dataset": [self._item(item) for item in dataset]}
+        if isinstance(train, Mapping) and train.get("eval_dataset") is not None:
+            job["train"] = {**job["train"], "eval_dataset": self._item(train["eval_dataset"])}
+        sets = job["eval"].get("datasets") if isinstance(job.get("eval"), Mapping) else None
+        if isinstance(sets, Mapping):
+            job["eval"] = {**job["eval"], "datasets": {name: self._item(item) for name, item in sets.items()}}
 
     def _problem(self, source: Any, columns: tuple[str, ...]) -> str | None:
         needed = {name: source.columns.get(name, name) for name in columns}
@@ -247,13 +252,31 @@ class _Datasets:
         """Why one of the job's dataset sources cannot serve, or None."""
         train = spec.train
         for source in train.sources if train is not None else []:
-            # A hub base's objective is read by the worker: `label` data may be for a classifier.
-            choices = [train.needed_columns]
-            if train.objective is None and train.format != "chat":
-                choices.append(("input", "label"))
-            found = [self._problem(source, columns) for columns in choices]
-            if all(problem is not None for problem in found):
-                return found[0]
+            problem = self._fit(source, train)
+            if problem is not None:
+                return problem
+        return None
+
+    def _fit(self, source: Any, train: Any) -> str | None:
+        # A hub base's objective is read by the worker: `label` data may be for a classifier.
+        choices = [train.needed_columns]
+        if train.objective is None and train.format != "chat":
+            choices.append(("input", "label"))
+        found = [self._problem(source, columns) for columns in choices]
+        return found[0] if all(problem is not None for problem in found) else None
+
+    def eval_problem(self, spec: JobSpec) -> tuple[str, str] | None:
+        """(key, why) for an evaluation set (`train.eval_dataset`, `eval.datasets.NAME`) that cannot serve."""
+        train = spec.train
+        if train is None:
+            return None
+        sets = {"train.eval_dataset": train.eval_source} if train.eval_dataset is not None else {}
+        for name, item in (spec.eval.datasets.items() if spec.eval is not None else ()):
+            sets[f"eval.datasets.{name}"] = as_source(item, train.columns, train.split)
+        for key, source in sets.items():
+            problem = self._fit(source, train)
+            if problem is not None:
+                return key, problem
         return None
 
 
@@ -372,6 +395,10 @@ def _job_spec(job: dict[str, Any], label: str, group: int, datasets: _Datasets, 
     problem = format_problem(spec)
     if problem is not None:
         problems.add(label, f"key `train.format`: {problem}", group)
+        return None
+    found = datasets.eval_problem(spec)
+    if found is not None:
+        problems.add(label, f"key `{found[0]}`: {found[1]}", group)
         return None
     return spec if _fits_base_model(spec, label, group, models, problems) else None
 

@@ -780,7 +780,7 @@ def _cut(text: str, limit: int = 200) -> str:
 def show(ctx: click.Context, job_id: str, fmt: str) -> None:
     """One job in full: spec, params, statistics, metrics, sample predictions of its eval split, artifact
     paths, error and traceback, and the earlier runs of a retried job (history)."""
-    from db.queries import get_job, loss_curve
+    from db.queries import get_job, loss_curve, metric_curve
     from db.tables import FIELDS, SHOW_SECTIONS
 
     database = _state(ctx).database
@@ -794,9 +794,11 @@ def show(ctx: click.Context, job_id: str, fmt: str) -> None:
             progress={"phase": job.progress_phase, "step": job.progress_step, "total": job.progress_total,
                       "loss": job.progress_loss},
             loss_curve=[{"step": s, "split": sp, "loss": loss} for s, sp, loss in loss_curve(connection, job_id)],
+            metric_curve={name: [{"step": step, "value": value} for step, value in points]
+                          for name, points in metric_curve(connection, job_id).items()},
         )
     record.update(params=record["params"] or {}, metrics=record["metrics"] or {}, history=record["history"] or [],
-                  samples=record["samples"] or [])
+                  samples=record["samples"] or [], eval_sets=record["eval_sets"] or {})
     if fmt == "json":
         click.echo(json.dumps({k: _iso(v) for k, v in record.items()}, indent=2))
         return
@@ -816,6 +818,10 @@ def show(ctx: click.Context, job_id: str, fmt: str) -> None:
     if record["metrics"]:
         click.echo("task metrics:\n" + "\n".join(f"  {name:<18} {_fmt(value)}"
                                                   for name, value in sorted(record["metrics"].items())))
+    if record["eval_sets"]:
+        click.echo("eval sets:")
+        for name, values in sorted(record["eval_sets"].items()):
+            click.echo(f"  {name:<18} " + "  ".join(f"{key} {_fmt(value)}" for key, value in values.items()))
     if record["samples"]:
         click.echo("samples:")
         for sample in record["samples"]:
@@ -829,6 +835,12 @@ def show(ctx: click.Context, job_id: str, fmt: str) -> None:
         shown = ", ".join(f"{p['split']}@{p['step']}={p['loss']:.4g}" for p in points[:20])
         more = f" ... ({len(points)} points)" if len(points) > 20 else ""
         click.echo(f"loss curve:\n  {shown}{more}")
+    if record["metric_curve"]:
+        click.echo("metric curves:")
+        for name, points in sorted(record["metric_curve"].items()):
+            shown = ", ".join(f"{p['step']}={p['value']:.4g}" for p in points[:20])
+            more = f" ... ({len(points)} points)" if len(points) > 20 else ""
+            click.echo(f"  {name}: {shown}{more}")
     if record["error"]:
         click.echo(f"error:\n  {record['error']}")
     if record["traceback"]:
@@ -900,7 +912,7 @@ def report(ctx: click.Context, batch_refs: tuple[str, ...], all_batches: bool, o
     The page needs no network: its charts are inline SVG.
     """
     from db.conditions import Condition
-    from db.queries import find_batches, loss_curves, result_rows
+    from db.queries import find_batches, loss_curves, metric_curves, result_rows
 
     if batch_refs and all_batches:
         raise click.UsageError("give BATCH arguments or --all, not both")
@@ -930,8 +942,9 @@ def report(ctx: click.Context, batch_refs: tuple[str, ...], all_batches: bool, o
         sections = []
         for batch in sorted(found.values(), key=lambda row: (row.created_at, row.id)):
             rows = result_rows(connection, batch=batch.id, status=status_ or None, where=conditions)
-            curves = loss_curves(connection, [row["id"] for row in rows if row["status"] == "succeeded"])
-            sections.append(BatchData(batch.id, batch.name, batch.created_at, rows, curves))
+            succeeded = [row["id"] for row in rows if row["status"] == "succeeded"]
+            sections.append(BatchData(batch.id, batch.name, batch.created_at, rows, loss_curves(connection, succeeded),
+                                      metric_curves(connection, succeeded)))
     page = render_report(sections, Metric(metric, maximize))
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")

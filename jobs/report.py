@@ -78,13 +78,15 @@ def metric_direction(name: str) -> bool | None:
 
 @dataclass
 class BatchData:
-    """One batch as the report reads it: result rows (`db.queries.result_rows`) and loss curves."""
+    """One batch as the report reads it: result rows (`db.queries.result_rows`), loss curves and the task
+    metrics' curves (`db.queries.metric_curves`: job id -> metric -> (step, value) points)."""
 
     batch_id: str
     name: str
     created_at: Any
     rows: list[dict[str, Any]]
     curves: dict[str, list[tuple[int, str, float]]] = field(default_factory=dict)
+    metric_curves: dict[str, dict[str, list[tuple[int, float]]]] = field(default_factory=dict)
 
     @property
     def succeeded(self) -> list[dict[str, Any]]:
@@ -155,7 +157,8 @@ class _Charts:
 
 def _batch_section(batch: BatchData, metric: Metric, charts: _Charts) -> str:
     # Jobs in a stable, readable order: legends, colours and tables follow the params.
-    batch = BatchData(batch.batch_id, batch.name, batch.created_at, sorted(batch.rows, key=_job_order), batch.curves)
+    batch = BatchData(batch.batch_id, batch.name, batch.created_at, sorted(batch.rows, key=_job_order), batch.curves,
+                      batch.metric_curves)
     counts: dict[str, int] = {}
     for row in batch.rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
@@ -167,7 +170,8 @@ def _batch_section(batch: BatchData, metric: Metric, charts: _Charts) -> str:
         return "\n".join(parts)
     succeeded = batch.succeeded
     labels = _labels(batch.rows)
-    parts += [_efficiency_table(succeeded), _curve_charts(batch, labels, charts), _scatter(succeeded, metric, charts),
+    parts += [_efficiency_table(succeeded), _curve_charts(batch, labels, charts),
+              _metric_curve_charts(batch, labels, charts), _scatter(succeeded, metric, charts),
               _heatmaps(succeeded, metric, charts), _seed_summary(succeeded, metric, charts),
               _not_plotted(batch.rows, labels), "</section>"]
     return "\n".join(part for part in parts if part)
@@ -263,10 +267,59 @@ def _curve_figure(title: str, rows: Sequence[Mapping[str, Any]], curves: Mapping
                 axes.plot(steps, losses, style, color=color, marker="o" if split == "eval" else None, markersize=4,
                           label=label)
                 label = None
+        if row.get("best_metric") == "eval_loss" and row.get("best_value") is not None:
+            axes.plot([row["best_step"]], [row["best_value"]], "*", color=color, markersize=13, markeredgecolor="#222")
     # The line styles' key, drawn without data.
     axes.plot([], [], "-", color="#444", label="train (solid)")
     axes.plot([], [], "--", marker="o", markersize=4, color="#444", label="eval (dashed)")
     axes.set(title=title, xlabel="step", ylabel="loss")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return figure
+
+
+# --- task-metric curves (train.eval_every) ---------------------------------------------------------------
+
+
+def _metric_curve_charts(batch: BatchData, labels: Mapping[str, str], charts: _Charts) -> str:
+    """A chart per task, extension and metric of the jobs that evaluated it during training; a job's kept
+    step (`best_step`) is starred on the curve of the metric that chose it."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for row in batch.succeeded:
+        for name in batch.metric_curves.get(row["id"], {}):
+            groups.setdefault((row["task"], row["extension"], name), []).append(row)
+    if not groups:
+        return ""
+    parts = ["<h3>Metric curves</h3>"]
+    left_out = 0
+    for index, ((task, extension, name), rows) in enumerate(sorted(groups.items())):
+        if index >= MAX_CURVE_CHARTS:
+            left_out += len(rows)
+            continue
+        left_out += max(0, len(rows) - MAX_LINES_PER_CHART)
+        figure = _metric_curve_figure(f"{task} · {extension} · {name}", name, rows[:MAX_LINES_PER_CHART],
+                                      batch.metric_curves, labels)
+        parts.append(charts.svg(figure, f"metric curves {task} {extension} {name}"))
+    if left_out:
+        parts.append(f"<p class=note>{left_out} curve(s) not drawn: at most {MAX_CURVE_CHARTS} charts (one per task, "
+                     f"extension and metric) of {MAX_LINES_PER_CHART} jobs each.</p>")
+    parts.append("<p class=note>★ the kept step (keep: best) on the curve of the metric that chose it.</p>")
+    return "\n".join(parts)
+
+
+def _metric_curve_figure(title: str, name: str, rows: Sequence[Mapping[str, Any]],
+                         curves: Mapping[str, Mapping[str, list[tuple[int, float]]]],
+                         labels: Mapping[str, str]) -> Figure:
+    figure = Figure(figsize=(7.5, 3.6))
+    axes = figure.subplots()
+    for color, row in zip(_cycle(COLORS), rows):
+        points = curves[row["id"]][name]
+        axes.plot([step for step, _ in points], [value for _, value in points], "-", color=color, marker="o",
+                  markersize=4, label=labels[row["id"]])
+        best = dict(points).get(row.get("best_step")) if row.get("best_metric") == name else None
+        if best is not None:
+            axes.plot([row["best_step"]], [best], "*", color=color, markersize=13, markeredgecolor="#222")
+    axes.set(title=title, xlabel="step", ylabel=name)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return figure

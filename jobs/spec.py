@@ -340,6 +340,71 @@ class AdaLoRASpec(_AdapterSpec):
         return self
 
 
+class EarlyStoppingSpec(_Spec):
+    """Stop training when the evaluations stop improving (needs `train.eval_every`)."""
+
+    metric: Annotated[
+        str, Field(min_length=1, description="What is watched: `eval_loss` or one of the job's `train.metrics`. It "
+                   "also chooses the step that `keep: best` keeps.")
+    ] = "eval_loss"
+    mode: Annotated[
+        Literal["min", "max"] | None,
+        Field(description="`min` (lower is better) or `max`. Default: min for eval_loss, max for the task metrics "
+              "(exact_match, accuracy, bleu, ...)."),
+    ] = None
+    patience: Annotated[
+        int, Field(ge=1, le=100_000, description="Stop after this many evaluations in a row that do not improve on "
+                   "the best by more than min_delta.")
+    ] = 3
+    min_delta: Annotated[
+        float, Field(ge=0, description="How much an evaluation must beat the best by to reset the patience count.")
+    ] = 0.0
+
+    @property
+    def maximize(self) -> bool:
+        """Whether higher values of `metric` are better (`mode`, else the metric's own direction)."""
+        if self.mode is not None:
+            return self.mode == "max"
+        from jobs.metrics import METRICS
+
+        return self.metric in METRICS and METRICS[self.metric].higher_is_better
+
+
+def _check_eval_source(value: str | DatasetSource, key: str) -> str | DatasetSource:
+    path = value if isinstance(value, str) else value.path
+    if not path.strip():
+        raise ValueError(f"{key}: the path is empty")
+    if path.startswith("hf:"):
+        from jobs.sources import parse_hub
+
+        parse_hub(path)
+    if isinstance(value, DatasetSource) and value.weight != 1:
+        raise ValueError(f"{key}: `weight` mixes training sources; an evaluation set is read whole: leave it out")
+    return value
+
+
+class EvalSpec(_Spec):
+    """Named evaluation sets, evaluated after training on the kept weights (train jobs)."""
+
+    datasets: Annotated[
+        dict[str, str | DatasetSource],
+        Field(description="name -> a dataset in train.dataset's formats (a path, `hf:NAME`, or `{path, columns, "
+              "split}`), e.g. `{task_a: data/a_eval.jsonl}`: eval loss and every `train.metrics` metric on each, "
+              "stored per name (`eval_sets`); measures what a job does to other tasks (forgetting)."),
+    ] = {}
+
+    @field_validator("datasets")
+    @classmethod
+    def _datasets(cls, value: dict[str, str | DatasetSource]) -> dict[str, str | DatasetSource]:
+        if len(value) > 64:
+            raise ValueError("at most 64 evaluation sets")
+        for name, source in value.items():
+            if not TASK_NAME_RE.fullmatch(name):
+                raise ValueError(f"evaluation set name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
+            _check_eval_source(source, f"set {name!r}")
+        return value
+
+
 class TrainSpec(_Spec):
     """Training settings."""
 
@@ -438,6 +503,27 @@ class TrainSpec(_Spec):
     max_length: Annotated[
         int, Field(gt=0, le=8192, description="Token limit applied to inputs and targets (truncation).")
     ] = 64
+    eval_every: Annotated[
+        int | None,
+        Field(gt=0, description="Evaluate every N optimizer steps (and after the last): eval loss and every "
+              "`metrics` metric, recorded as curve points; enables `early_stopping` and `keep: best`."),
+    ] = None
+    early_stopping: Annotated[
+        EarlyStoppingSpec | None,
+        Field(description="`{metric, mode, patience, min_delta}` (see its keys): stop after `patience` evaluations "
+              "without improvement of `metric` (eval_loss or a `metrics` name). Needs eval_every."),
+    ] = None
+    keep: Annotated[
+        Literal["best", "last"] | None,
+        Field(description="Which weights are saved: `best` (the evaluation with the best `early_stopping.metric`, "
+              "default eval_loss; recorded as best_step/best_metric/best_value) or `last`. Default: best with "
+              "eval_every, else last."),
+    ] = None
+    eval_dataset: Annotated[
+        str | DatasetSource | None,
+        Field(description="A separate evaluation set (train.dataset's formats) instead of holding out "
+              "`eval_fraction` of the training data; then all of train.dataset trains."),
+    ] = None
     seed: Annotated[int, Field(ge=0, description="Seed for the data split, shuffling and initialisation.")] = 0
     checkpoint_every: Annotated[
         int, Field(ge=0, description="Save a resumable training checkpoint every N steps (0 = never).")
@@ -521,10 +607,38 @@ class TrainSpec(_Spec):
                                                      "split": source.split or self.split}))
         return sources
 
+    @field_validator("eval_dataset")
+    @classmethod
+    def _eval_dataset(cls, value: str | DatasetSource | None) -> str | DatasetSource | None:
+        return None if value is None else _check_eval_source(value, "eval_dataset")
+
+    @model_validator(mode="after")
+    def _evaluation(self) -> TrainSpec:
+        if self.eval_every is None:
+            for key in ("early_stopping", "keep"):
+                if getattr(self, key) is not None and (key != "keep" or self.keep == "best"):
+                    raise ValueError(f"train.{key}: needs periodic evaluation; set train.eval_every (e.g. 50), or "
+                                     f"leave {key} out")
+        elif self.eval_dataset is None and self.eval_fraction == 0:
+            raise ValueError("train.eval_every: there is nothing to evaluate with eval_fraction: 0; set "
+                             "train.eval_fraction above 0 or give train.eval_dataset")
+        check_watched_metric(self)
+        return self
+
     @field_validator("metrics")
     @classmethod
     def _metrics(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
         return None if value is None else check_metrics(value, info.data.get("objective"))
+
+    @property
+    def keep_best(self) -> bool:
+        """Whether the saved weights are the best evaluation's (`keep`, default best with eval_every)."""
+        return self.keep == "best" or (self.keep is None and self.eval_every is not None)
+
+    @property
+    def eval_source(self) -> DatasetSource | None:
+        """`eval_dataset` as a source, with `train.columns` and `train.split` where it sets none."""
+        return None if self.eval_dataset is None else as_source(self.eval_dataset, self.columns, self.split)
 
     @property
     def effective_batch_size(self) -> int:
@@ -609,6 +723,9 @@ class JobSpec(_Spec):
     lora: Annotated[LoRASpec | None, Field(description="LoRA settings (lora and hybrid jobs).")] = None
     layer: Annotated[LayerSpec | None, Field(description="Added-layer settings (layer and hybrid jobs).")] = None
     train: Annotated[TrainSpec | None, Field(description="Training settings (train jobs).")] = None
+    eval: Annotated[
+        EvalSpec | None, Field(description="Evaluation sets evaluated after training (train jobs; see `eval.datasets`).")
+    ] = None
 
     @field_validator("task")
     @classmethod
@@ -700,6 +817,7 @@ class JobSpec(_Spec):
                 object.__setattr__(self, "train", resolve_train(self.train, task_type))
         else:
             object.__setattr__(self, "train", None)
+            object.__setattr__(self, "eval", None)  # nothing trained: nothing to evaluate (as `train`, dropped)
         return self
 
     @model_validator(mode="after")
@@ -772,7 +890,28 @@ def resolve_train(train: TrainSpec, task_type: str) -> TrainSpec:
         raise ValueError(f"train.metrics: {error}") from None
     if objective == train.objective and metrics == train.metrics:
         return train
-    return train.model_copy(update={"objective": objective, "metrics": metrics})
+    resolved = train.model_copy(update={"objective": objective, "metrics": metrics})
+    check_watched_metric(resolved)
+    return resolved
+
+
+def check_watched_metric(train: TrainSpec) -> None:
+    """Raise ValueError when `early_stopping.metric` is neither eval_loss nor one of `train.metrics` (when
+    those are known: given, or resolved for the base's objective)."""
+    watched = train.early_stopping
+    if watched is None or watched.metric == "eval_loss" or train.metrics is None:
+        return
+    if watched.metric not in train.metrics:
+        computed = ", ".join(["eval_loss", *train.metrics])
+        raise ValueError(f"train.early_stopping.metric: {watched.metric!r} is not computed by this job; use one of "
+                         f"{computed} (or add it to train.metrics)")
+
+
+def as_source(value: str | DatasetSource, columns: dict[str, str] | None, split: str) -> DatasetSource:
+    """`value` (a path or a source mapping) as a DatasetSource, `columns` under its own and `split` by default."""
+    source = DatasetSource(path=value) if isinstance(value, str) else value
+    return source.model_copy(update={"columns": {**(columns or {}), **(source.columns or {})},
+                                     "split": source.split or split})
 
 
 #: section name -> its spec: every JobSpec key whose value is a mapping of settings

@@ -211,8 +211,10 @@ def read_training_rows(spec: TrainSpec) -> tuple[list[dict[str, Any]], list[dict
     per_source = _read_sources(sources, spec.needed_columns)
     rows = [row for source_rows in per_source for row in source_rows]
     owner = [index for index, source_rows in enumerate(per_source) for _ in source_rows]
-    train_index, eval_index = split(list(range(len(rows))), spec.eval_fraction, spec.seed)
-    eval_rows = [rows[i] for i in eval_index]
+    # a separate eval set: every training row trains
+    eval_fraction = 0.0 if spec.eval_dataset is not None else spec.eval_fraction
+    train_index, eval_index = split(list(range(len(rows))), eval_fraction, spec.seed)
+    eval_rows = [rows[i] for i in eval_index] if spec.eval_source is None else read_eval_rows(spec.eval_source, spec)
     weights = [source.weight for source in sources]
     if all(weight == 1 for weight in weights):
         return [rows[i] for i in train_index], eval_rows
@@ -228,6 +230,15 @@ def read_training_rows(spec: TrainSpec) -> tuple[list[dict[str, Any]], list[dict
     log.info("mixture: %d training rows from %s", len(train_rows),
              ", ".join(f"{source.path} x{source.weight:g}" for source in sources))
     return train_rows, eval_rows
+
+
+def read_eval_rows(source: DatasetSource, spec: TrainSpec, key: str = "train.eval_dataset") -> list[dict[str, Any]]:
+    """The rows of an evaluation set (`train.eval_dataset` or an `eval.datasets` entry), whole, with the
+    training data's columns. JobError names `key`."""
+    try:
+        return read_rows(source.path, source.columns, source.split or "train", spec.needed_columns)
+    except JobError as error:
+        raise JobError(f"{key}: {str(error).removeprefix('train.dataset: ')}") from None
 
 
 def label_set(rows: list[dict[str, Any]]) -> list[str]:

@@ -96,6 +96,10 @@ class JobOutcome:
     task_metrics: dict[str, float] = field(default_factory=dict)
     #: up to `train.num_samples` eval rows' {input, target, prediction}; None when none
     samples: list[dict[str, str]] | None = None
+    #: the task metrics' curves (train.eval_every): (step, metric, value)
+    metric_curve: list[tuple[int, str, float]] = field(default_factory=list)
+    #: per `eval.datasets` set: {eval_loss, metric: value}
+    eval_sets: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def parent_refs(spec: JobSpec) -> dict[str, str]:
@@ -267,6 +271,7 @@ def _run_job(ctx: JobContext) -> JobOutcome:
 def _build_train_save(ctx: JobContext, trackers) -> JobOutcome:
     from worker.data import read_labels
     from worker.device import DeviceManager
+    from worker.evaluation import evaluate_sets
     from worker.extensions import ExtensionConfig, extension_class
     from worker.models import BASE_MODELS, base_family, classifier_model
     from worker.training import Trainer
@@ -313,6 +318,8 @@ def _build_train_save(ctx: JobContext, trackers) -> JobOutcome:
     task_metrics: dict[str, float] = {}
     samples: list[dict[str, str]] = []
     curve: list[tuple[int, str, float]] = []
+    metric_curve: list[tuple[int, str, float]] = []
+    eval_sets: dict[str, dict[str, float]] = {}
     resumed_from_step = 0
     resume_dir = ctx.resume_dir
     if spec.kind == JobKind.TRAIN:
@@ -337,14 +344,14 @@ def _build_train_save(ctx: JobContext, trackers) -> JobOutcome:
             if trainer.step:
                 log.info("job %s: resuming from the checkpoint at step %d", ctx.job_id, trainer.step)
             result = trainer.train()
-            task_metrics = trainer.task_metrics()
-            samples = trainer.samples
+            task_metrics, samples = trainer.kept_results()
+            eval_sets = evaluate_sets(trainer, spec.eval)
         finally:
             trainer.cleanup()
         metrics.update(train_loss=result.train_loss, eval_loss=result.eval_loss, steps=result.steps,
                        tokens_per_second=result.tokens_per_second, train_seconds=result.train_seconds,
-                       micro_batch_size=spec.train.batch_size)
-        curve, resumed_from_step = result.curve, result.resumed_from
+                       micro_batch_size=spec.train.batch_size, **result.best)
+        curve, resumed_from_step, metric_curve = result.curve, result.resumed_from, result.metric_curve
     metrics["peak_memory_mb"] = device_manager.peak_memory_mb()
     check_cancel("before saving")
 
@@ -358,7 +365,7 @@ def _build_train_save(ctx: JobContext, trackers) -> JobOutcome:
                     **({"effective_batch_size": spec.train.effective_batch_size} if spec.train else {})},
         "device": str(device_manager.device),
         "dtype": device_manager.dtype_name, "versions": versions, "task_metrics": task_metrics,
-        "samples": samples,
+        "samples": samples, "eval_sets": eval_sets,
     }
     if labels is not None:
         payload["labels"] = labels
@@ -374,7 +381,7 @@ def _build_train_save(ctx: JobContext, trackers) -> JobOutcome:
         adapter_path=str(location / artifacts["adapter"]) if "adapter" in artifacts else None,
         layer_path=str(location / artifacts["layer"]) if "layer" in artifacts else None,
         loss_curve=curve, setup_seconds=setup_seconds, task_metrics=task_metrics,
-        samples=samples or None,
+        samples=samples or None, metric_curve=metric_curve, eval_sets=eval_sets,
     )
     # Drop this job's model before freeing memory, so nothing leaks into the next job.
     del model, extension, base_model

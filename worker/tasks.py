@@ -335,7 +335,8 @@ def _record_success(job: _Claimed, outcome: JobOutcome) -> str:
         written = job.write(
             finish_job, stats=outcome.stats, metrics=outcome.metrics, device=outcome.device, dtype=outcome.dtype,
             versions=outcome.versions, job_dir=str(outcome.job_dir), loss_curve=outcome.loss_curve,
-            task_metrics=outcome.task_metrics, samples=outcome.samples,
+            task_metrics=outcome.task_metrics, samples=outcome.samples, metric_curve=outcome.metric_curve,
+            eval_sets=outcome.eval_sets,
             adapter_path=None if outcome.adapter_path is None else str(outcome.adapter_path),
             layer_path=None if outcome.layer_path is None else str(outcome.layer_path),
         )

@@ -9,6 +9,8 @@ Checkpoints (trainable weights, optimizer, scheduler and loss-scaler state, step
 written atomically, so a job re-run after its worker died resumes where it stopped. When the
 stop check raises `JobInterrupted` (the worker is shutting down) a checkpoint of the current step
 is written before the exception leaves `train()`.
+With `train.eval_every` the model is evaluated every N steps (worker/evaluation.py): early stopping,
+and the best evaluation's weights restored at the end for `keep: best`; its state is checkpointed too.
 """
 
 from __future__ import annotations
@@ -32,8 +34,11 @@ from jobs.spec import TrainSpec
 from worker.data import Example, StepBatches, collate, read_training_rows, tokenize, tokenize_chat
 from worker.device import DeviceManager
 from worker.errors import JobCancelled, JobError, JobInterrupted, OutOfMemory
+from worker.evaluation import PeriodicEvaluation
 
 CHECKPOINT_STATE = "trainer_state.json"
+#: the trainable weights of the best evaluation so far (keep: best), in the checkpoint
+BEST_WEIGHTS = "best.safetensors"
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +52,10 @@ class TrainResult:
     train_seconds: float
     resumed_from: int = 0
     curve: list[tuple[int, str, float]] = field(default_factory=list)
+    #: (step, task metric, value) of the periodic evaluations (train.eval_every)
+    metric_curve: list[tuple[int, str, float]] = field(default_factory=list)
+    #: best_step, best_metric, best_value (keep: best), else empty
+    best: dict = field(default_factory=dict)
 
 
 class Trainer:
@@ -76,6 +85,7 @@ class Trainer:
         self.on_log = on_log or (lambda step, values: None)
         #: called with the checkpoint directory after each save (worker.storage uploads it)
         self.on_checkpoint = on_checkpoint
+        self.evaluation = PeriodicEvaluation(spec) if spec.eval_every else None
         self.eval_batch_size = spec.eval_batch_size or spec.batch_size
         self.step = 0
         self.checkpointed_step = 0
@@ -89,14 +99,9 @@ class Trainer:
         train_rows, eval_rows = read_training_rows(spec)
         #: the held-out rows as read: the generative metrics generate from their inputs
         self.eval_rows = eval_rows
-        encode = tokenize_chat if spec.format == "chat" else tokenize
-        if self.task_type == "classification":
-            sources = ", ".join(spec.datasets)
-            self.train_set = tokenize(train_rows, self.tokenizer, self.task_type, spec.max_length, self.labels, sources)
-            self.eval_set = tokenize(eval_rows, self.tokenizer, self.task_type, spec.max_length, self.labels, sources)
-        else:
-            self.train_set = encode(train_rows, self.tokenizer, self.task_type, spec.max_length)
-            self.eval_set = encode(eval_rows, self.tokenizer, self.task_type, spec.max_length)
+        self.train_set = self.encode(train_rows, ", ".join(spec.datasets))
+        self.eval_set = self.encode(eval_rows, ", ".join(spec.datasets) if spec.eval_dataset is None
+                                    else "train.eval_dataset")
         # micro-batch i of the endless shuffle; optimizer step s uses micro-batches s*accum .. s*accum+accum-1
         self.batches = StepBatches(self.train_set, spec.batch_size, spec.seed)
         if spec.max_steps is not None:
@@ -117,6 +122,14 @@ class Trainer:
         self.scaler = self.dm.grad_scaler()
         if self.checkpoint_dir is not None and (self.checkpoint_dir / CHECKPOINT_STATE).exists():
             self._load_checkpoint()
+
+    def encode(self, rows: list[dict], source: str) -> list[Example]:
+        """`rows` tokenised for this job's objective and format; `source` names them in errors."""
+        spec = self.spec
+        if self.task_type == "classification":
+            return tokenize(rows, self.tokenizer, self.task_type, spec.max_length, self.labels, source)
+        encode = tokenize_chat if spec.format == "chat" else tokenize
+        return encode(rows, self.tokenizer, self.task_type, spec.max_length)
 
     def _enable_gradient_checkpointing(self) -> None:
         # Non-reentrant checkpointing computes the gradients of parameters inside a checkpointed
@@ -197,15 +210,16 @@ class Trainer:
         return tokens
 
     @torch.no_grad()
-    def evaluate(self) -> float | None:
-        """Token-weighted mean loss over the held-out split (None without one)."""
-        if not self.eval_set:
+    def evaluate(self, examples: list[Example] | None = None) -> float | None:
+        """Token-weighted mean loss over `examples`, by default the held-out split (None without one)."""
+        examples = self.eval_set if examples is None else examples
+        if not examples:
             return None
         was_training = self.model.training
         self.model.eval()
         total, count = 0.0, 0
-        for start in range(0, len(self.eval_set), self.eval_batch_size):
-            batch = collate(self.eval_set[start:start + self.eval_batch_size], self.task_type, self.pad_id)
+        for start in range(0, len(examples), self.eval_batch_size):
+            batch = collate(examples[start:start + self.eval_batch_size], self.task_type, self.pad_id)
             loss = self._loss(batch)
             n = self._label_tokens(batch)
             total += float(loss) * n
@@ -223,24 +237,29 @@ class Trainer:
         return int((labels != -100).sum())
 
     @torch.no_grad()
-    def task_metrics(self) -> dict[str, float]:
+    def task_metrics(self, rows: list[dict] | None = None, examples: list[Example] | None = None) -> dict[str, float]:
         """The `train.metrics` on the held-out split ({} without one, or without metrics); fills
-        `samples` with the first `train.num_samples` eval rows' input / target / prediction."""
+        `samples` with the first `train.num_samples` eval rows' input / target / prediction. Given
+        `rows` and their `examples` (another evaluation set), the metrics on those, samples untouched."""
         from worker.metrics import compute
 
-        self.samples = []
-        if not self.eval_set or not (self.spec.metrics or self.spec.num_samples):
+        own = rows is None
+        if own:
+            rows, examples = self.eval_rows, self.eval_set
+            self.samples = []
+        num_samples = self.spec.num_samples if own else 0
+        if not examples or not (self.spec.metrics or num_samples):
             return {}
         if self.task_type != "classification":
-            return self._generative_metrics()
+            return self._generative_metrics(rows, num_samples)
         # without metrics only the samples' rows are predicted
-        count = len(self.eval_set) if self.spec.metrics else min(self.spec.num_samples, len(self.eval_set))
+        count = len(examples) if self.spec.metrics else min(num_samples, len(examples))
         was_training = self.model.training
         self.model.eval()
         predictions: list[int] = []
         references: list[int] = []
         for start in range(0, count, self.eval_batch_size):
-            batch = collate(self.eval_set[start:min(start + self.eval_batch_size, count)], self.task_type,
+            batch = collate(examples[start:min(start + self.eval_batch_size, count)], self.task_type,
                             self.pad_id)
             labels = batch.pop("labels")
             with self.dm.autocast():
@@ -249,12 +268,12 @@ class Trainer:
             references += labels.tolist()
         self.model.train(was_training)
         names = self.labels or []
-        self.samples = [
-            {"input": str(row["input"]), "target": str(names[reference]),
-             "prediction": str(names[prediction])}
-            for row, reference, prediction in zip(self.eval_rows[:self.spec.num_samples], references, predictions,
-                                                  strict=False)
-        ]
+        if own:
+            self.samples = [
+                {"input": str(row["input"]), "target": str(names[reference]),
+                 "prediction": str(names[prediction])}
+                for row, reference, prediction in zip(rows[:num_samples], references, predictions, strict=False)
+            ]
         return compute(self.spec.metrics, predictions, references) if self.spec.metrics else {}
 
     def generation_predictor(self):
@@ -273,7 +292,7 @@ class Trainer:
         longest = max((len(self.tokenizer.encode(row["target"])) for row in self.eval_rows), default=0)
         return min(longest + 8, self.spec.max_length)
 
-    def _generative_metrics(self) -> dict[str, float]:
+    def _generative_metrics(self, rows: list[dict], num_samples: int) -> dict[str, float]:
         from worker.metrics import compute
         from worker.predict import GenerationSettings
 
@@ -284,7 +303,7 @@ class Trainer:
         predictor = self.generation_predictor()
         settings = GenerationSettings(max_new_tokens=predictor.max_new_tokens)
         # the metrics' generations give the samples too; without metrics only the samples' rows are generated
-        eval_rows = self.eval_rows if self.spec.metrics else self.eval_rows[:self.spec.num_samples]
+        eval_rows = rows if self.spec.metrics else rows[:num_samples]
         rows = [{"input": row["input"]} for row in eval_rows]
         was_training = self.model.training
         self.model.eval()
@@ -296,8 +315,9 @@ class Trainer:
         finally:
             self.model.train(was_training)
         references = [row["target"] for row in eval_rows]
-        self.samples = [{"input": str(row["input"]), "target": str(row["target"]), "prediction": prediction}
-                        for row, prediction in zip(eval_rows[:self.spec.num_samples], predictions, strict=False)]
+        if num_samples:
+            self.samples = [{"input": str(row["input"]), "target": str(row["target"]), "prediction": prediction}
+                            for row, prediction in zip(eval_rows[:num_samples], predictions, strict=False)]
         if not self.spec.metrics:
             return {}
         return compute(self.spec.metrics, predictions, references, tokenizer=self.tokenizer)
@@ -319,7 +339,12 @@ class Trainer:
                 initial_eval = self.evaluate()
                 if initial_eval is not None:
                     self.curve.append((0, "eval", initial_eval))
-                    self.on_log(0, {"eval_loss": initial_eval})
+                values = {"eval_loss": initial_eval} if initial_eval is not None else {}
+                if self.evaluation is not None:  # the metrics' starting point too (not a candidate for best)
+                    values.update(self.task_metrics())
+                    self.evaluation.record(0, values, [], (), candidate=False)
+                if values:
+                    self.on_log(0, values)
             self.model.train()
             phase = "train"
             started = time.perf_counter()
@@ -335,26 +360,80 @@ class Trainer:
                 self.dm.sample_memory()
                 if self.on_step is not None:
                     self.on_step(self.step, self.total_steps, last_loss)
+                if self.evaluation is not None and self.evaluation.due(self.step, self.total_steps):
+                    phase = "eval"
+                    if self._evaluate_periodically():
+                        break
+                    phase = "train"
                 if (self.checkpoint_dir is not None and self.spec.checkpoint_every
                         and self.step % self.spec.checkpoint_every == 0 and self.step < self.total_steps):
                     self.save_checkpoint()
             seconds = time.perf_counter() - started
             phase = "eval"
-            final_eval = self.evaluate()
+            if self.evaluation is None:
+                final_eval = self.evaluate()
+            else:
+                final_eval = self._keep()
         except torch.OutOfMemoryError:
             oom = True
         else:
             oom = False
         if oom:
             self._raise_oom(phase)
-        if final_eval is not None:
+        if final_eval is not None and self.evaluation is None:
             self.curve.append((self.step, "eval", final_eval))
             self.on_log(self.step, {"eval_loss": final_eval})
+        evaluation = self.evaluation
         return TrainResult(
             train_loss=last_loss, eval_loss=final_eval, steps=self.step,
             tokens_per_second=tokens / seconds if seconds > 0 else 0.0, train_seconds=seconds,
             resumed_from=resumed_from, curve=self.curve,
+            metric_curve=evaluation.metric_curve if evaluation is not None else [],
+            best=evaluation.summary() if evaluation is not None else {},
         )
+
+    # -- evaluation during training (train.eval_every) ------------------------------------------------
+    def _named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        names = self._trainable_names()
+        return [(names[id(p)], p) for p in self.params]
+
+    def _evaluate_periodically(self) -> bool:
+        """Evaluate after the current step (eval loss and the task metrics); True when early stopping says stop."""
+        loss = self.evaluate()
+        if loss is not None:
+            self.curve.append((self.step, "eval", loss))
+        values = {"eval_loss": loss, **self.task_metrics()}
+        values = {name: value for name, value in values.items() if value is not None}
+        if self.evaluation.record(self.step, values, self.samples, self._named_trainable()):
+            log.info("step %d: best %s so far (%.4g)", self.step, self.evaluation.tracker.metric,
+                     self.evaluation.tracker.best_value)
+        self.on_log(self.step, values)
+        if self.evaluation.should_stop:
+            tracker = self.evaluation.tracker
+            log.info("early stopping at step %d: %s has not improved for %d evaluations (best %.4g at step %d)",
+                     self.step, tracker.metric, tracker.bad_evaluations, tracker.best_value, tracker.best_step)
+            return True
+        return False
+
+    def _keep(self) -> float | None:
+        """After the last step: the best evaluation's weights back in the model (keep: best); returns the eval
+        loss of the weights that are kept."""
+        last = self.evaluation.last
+        if last is None or last["step"] != self.step:  # a job resumed at its end: evaluate what it has
+            self._evaluate_periodically()
+        if self.evaluation.restore(self._named_trainable()):
+            log.info("keeping the weights of step %d (best %s %.4g)", self.evaluation.tracker.best_step,
+                     self.evaluation.tracker.metric, self.evaluation.tracker.best_value)
+        kept = self.evaluation.kept
+        return kept["values"].get("eval_loss") if kept is not None else None
+
+    def kept_results(self) -> tuple[dict[str, float], list[dict[str, str]]]:
+        """(task metrics, samples) of the weights training ended with: the kept evaluation's when
+        `train.eval_every` evaluated them, else computed now (`task_metrics`)."""
+        kept = self.evaluation.kept if self.evaluation is not None else None
+        if kept is None:
+            return self.task_metrics(), self.samples
+        return {name: value for name, value in kept["values"].items() if name != "eval_loss"}, kept["samples"]
 
     def micro_batches(self, step: int) -> list[list[Example]]:
         """The micro-batches of optimizer step `step` (0-based): the same after a resume."""
@@ -455,6 +534,10 @@ class Trainer:
                  "param_groups": optimizer_state["param_groups"], "optimizer_scalars": scalars,
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                  "curve": self.curve}
+        if self.evaluation is not None:
+            state["evaluation"] = self.evaluation.state()
+            if self.evaluation.best_weights is not None:
+                save_file(self.evaluation.best_weights, str(staging / BEST_WEIGHTS))
         (staging / CHECKPOINT_STATE).write_text(json.dumps(state))
         for file in staging.iterdir():
             with open(file, "rb") as handle:
@@ -504,10 +587,15 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.step = self.checkpointed_step = state["step"]
         self.curve = [tuple(point) for point in state["curve"]]
+        if self.evaluation is not None and state.get("evaluation"):
+            best = directory / BEST_WEIGHTS
+            self.evaluation.load_state(state["evaluation"], load_file(str(best)) if best.exists() else None)
 
     def cleanup(self) -> None:
         """Drop the optimizer state (the largest per-job allocation) and free cached memory."""
         self.optimizer = None
         self.scheduler = None
         self.params = []
+        if self.evaluation is not None:
+            self.evaluation.best_weights = None
         self.dm.release()
