@@ -636,7 +636,8 @@ def results(ctx: click.Context, batch: str | None, task: str | None, extension: 
         rows = result_rows(connection, **filters, limit=limit, sort=field, descending=descending != newest)
     if fmt == "json":
         click.echo(json.dumps([{k: _iso(v) for k, v in row.items()}
-                               | {"params": row["params"] or {}, "metrics": row["metrics"] or {}}
+                               | {"params": row["params"] or {}, "metrics": row["metrics"] or {},
+                                  "eval_sets": row["eval_sets"] or {}}
                                for row in rows], indent=2))
         return
     if fmt == "csv":
