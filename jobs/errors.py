@@ -44,11 +44,23 @@ def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
-    """The keys allowed at `loc` (a section such as `lora`), for did-you-mean suggestions."""
-    from jobs.spec import SECTION_SPECS, JobSpec
+    """The keys allowed at `loc` (a section such as `lora`, or one inside it such as
+    `train.early_stopping`), for did-you-mean suggestions."""
+    from typing import get_args
 
-    model: Any = JobSpec if len(loc) <= 1 else SECTION_SPECS.get(str(loc[0]))
-    return list(model.model_fields) if model is not None else []
+    from pydantic import BaseModel
+
+    from jobs.spec import JobSpec
+
+    model: Any = JobSpec
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        nested = [arg for arg in (field.annotation, *get_args(field.annotation)) if field is not None
+                  and isinstance(arg, type) and issubclass(arg, BaseModel)]
+        if not nested:
+            return []
+        model = nested[0]
+    return list(model.model_fields)
 
 
 def _shown(value: Any) -> str:

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from db.session import clear_cache
-from jobs.batch import parse_batch
+from jobs.batch import load_batch, parse_batch
 from jobs.cli import cli
 from jobs.errors import SpecError
 from jobs.spec import JobSpec, TrainSpec
@@ -109,6 +109,8 @@ def _batch(data: dict[str, Path], job: str, defaults: str = "") -> dict:
      "key `train.early_stopping.mode`"),
     ("{task: t, extension: lora, train: {eval_every: 2, early_stopping: {patience: 0}}}", "",
      "key `train.early_stopping.patience`"),
+    ("{task: t, extension: lora, train: {eval_every: 2, early_stopping: {metrik: exact_match}}}", "",
+     "key `train.early_stopping.metrik`: unknown key; remove it or fix its spelling (did you mean `metric`?)"),
     ("{task: t, extension: lora, train: {eval_dataset: missing.jsonl}}", "",
      "key `train.eval_dataset`: dataset"),
     ("{task: t, extension: lora, eval: {datasets: {a: nowhere.jsonl}}}", "", "key `eval.datasets.a`: dataset"),
@@ -243,20 +245,21 @@ def test_a_job_killed_after_its_best_step_still_keeps_that_best_when_resumed(dat
                          for name in saved)
 
 
-def test_the_readme_example_is_a_valid_batch(tmp_path):
+def test_the_readme_example_is_a_valid_batch():
     import re
 
     import yaml
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("### Evaluation during training", 1)[1]
+    root = Path(__file__).resolve().parents[1]
+    section = (root / "README.md").read_text().split("### Evaluation during training", 1)[1]
     example = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
-    (tmp_path / "data").mkdir()
-    for name in ("reverse", "reverse_eval", "uppercase"):
-        (tmp_path / "data" / f"{name}.jsonl").write_text(_rows(WORDS))
+    # its paths are the example data's, as written next to examples/
     batch = parse_batch({"batch": "readme", "base_model": "random:t5-tiny", **example,
-                         "jobs": [{"task": "reverse", "extension": "lora"}]}, tmp_path / "batch.yaml")
+                         "jobs": [{"task": "reverse", "extension": "lora"}]}, root / "examples" / "batch.yaml")
     train = batch.jobs[0].train
     assert (train.eval_every, train.early_stopping.metric, train.early_stopping.maximize, train.keep_best) == (
         50, "exact_match", True, True)
     assert list(batch.jobs[0].eval.datasets) == ["uppercase"]
+    # the forgetting measurement of the shared-layer example: uppercase before and after the block moved
+    shared = load_batch(root / "examples" / "shared_layer.yaml")
+    assert [job.task for job in shared.jobs if job.eval is not None] == ["all-tasks", "reverse"]
