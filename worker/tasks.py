@@ -24,6 +24,7 @@ Exactly-once execution is built on the database row, not on the broker (docs/rel
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -237,8 +238,11 @@ class _Claimed:
         return written
 
 
-def execute_job(job_id: str, settings: Settings, *, worker: str, eager: bool = False) -> str:
+def execute_job(job_id: str, settings: Settings, *, worker: str, eager: bool = False,
+                slots: list[str] | None = None) -> str:
     """Claim and run one job, record its outcome; returns the final status or `skipped`.
+
+    A job on several devices (`resources.gpus`) runs as ranks on `slots` (worker/distributed.py).
 
     Raises `_Retry` for a transient failure when the job has attempts left.
     """
@@ -276,7 +280,12 @@ def execute_job(job_id: str, settings: Settings, *, worker: str, eager: bool = F
             **(_with_db_retries(lambda: _tracking(database, job_id))
                if spec.train is not None and spec.train.report_to else {}),
         )
-        outcome = backoff.run_job(context)  # pipeline.run_job, with a smaller micro-batch after an OOM
+        if spec.resources.gpus > 1:  # ranks on the devices this worker holds, backing off the same way
+            from worker import distributed
+
+            outcome = backoff.run_job(context, run=functools.partial(distributed.run_job, slots=slots))
+        else:
+            outcome = backoff.run_job(context)  # pipeline.run_job, with a smaller micro-batch after an OOM
     except JobInterrupted:
         beat.stop()
         assert context is not None

@@ -31,6 +31,7 @@ from jobs.metrics import OBJECTIVES
 from jobs.spec import TrainSpec
 from worker.data import Example, StepBatches, collate, read_training_rows, tokenize, tokenize_chat
 from worker.device import DeviceManager
+from worker.distributed import data_parallel
 from worker.errors import JobCancelled, JobError, JobInterrupted, OutOfMemory
 
 CHECKPOINT_STATE = "trainer_state.json"
@@ -76,6 +77,9 @@ class Trainer:
         self.on_log = on_log or (lambda step, values: None)
         #: called with the checkpoint directory after each save (worker.storage uploads it)
         self.on_checkpoint = on_checkpoint
+        #: this process's rank of a multi-device job (None alone); only rank 0 evaluates and writes
+        self.parallel = data_parallel()
+        self.is_main = self.parallel is None or self.parallel.is_main
         self.eval_batch_size = spec.eval_batch_size or spec.batch_size
         self.step = 0
         self.checkpointed_step = 0
@@ -199,7 +203,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Token-weighted mean loss over the held-out split (None without one)."""
-        if not self.eval_set:
+        if not self.eval_set or not self.is_main:
             return None
         was_training = self.model.training
         self.model.eval()
@@ -229,7 +233,7 @@ class Trainer:
         from worker.metrics import compute
 
         self.samples = []
-        if not self.eval_set or not (self.spec.metrics or self.spec.num_samples):
+        if not self.eval_set or not self.is_main or not (self.spec.metrics or self.spec.num_samples):
             return {}
         if self.task_type != "classification":
             return self._generative_metrics()
@@ -368,6 +372,8 @@ class Trainer:
         of the step's tokens makes the summed gradient that of the mean over all of them (one
         large batch), not a mean of per-micro-batch means.
         """
+        if self.parallel is not None:  # this rank's share, then the sum over all ranks
+            return self.parallel.accumulate(self, micro_batches)
         batches = [collate(examples, self.task_type, self.pad_id) for examples in micro_batches]
         counts = [self._label_tokens(batch) for batch in batches]
         total = sum(counts)
@@ -432,6 +438,9 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Write weights, optimizer and scheduler state atomically (temp dir, then rename)."""
         target = self.checkpoint_dir
+        if not self.is_main:  # rank 0 holds the same state and writes it
+            self.checkpointed_step = self.step
+            return target
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
         staging.mkdir()

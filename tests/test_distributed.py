@@ -1,0 +1,105 @@
+"""One job on several devices: 2 gloo ranks on the CPU train what one process trains, rank 0 owns the
+checkpoints, a killed rank sends the job back to the queue, and it resumes from rank 0's checkpoint."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from db.queries import get_job
+from db.session import clear_cache, get_database
+from db.submission import create_batch
+from jobs.settings import Settings
+from jobs.spec import JobSpec
+from worker import distributed
+from worker.pipeline import JobContext, run_job
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
+
+
+def _spec(gpus: int, **train: object) -> JobSpec:
+    # no dropout: the ranks draw their own random numbers, so only a dropout-free run can match
+    return JobSpec(task="t", extension="lora", base_model="random:t5-tiny", device="cpu", lora={"dropout": 0.0},
+                   resources={"gpus": gpus},
+                   train={"dataset": str(EXAMPLES / "reverse.jsonl"), "batch_size": 8, "grad_accum_steps": 2,
+                          "eval_fraction": 0.05, "learning_rate": 1e-2, "seed": 3, **train})
+
+
+def _adapter(outcome) -> dict:
+    return load_file(str(Path(outcome.adapter_path) / "adapter_model.safetensors"))
+
+
+def test_two_ranks_train_what_one_process_trains(tmp_path, one_torch_thread):
+    one = run_job(JobContext(job_id="one", batch_id="b", spec=_spec(1, max_steps=5), artifacts_root=tmp_path))
+    two = distributed.run_job(JobContext(job_id="two", batch_id="b", spec=_spec(2, max_steps=5),
+                                         artifacts_root=tmp_path))
+    # the same losses, step by step, and the same trained weights (fp32, summed in another order)
+    assert [(step, split) for step, split, _ in two.loss_curve] == [(step, split) for step, split, _ in one.loss_curve]
+    for (_, _, expected), (_, _, got) in zip(one.loss_curve, two.loss_curve, strict=True):
+        assert got == pytest.approx(expected, rel=1e-5)
+    weights_one, weights_two = _adapter(one), _adapter(two)
+    assert weights_one.keys() == weights_two.keys()
+    changed = 0.0
+    for name, weight in weights_one.items():
+        assert (weights_two[name] - weight).abs().max() < 1e-3, name
+        changed = max(changed, float(weight.abs().max()))
+    assert changed > 0
+    assert two.metrics["steps"] == 5 and two.metrics["eval_loss"] == pytest.approx(one.metrics["eval_loss"], rel=1e-4)
+    # only rank 0 wrote: one job directory, no checkpoint left, nothing of the other rank's
+    assert sorted(path.name for path in (tmp_path / "b").iterdir()) == ["one", "two"]
+
+
+def _kill_rank_once_checkpointed(checkpoint: Path, rank: int, killed: list[int]) -> threading.Thread:
+    def watch() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            ranks = [p for p in multiprocessing.active_children() if p.name == f"graftq-rank-{rank}"]
+            if ranks and (checkpoint / "trainer_state.json").exists():
+                os.kill(ranks[0].pid, signal.SIGKILL)
+                killed.append(json.loads((checkpoint / "trainer_state.json").read_text())["step"])
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_killed_rank_requeues_the_job_and_it_resumes_from_rank_0s_checkpoint(sqlite_url, tmp_path):
+    from worker.tasks import _Retry, execute_job
+
+    database = get_database(sqlite_url)
+    settings = Settings(database_url=sqlite_url, artifacts_dir=tmp_path / "artifacts")
+    spec = _spec(2, max_steps=40, checkpoint_every=2)
+    with database.begin() as connection:
+        batch_id, [job_id] = create_batch(connection, "b", [{
+            "task": "t", "kind": "train", "extension": "lora", "base_model": spec.base_model, "queue": "graftq",
+            "spec": spec.to_json(), "gpus": 2}], max_attempts=2)
+    checkpoint = tmp_path / "artifacts" / batch_id / f".{job_id}.checkpoint"
+    killed: list[int] = []
+    watcher = _kill_rank_once_checkpointed(checkpoint, 1, killed)
+    with pytest.raises(_Retry):
+        execute_job(job_id, settings, worker="w")
+    watcher.join()
+    with database.read() as connection:
+        job = get_job(connection, job_id)
+    assert killed and job.status == "queued" and job.attempts == 1 and job.gpus == 2
+    assert "rank 1 of 2" in job.error and "killed by SIGKILL" in job.error
+    assert (checkpoint / "trainer_state.json").exists()  # rank 0's, kept for the next attempt
+
+    assert execute_job(job_id, settings, worker="w") == "succeeded"
+    with database.read() as connection:
+        job = get_job(connection, job_id)
+    assert job.status == "succeeded" and job.attempts == 2 and job.steps == 40
+    info = json.loads((Path(job.job_dir) / "job.json").read_text())
+    assert info["metrics"]["resumed_from_step"] >= killed[0] >= 2
+    assert not checkpoint.exists()
+    clear_cache()
