@@ -103,3 +103,61 @@ def test_a_killed_rank_requeues_the_job_and_it_resumes_from_rank_0s_checkpoint(s
     assert info["metrics"]["resumed_from_step"] >= killed[0] >= 2
     assert not checkpoint.exists()
     clear_cache()
+
+
+# ---- a host's devices shared by its worker processes ---------------------------------------------
+
+def test_a_two_device_job_is_not_started_while_one_device_is_busy_and_pauses_that_devices_worker(tmp_path):
+    from worker.distributed import DevicesBusy, HostDevices
+
+    host = HostDevices(tmp_path, ["GPU-a", "GPU-b", "GPU-c"])
+    gathered: list[list[str]] = []
+    stop_waiting = threading.Event()
+
+    def gather_two() -> None:
+        with host.gather(2, give_up=stop_waiting.is_set, poll=0.02) as devices:
+            gathered.append(devices)
+
+    with host.one(0), host.one(1):  # two one-device jobs run on a, b
+        waiter = threading.Thread(target=gather_two)
+        waiter.start()
+        time.sleep(0.3)
+        assert gathered == []  # only c is free: the job is not claimed
+        # c is kept for it: its one-device worker is paused, and hands its delivery back
+        with pytest.raises(DevicesBusy, match="device 2 .GPU-c. runs a multi-device job"), host.one(2, wait=0.2):
+            pass
+        with host.one(0, wait=0.2):  # another process of a busy GPU (--jobs-per-gpu) is not held up
+            pass
+    waiter.join(timeout=10)
+    [devices] = gathered
+    assert len(devices) == 2 and "GPU-c" in devices  # kept c, then took a device that freed up
+    with host.one(0), host.one(1), host.one(2):  # the job ended: every device is free again
+        pass
+    # a worker that stops while it waits gives the delivery back
+    stop_waiting.set()
+    with host.one(0), pytest.raises(DevicesBusy, match="stops"), host.gather(3, give_up=stop_waiting.is_set):
+        pass
+
+
+def test_graftq_worker_plans_a_worker_per_job_size_on_the_host_devices():
+    from jobs.submit import job_queue
+    from worker.launcher import Gpu, GpuSelection, plan_sized_workers, plan_workers
+
+    settings = Settings()
+    gpus = [Gpu(index, "H100", f"GPU-{index}", f"GPU-{index}") for index in range(4)]
+    workers = plan_workers(settings, GpuSelection("list", (0, 1, 2, 3)), gpus=gpus)
+    workers += plan_sized_workers(workers)
+    queues = {worker.name: worker.argv[worker.argv.index("-Q") + 1] for worker in workers}
+    assert queues == {**{f"graftq-gpu{i}": "graftq.gpu,graftq" for i in range(4)},
+                      **{f"graftq-{n}gpus": f"graftq.gpu.gpus-{n},graftq.gpus-{n}" for n in (2, 3, 4)}}
+    sized = workers[4]
+    assert sized.env["CUDA_VISIBLE_DEVICES"] == "" and sized.env["GRAFTQ_SLOTS"] == "GPU-0,GPU-1,GPU-2,GPU-3"
+    assert job_queue(settings, _spec(2)) == "graftq.cpu.gpus-2" and job_queue(settings, _spec(1)) == "graftq.cpu"
+
+    cpu = plan_workers(settings, GpuSelection("none"), cpu_slots=2)
+    cpu += plan_sized_workers(cpu)
+    assert [(w.name, w.argv[w.argv.index("-Q") + 1]) for w in cpu] == [
+        ("graftq-cpu0", "graftq.cpu,graftq"), ("graftq-cpu1", "graftq.cpu,graftq"),
+        ("graftq-2cpus", "graftq.cpu.gpus-2,graftq.gpus-2")]
+    [alone] = plan_workers(settings, GpuSelection("none"))
+    assert plan_sized_workers([alone]) == [] and "GRAFTQ_SLOTS" not in alone.env

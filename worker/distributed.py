@@ -34,7 +34,8 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -430,3 +431,141 @@ class DataParallel:
         except RuntimeError as error:  # gloo/NCCL: a peer closed the connection, or the timeout passed
             raise RankLost(f"rank {self.rank} of {self.world_size}: a collective failed, another rank of the "
                            f"job is gone: {error}") from None
+
+
+# -- the devices of one `graftq worker` host, shared by its worker processes ---------------------
+
+#: Set by the launcher: the lock directory, the host's devices (CUDA_VISIBLE_DEVICES values, `cpu`
+#: for a CPU slot), and for each worker process its device (one-device workers) or its job size.
+SLOTS_DIR_ENV = "GRAFTQ_SLOTS_DIR"
+SLOTS_ENV = "GRAFTQ_SLOTS"
+WORKER_SLOT_ENV = "GRAFTQ_WORKER_SLOT"
+WORKER_SIZE_ENV = "GRAFTQ_WORKER_SIZE"
+#: Seconds a one-device worker waits for its device, taken by a multi-device job, before it gives
+#: the message back to the queue for another worker.
+BUSY_WAIT = 5.0
+
+
+class DevicesBusy(Exception):
+    """The devices a delivery needs are taken; the message goes back to the queue unclaimed."""
+
+
+class HostDevices:
+    """Who uses which device of a host, with one lock file per device (flock).
+
+    A one-device worker holds its device's lock shared while it runs a job, so several processes
+    of one device (`--jobs-per-gpu`) do not exclude each other. A multi-device worker gathers N
+    locks exclusively: it takes any device that is free, keeps it, and waits for the rest, so
+    the one-device workers of the devices it holds pause (their deliveries go back to the queue)
+    until its job ends. One gatherer at a time (`gather.lock`): two jobs each holding half of
+    what they need would wait for each other forever.
+    """
+
+    def __init__(self, directory: Path, devices: Sequence[str]):
+        self.directory = Path(directory)
+        self.devices = list(devices)
+
+    def _open(self, name: str) -> int:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        return os.open(self.directory / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+
+    @staticmethod
+    def _try(fd: int, mode: int) -> bool:
+        import fcntl
+
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    @contextmanager
+    def one(self, index: int, wait: float = BUSY_WAIT, poll: float = 0.1) -> Iterator[None]:
+        """Hold device `index` (shared) for a one-device job; raises DevicesBusy after `wait` s."""
+        import fcntl
+
+        fd = self._open(f"device-{index}")
+        try:
+            deadline = time.monotonic() + wait
+            while not self._try(fd, fcntl.LOCK_SH):
+                if time.monotonic() >= deadline:
+                    raise DevicesBusy(f"device {index} ({self.devices[index] or 'cpu'}) runs a multi-device job")
+                time.sleep(poll)
+            yield
+        finally:
+            os.close(fd)  # closing drops the lock
+
+    @contextmanager
+    def gather(self, count: int, give_up: Callable[[], bool] = lambda: False,
+               poll: float = 0.2) -> Iterator[list[str]]:
+        """Hold `count` devices (exclusive); yields their CUDA_VISIBLE_DEVICES values ("" for a CPU).
+
+        Waits until that many are free; raises DevicesBusy when `give_up()` says so first, and
+        JobError when the host has fewer devices.
+        """
+        import fcntl
+
+        if count > len(self.devices):
+            raise JobError(f"resources.gpus: the job asks for {count} devices and this worker has "
+                           f"{len(self.devices)}")
+        gate = self._open("gather")
+        held: dict[int, int] = {}
+        try:
+            while not self._try(gate, fcntl.LOCK_EX):
+                self._wait(give_up, poll)
+            while len(held) < count:
+                for index in range(len(self.devices)):
+                    if index in held or len(held) == count:
+                        continue
+                    fd = self._open(f"device-{index}")
+                    if self._try(fd, fcntl.LOCK_EX):
+                        held[index] = fd
+                    else:
+                        os.close(fd)
+                if len(held) < count:
+                    self._wait(give_up, poll)
+            fcntl.flock(gate, fcntl.LOCK_UN)
+            yield ["" if self.devices[index] == "cpu" else self.devices[index] for index in sorted(held)]
+        finally:
+            for fd in held.values():
+                os.close(fd)
+            os.close(gate)
+
+    @staticmethod
+    def _wait(give_up: Callable[[], bool], poll: float) -> None:
+        if give_up():
+            raise DevicesBusy("the worker stops before the devices for the job were free")
+        time.sleep(poll)
+
+
+def slot_env(directory: str, devices: Sequence[str], *, slot: int | None = None,
+             size: int | None = None) -> dict[str, str]:
+    """The environment that makes a launcher's worker process share the host's devices."""
+    env = {SLOTS_DIR_ENV: directory, SLOTS_ENV: ",".join(devices)}
+    if slot is not None:
+        env[WORKER_SLOT_ENV] = str(slot)
+    if size is not None:
+        env[WORKER_SIZE_ENV] = str(size)
+    return env
+
+
+@contextmanager
+def worker_devices(give_up: Callable[[], bool] = lambda: False) -> Iterator[list[str] | None]:
+    """What this worker process may use for its next job, held until the job ends.
+
+    A multi-device worker yields the devices it gathered; a one-device worker holds its own
+    device and yields None (its device is its CUDA_VISIBLE_DEVICES), as does a process that
+    `graftq worker` did not start. Raises DevicesBusy (see `HostDevices`).
+    """
+    directory = os.environ.get(SLOTS_DIR_ENV)
+    if not directory:
+        yield None
+        return
+    host = HostDevices(Path(directory), os.environ.get(SLOTS_ENV, "").split(","))
+    size = os.environ.get(WORKER_SIZE_ENV)
+    if size:
+        with host.gather(int(size), give_up) as devices:
+            yield devices
+    else:
+        with host.one(int(os.environ.get(WORKER_SLOT_ENV, "0"))):
+            yield None

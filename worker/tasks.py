@@ -98,9 +98,16 @@ def run_job_task(self: Any, job_id: str) -> str:
         # Delivered while this worker stops: back to the queue unclaimed, for another worker.
         raise Reject("the worker is shutting down", requeue=True)
     worker = self.request.hostname or f"local@{socket.gethostname()}"
+    from worker.distributed import DevicesBusy, worker_devices
+
     try:
-        return execute_job(job_id, current_settings(), worker=f"{worker}:{os.getpid()}",
-                           eager=bool(self.request.is_eager))
+        # the job is claimed only once its devices are held (a multi-device job's, or this
+        # worker's own device, which a multi-device job may be holding)
+        with worker_devices(give_up=shutting_down.is_set) as slots:
+            return execute_job(job_id, current_settings(), worker=f"{worker}:{os.getpid()}",
+                               eager=bool(self.request.is_eager), slots=slots)
+    except DevicesBusy as busy:
+        raise Reject(str(busy), requeue=True) from None
     except _Retry as retry:
         countdown = min(60.0, 2.0 ** max(0, retry.attempt))
         log.warning("job %s: transient failure, retrying in %.0f s: %s", job_id, countdown, retry.error)
