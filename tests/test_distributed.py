@@ -161,3 +161,61 @@ def test_graftq_worker_plans_a_worker_per_job_size_on_the_host_devices():
         ("graftq-2cpus", "graftq.cpu.gpus-2,graftq.gpus-2")]
     [alone] = plan_workers(settings, GpuSelection("none"))
     assert plan_sized_workers([alone]) == [] and "GRAFTQ_SLOTS" not in alone.env
+
+
+@pytest.mark.slow
+def test_a_cpu_host_with_two_slots_runs_a_two_rank_job_and_a_one_slot_job_from_the_queue(tmp_path, redis_server):
+    import subprocess
+    import textwrap
+
+    from click.testing import CliRunner
+
+    from db.queries import jobs_of_batch
+    from jobs.cli import cli
+    from tests.conftest import ROOT, graftq_argv
+
+    redis_server.start()
+    database_url = f"sqlite:///{tmp_path / 'graftq.db'}"
+    options = ["--database-url", database_url, "--broker-url", redis_server.url,
+               "--artifacts-dir", str(tmp_path / "artifacts")]
+    batch = tmp_path / "wide.yaml"
+    batch.write_text(textwrap.dedent(f"""\
+        batch: wide
+        base_model: random:t5-tiny
+        defaults:
+          device: cpu
+          train: {{dataset: {EXAMPLES / 'reverse.jsonl'}, max_steps: 4, batch_size: 8, eval_fraction: 0.05}}
+        jobs:
+          - {{task: wide, extension: lora, resources: {{gpus: 2}}}}
+          - {{task: narrow, extension: lora}}
+        """))
+    submitted = CliRunner().invoke(cli, [*options, "submit", str(batch)], catch_exceptions=False)
+    assert submitted.exit_code == 0, submitted.output
+    batch_id = submitted.stdout.strip().splitlines()[-1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRAFTQ_DATABASE_URL": database_url,
+           "GRAFTQ_BROKER_URL": redis_server.url, "GRAFTQ_ARTIFACTS_DIR": str(tmp_path / "artifacts")}
+    log = (tmp_path / "worker.log").open("wb")
+    worker = subprocess.Popen(graftq_argv("worker", "--gpus", "none", "--cpu-slots", "2", "--reap-interval", "0"),
+                              cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline:
+            with get_database(database_url).read() as connection:
+                jobs = {job.task: job for job in jobs_of_batch(connection, batch_id)}
+            if all(job.status in ("succeeded", "failed") for job in jobs.values()):
+                break
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()
+            time.sleep(1)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=60)
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+    output = (tmp_path / "worker.log").read_text(errors="replace")
+    assert {task: job.status for task, job in jobs.items()} == {"wide": "succeeded", "narrow": "succeeded"}, output
+    assert jobs["wide"].gpus == 2 and jobs["wide"].worker.startswith("graftq-2cpus@")
+    assert jobs["narrow"].gpus == 1 and jobs["narrow"].worker.startswith(("graftq-cpu0@", "graftq-cpu1@"))
+    assert "2 ranks started" in output
+    clear_cache()
