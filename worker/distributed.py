@@ -105,6 +105,8 @@ class RankSetup:
     checkpoint_dir: str
     needed_dirs: dict[str, str] = field(default_factory=dict)
     progress_interval: float = 1.0
+    params: dict[str, Any] = field(default_factory=dict)
+    batch_name: str | None = None
 
 
 def run_job(ctx: JobContext, slots: Sequence[str] | None = None) -> JobOutcome:
@@ -133,7 +135,7 @@ def run_job(ctx: JobContext, slots: Sequence[str] | None = None) -> JobOutcome:
                 artifacts_root=str(ctx.artifacts_root if rank == 0 else scratch),
                 checkpoint_dir=str(ctx.resume_dir),
                 needed_dirs={job_id: str(path) for job_id, path in ctx.needed_dirs.items()},
-                progress_interval=ctx.progress_interval,
+                progress_interval=ctx.progress_interval, params=dict(ctx.params), batch_name=ctx.batch_name,
             )
             process = context.Process(target=_rank_main, args=(setup, messages, stop_code),
                                     name=f"graftq-rank-{rank}", daemon=False)
@@ -329,6 +331,9 @@ def _run_rank(setup: RankSetup, messages: Any, stop_code: Any) -> JobOutcome | N
     from worker import pipeline
 
     spec = JobSpec.model_validate(setup.spec)
+    main = setup.rank == 0
+    if not main and spec.train is not None and spec.train.report_to:  # rank 0 reports to the trackers
+        spec = spec.model_copy(update={"train": spec.train.model_copy(update={"report_to": []})})
     use_cuda = spec.device != "cpu" and torch.cuda.is_available()
     if not use_cuda and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // setup.world_size))
@@ -336,7 +341,6 @@ def _run_rank(setup: RankSetup, messages: Any, stop_code: Any) -> JobOutcome | N
     dist.init_process_group(backend, init_method="env://", rank=setup.rank, world_size=setup.world_size,
                             timeout=dt.timedelta(seconds=COLLECTIVE_TIMEOUT))
     _current = DataParallel(setup.rank, setup.world_size, torch.device("cuda:0" if use_cuda else "cpu"))
-    main = setup.rank == 0
 
     def should_cancel() -> bool:
         # Only rank 0 stops on request; the others are ended once it reported.
@@ -351,6 +355,7 @@ def _run_rank(setup: RankSetup, messages: Any, stop_code: Any) -> JobOutcome | N
         should_cancel=should_cancel, checkpoint_dir=Path(setup.checkpoint_dir),
         progress_interval=setup.progress_interval,
         needed_dirs={job_id: Path(path) for job_id, path in setup.needed_dirs.items()},
+        params=setup.params, batch_name=setup.batch_name,
     )
     try:
         return pipeline.run_job(ctx)
