@@ -105,6 +105,38 @@ def test_a_killed_rank_requeues_the_job_and_it_resumes_from_rank_0s_checkpoint(s
     clear_cache()
 
 
+
+def test_a_shutdown_hands_back_with_rank_0s_checkpoint_of_that_step_and_a_cancel_stops_every_rank(tmp_path):
+    from worker.errors import JobCancelled, JobInterrupted
+
+    steps: list[int] = []  # the training steps rank 0 reported
+
+    def report(progress) -> None:
+        if progress.phase == "train":
+            steps.append(progress.step)
+
+    def context(stop) -> JobContext:
+        steps.clear()
+        return JobContext(job_id="j", batch_id="b", spec=_spec(2, max_steps=200, checkpoint_every=100),
+                          artifacts_root=tmp_path, on_progress=report, should_cancel=stop, progress_interval=0)
+
+    def shutting_down() -> bool:
+        if steps and steps[-1] >= 2:
+            raise JobInterrupted("the worker is shutting down")
+        return False
+
+    ctx = context(shutting_down)
+    with pytest.raises(JobInterrupted):
+        distributed.run_job(ctx)
+    saved = json.loads((ctx.resume_dir / "trainer_state.json").read_text())["step"]
+    assert 2 <= saved < 100  # written when it stopped, by rank 0
+
+    ctx = context(lambda: bool(steps))
+    with pytest.raises(JobCancelled):
+        distributed.run_job(ctx)
+    assert steps[0] > saved  # the second run resumed from that checkpoint
+    assert not (tmp_path / "b" / "j").exists() and multiprocessing.active_children() == []
+
 # ---- a host's devices shared by its worker processes ---------------------------------------------
 
 def test_a_two_device_job_is_not_started_while_one_device_is_busy_and_pauses_that_devices_worker(tmp_path):
