@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -136,6 +137,55 @@ def test_a_shutdown_hands_back_with_rank_0s_checkpoint_of_that_step_and_a_cancel
         distributed.run_job(ctx)
     assert steps[0] > saved  # the second run resumed from that checkpoint
     assert not (tmp_path / "b" / "j").exists() and multiprocessing.active_children() == []
+
+
+_SUPERVISOR = """
+import logging, sys
+from pathlib import Path
+from tests.test_distributed import _spec
+from worker import distributed
+from worker.pipeline import JobContext
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+    distributed.run_job(JobContext(job_id="j", batch_id="b", spec=_spec(2, max_steps=100000, checkpoint_every=2),
+                                   artifacts_root=Path(sys.argv[1])))
+"""
+
+
+@pytest.mark.slow
+def test_the_ranks_end_when_the_worker_process_holding_the_job_is_killed(tmp_path):
+    import re
+    import subprocess
+
+    from tests.conftest import ROOT
+
+    script = tmp_path / "supervisor.py"
+    script.write_text(_SUPERVISOR)
+    log = tmp_path / "supervisor.log"
+    with log.open("wb") as output:
+        supervisor = subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=ROOT, stdout=output,
+                                      stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "b" / ".j.checkpoint").exists():  # training, on both ranks
+            assert supervisor.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        pids = [int(pid) for pid in re.search(r"2 ranks started \(pids (\d+) (\d+)\)", log.read_text()).groups()]
+    finally:
+        supervisor.kill()
+        supervisor.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+        except (FileNotFoundError, IndexError):
+            return False
+
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"ranks {pids} outlived the process holding the job"
+        time.sleep(0.2)
 
 # ---- a host's devices shared by its worker processes ---------------------------------------------
 

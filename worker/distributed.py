@@ -15,7 +15,7 @@ cancel, hand-back) the other ranks are ended. A rank that dies without reporting
 crashed) ends the others and raises `RankLost`, a `TransientError`: the job is re-queued like
 the job of a dead worker and resumes from rank 0's last checkpoint. A rank left waiting in a
 collective for a dead peer fails (gloo: connection closed; or the collective timeout), and is
-ended by the supervising process anyway; ranks die with that process (PR_SET_PDEATHSIG).
+ended by the supervising process anyway; ranks end themselves when that process is gone.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -315,9 +316,19 @@ def _rank_main(setup: RankSetup, messages: Any, stop_code: Any) -> None:
 
 
 def _die_with_parent() -> None:
+    """End this rank as soon as the process that started it is gone (killed, say). Its OS parent is
+    the fork server, which lives on while any rank holds its pipe: a watch thread ends the rank."""
+    supervisor = multiprocessing.parent_process()
+
+    def watch() -> None:
+        supervisor.join()
+        os._exit(1)
+
+    if supervisor is not None:
+        threading.Thread(target=watch, name="graftq-rank-watch", daemon=True).start()
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: and when the fork server goes
     except (OSError, AttributeError):  # not Linux
         pass
 
@@ -358,9 +369,11 @@ def _run_rank(setup: RankSetup, messages: Any, stop_code: Any) -> JobOutcome | N
         params=setup.params, batch_name=setup.batch_name,
     )
     try:
-        return pipeline.run_job(ctx)
+        outcome = pipeline.run_job(ctx)
     finally:
         _current = None
+    dist.destroy_process_group()
+    return outcome
 
 
 class DataParallel:
