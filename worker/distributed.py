@@ -102,7 +102,7 @@ class RankSetup:
     job_id: str
     batch_id: str
     spec: dict[str, Any]
-    artifacts_root: str
+    artifacts_root: str  #: a directory, or an `s3://` URL (rank 0's)
     checkpoint_dir: str
     needed_dirs: dict[str, str] = field(default_factory=dict)
     progress_interval: float = 1.0
@@ -121,6 +121,11 @@ def run_job(ctx: JobContext, slots: Sequence[str] | None = None) -> JobOutcome:
     slots = list(slots) if slots is not None else default_slots(ctx.spec.device, world)
     if len(slots) != world:
         raise JobError(f"resources.gpus: the job asks for {world} devices and the worker gave it {len(slots)}")
+    if ctx.spec.train is not None and ctx.spec.train.checkpoint_every:
+        from worker.storage import JobStore
+
+        # a checkpoint in the bucket comes down before any rank starts: every rank resumes from it
+        JobStore(ctx.artifacts_root, ctx.batch_id, ctx.job_id).restore_checkpoint(ctx.resume_dir)
     context = _rank_context()
     messages = context.Queue()
     stop_code = context.Value("i", CONTINUE)
@@ -361,7 +366,7 @@ def _run_rank(setup: RankSetup, messages: Any, stop_code: Any) -> JobOutcome | N
         return code == CANCEL
 
     ctx = pipeline.JobContext(
-        job_id=setup.job_id, batch_id=setup.batch_id, spec=spec, artifacts_root=Path(setup.artifacts_root),
+        job_id=setup.job_id, batch_id=setup.batch_id, spec=spec, artifacts_root=setup.artifacts_root,
         on_progress=(lambda progress: messages.put(("progress", 0, progress))) if main else None,
         should_cancel=should_cancel, checkpoint_dir=Path(setup.checkpoint_dir),
         progress_interval=setup.progress_interval,
