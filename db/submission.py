@@ -36,8 +36,8 @@ def create_batch(
 
     Each job mapping has `task`, `kind`, `extension`, `base_model`, `requested_device`,
     `queue` and `spec` (the validated spec as JSON), and may have `id` (else one is generated),
-    `name`, `params`, `priority` (0 if not given) and `needs` (ids of the jobs it waits for: of this batch, or recorded
-    earlier). A job with a need that has not succeeded is `waiting` (no message is to be
+    `name`, `params`, `priority` (0 if not given), `gpus` (1 if not given) and `needs` (ids of the jobs it
+    waits for: of this batch, or recorded earlier). A job with a need that has not succeeded is `waiting` (no message is to be
     published for it), the others `queued`. Needs recorded earlier must exist; they are locked
     until commit, so an outcome recorded meanwhile still finds the new jobs.
     """
@@ -61,7 +61,7 @@ def create_batch(
             "spec": job["spec"], "priority": job.get("priority", 0),
             "status": JobStatus.WAITING.value if waiting else JobStatus.QUEUED.value,
             "attempts": 0, "max_attempts": max_attempts, "cancel_requested": False, "created_at": now,
-            "queued_at": None if waiting else now,
+            "queued_at": None if waiting else now, "gpus": job.get("gpus", 1),
         })
     if rows:
         connection.execute(insert(_jobs), rows)  # one executemany

@@ -332,15 +332,20 @@ def _compressed_adalora_schedule(adalora, steps: int):
 @click.option("--jobs-per-gpu", default=1, show_default=True, type=click.IntRange(min=1, max=64), metavar="K",
               help="Worker processes per GPU (per CPU worker without one): up to K jobs at once on one device, "
                    "each in its own process. Fills a big GPU with small jobs.")
+@click.option("--cpu-slots", default=1, show_default=True, type=click.IntRange(min=1, max=64),
+              help="With --gpus none: CPU worker processes, each a device for `resources.gpus` jobs (a job "
+                   "asking for 2 runs as 2 gloo ranks).")
 @click.pass_context
 def worker(ctx: click.Context, gpus: str, queues: str | None, loglevel: str, reap_interval: float,
-           max_restarts: int, jobs_per_gpu: int) -> None:
+           max_restarts: int, jobs_per_gpu: int, cpu_slots: int) -> None:
     """Serve the broker: one Celery worker process per GPU (one job at a time each), or a CPU worker.
 
     On SIGTERM/SIGINT a training job saves a checkpoint at its next step and goes back to the
     queue (another worker resumes it), then every process exits; a second signal stops them at
     once (their jobs are re-queued later by a reaper, like a dead worker's).
-    A process that exits unexpectedly is restarted.
+    A process that exits unexpectedly is restarted. With several GPUs, one more process per job
+    size N (2 up to the GPU count) takes `resources.gpus: N` jobs once N GPUs are free, and runs
+    them data-parallel.
     """
     from worker.launcher import LauncherError, parse_gpus, serve
 
@@ -352,7 +357,8 @@ def worker(ctx: click.Context, gpus: str, queues: str | None, loglevel: str, rea
     _require_worker_extra("worker")
     try:
         code = serve(state.settings, selection, queues=queues, loglevel=loglevel.upper(),
-                     reap_interval=reap_interval, max_restarts=max_restarts, jobs_per_gpu=jobs_per_gpu)
+                     reap_interval=reap_interval, max_restarts=max_restarts, jobs_per_gpu=jobs_per_gpu,
+                     cpu_slots=cpu_slots)
     except LauncherError as error:
         raise click.ClickException(str(error)) from None
     ctx.exit(code)

@@ -403,6 +403,17 @@ class EvalSpec(_Spec):
                 raise ValueError(f"evaluation set name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
             _check_eval_source(source, f"set {name!r}")
         return value
+class ResourcesSpec(_Spec):
+    """What a job needs of the host that runs it."""
+
+    gpus: Annotated[
+        int,
+        Field(ge=1, le=64, description="GPUs the job trains on, data-parallel: one process per GPU, gradients "
+              "all-reduced (NCCL; gloo on a CPU host started with `graftq worker --cpu-slots N`). "
+              "`train.batch_size` and `grad_accum_steps` keep their meaning for the whole step, so the "
+              "result does not depend on the count. A worker takes the job only when that many of its GPUs "
+              "are free."),
+    ] = 1
 
 
 class TrainSpec(_Spec):
@@ -726,6 +737,8 @@ class JobSpec(_Spec):
     eval: Annotated[
         EvalSpec | None, Field(description="Evaluation sets evaluated after training (train jobs; see `eval.datasets`).")
     ] = None
+    resources: Annotated[ResourcesSpec, Field(description="What the job needs of its host (`gpus`).")] = \
+        ResourcesSpec()
 
     @field_validator("task")
     @classmethod
@@ -832,6 +845,19 @@ class JobSpec(_Spec):
             raise ValueError(f"train.loraplus_lr_ratio: LoRA+ sets the learning rate of LoRA B matrices, and a "
                              f"{self.extension} job has no LoRA adapter; leave it out, or use extension: lora "
                              "or hybrid")
+        return self
+
+    @model_validator(mode="after")
+    def _several_gpus(self) -> JobSpec:
+        gpus = self.resources.gpus
+        if gpus == 1:
+            return self
+        if self.kind != JobKind.TRAIN:
+            raise ValueError(f"resources.gpus: {gpus} GPUs for a create job, which trains nothing; give this job "
+                             "resources: {gpus: 1}")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"resources.gpus: a job on {gpus} GPUs gets its devices from the worker, and device: "
+                             f"{self.device} names one; use device: auto, cuda or cpu")
         return self
 
     @model_validator(mode="after")

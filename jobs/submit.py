@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from jobs.batch import Batch, gc_paused
 from jobs.errors import BrokerUnavailable, SpecError
 from jobs.settings import Settings
-from jobs.spec import JOB_REF_RE
+from jobs.spec import JOB_REF_RE, JobSpec
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -110,12 +110,24 @@ def job_rows(batch: Batch, settings: Settings, *, broker: bool = True) -> list[d
             "extension": spec.extension,
             "base_model": spec.base_model,
             "requested_device": spec.device,
-            "queue": settings.queue_for(spec.queue_kind) if broker else None,
+            "queue": job_queue(settings, spec) if broker else None,
+            "gpus": spec.resources.gpus,
             "spec": stored,
             "needs": needs,
             "priority": priorities[index],
         })
     return rows
+
+
+def sized_queue(queue: str, gpus: int) -> str:
+    """The queue of the jobs of `queue` that run on `gpus` GPUs: `queue` itself for one, else
+    `<queue>.gpus-N`, so that only a worker that can gather N devices consumes them."""
+    return queue if gpus == 1 else f"{queue}.gpus-{gpus}"
+
+
+def job_queue(settings: Settings, spec: JobSpec) -> str:
+    """The broker queue a job of `spec` is published to (by device kind, then by GPU count)."""
+    return sized_queue(settings.queue_for(spec.queue_kind), spec.resources.gpus)
 
 
 def _named(batch: Batch, index: int, name: str) -> int:

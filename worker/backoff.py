@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 
 from jobs.spec import JobSpec
 from worker import pipeline
@@ -40,13 +41,14 @@ def backed_off(spec: JobSpec, micro_batch: int) -> JobSpec:
                                                                       "grad_accum_steps": accum})})
 
 
-def run_job(ctx: pipeline.JobContext) -> pipeline.JobOutcome:
-    """`worker.pipeline.run_job(ctx)`, run again with a smaller micro-batch after each out-of-memory
-    error in training; raises what it raises, and OutOfMemory once micro-batch 1 ran out too."""
+def run_job(ctx: pipeline.JobContext,
+            run: Callable[[pipeline.JobContext], pipeline.JobOutcome] | None = None) -> pipeline.JobOutcome:
+    """`run(ctx)` (default `worker.pipeline.run_job`), run again with a smaller micro-batch after each
+    out-of-memory error in training; raises what it raises, and OutOfMemory once micro-batch 1 ran out too."""
     first = ctx.spec.train
     while True:
         try:
-            return pipeline.run_job(ctx)
+            return (run or pipeline.run_job)(ctx)
         except OutOfMemory as error:
             train = ctx.spec.train
             if error.phase != "train" or train is None:

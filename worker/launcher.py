@@ -28,15 +28,19 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobs.settings import Settings
+from worker.distributed import SLOTS_ENV, WORKER_SIZE_ENV, WORKER_SLOT_ENV, slot_env
 
 log = logging.getLogger("graftq.worker")
 
@@ -191,7 +195,7 @@ def child_started() -> None:
 
 def plan_workers(
     settings: Settings, selection: GpuSelection, *, queues: str | None = None, loglevel: str = "INFO",
-    gpus: list[Gpu] | None = None, jobs_per_gpu: int = 1,
+    gpus: list[Gpu] | None = None, jobs_per_gpu: int = 1, cpu_slots: int = 1, slots_dir: str | None = None,
 ) -> list[WorkerProcess]:
     """The worker processes to start for `selection` (GPUs from `nvidia-smi` unless given).
 
@@ -222,6 +226,12 @@ def plan_workers(
                     f"{', '.join(map(str, listed)) or 'no GPU'}{limited}; use --gpus all, --gpus none or valid indices"
                 )
             devices = [gpu for gpu in available if gpu.index in selection.indices]
+    if devices == [None] and cpu_slots > 1:
+        devices = [None] * cpu_slots
+    # Devices shared through lock files (worker/distributed.py) so that multi-device jobs can
+    # gather several; NCCL cannot join MIG instances, so a host with MIG runs one-device jobs only.
+    shared = len(devices) > 1 and all(device is None or device.mig is None for device in devices)
+    slots = ["cpu" if device is None else device.uuid for device in devices]
 
     base_env = {key: value for key, value in os.environ.items() if key != WORKER_GPU_ENV}
     base_env.update(settings.to_env())
@@ -229,14 +239,17 @@ def plan_workers(
     pythonpath = [str(PROJECT_ROOT), *filter(None, base_env.get("PYTHONPATH", "").split(os.pathsep))]
     base_env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(pythonpath))
     planned = []
-    for device in devices:
+    for index, device in enumerate(devices):
         if device is None:
-            name, consumed = "graftq-cpu", queues or f"{settings.cpu_queue},{settings.queue}"
+            name = "graftq-cpu" if len(devices) == 1 else f"graftq-cpu{index}"
+            consumed = queues or f"{settings.cpu_queue},{settings.queue}"
             pinned = {"CUDA_VISIBLE_DEVICES": ""}  # a CPU worker must not grab a GPU through device: auto
         else:
             name, consumed = f"graftq-{device.label}", queues or f"{settings.gpu_queue},{settings.queue}"
             pinned = {"CUDA_VISIBLE_DEVICES": device.uuid, "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
                       WORKER_GPU_ENV: f"{device.index} ({device.name}, {device.uuid})"}
+        if shared:
+            pinned.update(slot_env(slots_dir or host_slots_dir(), slots, slot=index))
         for slot in range(1, jobs_per_gpu + 1):
             process_name = name if jobs_per_gpu == 1 else f"{name}-{slot}"
             argv = [
@@ -258,7 +271,36 @@ def _shared_cores(env: dict[str, str], processes: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes))}
 
 
-def broker_job_ids(settings: Settings) -> set[str] | None:
+def host_slots_dir() -> str:
+    """The lock directory of this launcher's devices (removed when it stops)."""
+    return os.path.join(tempfile.gettempdir(), f"graftq-devices-{os.getpid()}")
+
+
+def plan_sized_workers(workers: list[WorkerProcess]) -> list[WorkerProcess]:
+    """One worker process for each job size from 2 to the host's device count, beside the
+    one-device `workers` (from `plan_workers`): size N consumes `<queue>.gpus-N` for each of their
+    queues, holds no device, and gathers N free devices for each job it takes."""
+    from jobs.submit import sized_queue
+
+    template = next((worker for worker in workers if SLOTS_ENV in worker.env), None)
+    if template is None:  # one device, or MIG instances
+        return []
+    devices = template.env[SLOTS_ENV].split(",")
+    kind = "cpus" if devices[0] == "cpu" else "gpus"
+    queues = template.argv[template.argv.index("-Q") + 1].split(",")
+    env = {key: value for key, value in template.env.items() if key not in (WORKER_GPU_ENV, WORKER_SLOT_ENV)}
+    sized = []
+    for size in range(2, len(devices) + 1):
+        name = f"graftq-{size}{kind}"
+        argv = list(template.argv)
+        argv[argv.index("-Q") + 1] = ",".join(sized_queue(queue, size) for queue in queues)
+        argv[argv.index("-n") + 1] = f"{name}@%h"
+        # its ranks are pinned to the devices it gathers; it never touches one itself
+        sized.append(WorkerProcess(name, argv, {**env, "CUDA_VISIBLE_DEVICES": "", WORKER_SIZE_ENV: str(size)}))
+    return sized
+
+
+def broker_job_ids(settings: Settings, queues: Sequence[str] = ()) -> set[str] | None:
     """Ids of the jobs that have a message in the broker (waiting or unacknowledged).
 
     Redis only (None for another broker): reads the graftq queues and kombu's `unacked`
@@ -275,7 +317,7 @@ def broker_job_ids(settings: Settings) -> set[str] | None:
     client = redis.Redis.from_url(url, socket_timeout=30, **(tls or {}))
     try:
         raw_messages = []
-        for queue in settings.queues:
+        for queue in dict.fromkeys([*settings.queues, *queues]):  # and the queues of multi-GPU jobs
             for key in (queue, *(f"{queue}{REDIS_PRIORITY_SEP}{p}" for p in REDIS_PRIORITY_STEPS if p)):
                 raw_messages += client.lrange(key, 0, -1)
         unacked = [json.loads(value)[0] for value in client.hvals(_REDIS_UNACKED)]
@@ -353,7 +395,7 @@ def reap_once(settings: Settings, *, check_lost: bool = True) -> dict[str, int]:
     # duplicate, should a worker take the message in the instant of the check, is harmless: the
     # claim lets only one run.
     if waiting and check_lost:
-        present = broker_job_ids(settings)
+        present = broker_job_ids(settings, [queue for _, queue in waiting])
         if present is not None:
             lost = [job for job in waiting if job[0] not in present]
             if lost:
@@ -398,12 +440,14 @@ class _Reaper(threading.Thread):
 
 def serve(
     settings: Settings, selection: GpuSelection, *, queues: str | None = None, loglevel: str = "INFO",
-    reap_interval: float = 30.0, max_restarts: int = 5, jobs_per_gpu: int = 1,
+    reap_interval: float = 30.0, max_restarts: int = 5, jobs_per_gpu: int = 1, cpu_slots: int = 1,
 ) -> int:
     """Run the worker processes until they exit; returns the exit status for the CLI."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/graftq-worker] %(message)s")
-    workers = plan_workers(settings, selection, queues=queues, loglevel=loglevel, jobs_per_gpu=jobs_per_gpu)
+    workers = plan_workers(settings, selection, queues=queues, loglevel=loglevel, jobs_per_gpu=jobs_per_gpu,
+                           cpu_slots=cpu_slots)
+    workers += plan_sized_workers(workers)
     stopping = threading.Event()
 
     def start(worker: WorkerProcess) -> None:
@@ -475,6 +519,7 @@ def serve(
             signal.signal(sig, handler)
         if reaper is not None:
             reaper.stop_event.set()
+        shutil.rmtree(host_slots_dir(), ignore_errors=True)
     if stopping.is_set():
         return 0
     return 1

@@ -24,6 +24,7 @@ Exactly-once execution is built on the database row, not on the broker (docs/rel
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -97,9 +98,16 @@ def run_job_task(self: Any, job_id: str) -> str:
         # Delivered while this worker stops: back to the queue unclaimed, for another worker.
         raise Reject("the worker is shutting down", requeue=True)
     worker = self.request.hostname or f"local@{socket.gethostname()}"
+    from worker.distributed import DevicesBusy, worker_devices
+
     try:
-        return execute_job(job_id, current_settings(), worker=f"{worker}:{os.getpid()}",
-                           eager=bool(self.request.is_eager))
+        # the job is claimed only once its devices are held (a multi-device job's, or this
+        # worker's own device, which a multi-device job may be holding)
+        with worker_devices(give_up=shutting_down.is_set) as slots:
+            return execute_job(job_id, current_settings(), worker=f"{worker}:{os.getpid()}",
+                               eager=bool(self.request.is_eager), slots=slots)
+    except DevicesBusy as busy:
+        raise Reject(str(busy), requeue=True) from None
     except _Retry as retry:
         countdown = min(60.0, 2.0 ** max(0, retry.attempt))
         log.warning("job %s: transient failure, retrying in %.0f s: %s", job_id, countdown, retry.error)
@@ -237,8 +245,11 @@ class _Claimed:
         return written
 
 
-def execute_job(job_id: str, settings: Settings, *, worker: str, eager: bool = False) -> str:
+def execute_job(job_id: str, settings: Settings, *, worker: str, eager: bool = False,
+                slots: list[str] | None = None) -> str:
     """Claim and run one job, record its outcome; returns the final status or `skipped`.
+
+    A job on several devices (`resources.gpus`) runs as ranks on `slots` (worker/distributed.py).
 
     Raises `_Retry` for a transient failure when the job has attempts left.
     """
@@ -276,7 +287,12 @@ def execute_job(job_id: str, settings: Settings, *, worker: str, eager: bool = F
             **(_with_db_retries(lambda: _tracking(database, job_id))
                if spec.train is not None and spec.train.report_to else {}),
         )
-        outcome = backoff.run_job(context)  # pipeline.run_job, with a smaller micro-batch after an OOM
+        if spec.resources.gpus > 1:  # ranks on the devices this worker holds, backing off the same way
+            from worker import distributed
+
+            outcome = backoff.run_job(context, run=functools.partial(distributed.run_job, slots=slots))
+        else:
+            outcome = backoff.run_job(context)  # pipeline.run_job, with a smaller micro-batch after an OOM
     except JobInterrupted:
         beat.stop()
         assert context is not None

@@ -33,6 +33,7 @@ from jobs.metrics import OBJECTIVES
 from jobs.spec import TrainSpec
 from worker.data import Example, StepBatches, collate, read_training_rows, tokenize, tokenize_chat
 from worker.device import DeviceManager
+from worker.distributed import data_parallel
 from worker.errors import JobCancelled, JobError, JobInterrupted, OutOfMemory
 from worker.evaluation import PeriodicEvaluation
 
@@ -86,6 +87,9 @@ class Trainer:
         #: called with the checkpoint directory after each save (worker.storage uploads it)
         self.on_checkpoint = on_checkpoint
         self.evaluation = PeriodicEvaluation(spec) if spec.eval_every else None
+        #: this process's rank of a multi-device job (None alone); only rank 0 evaluates and writes
+        self.parallel = data_parallel()
+        self.is_main = self.parallel is None or self.parallel.is_main
         self.eval_batch_size = spec.eval_batch_size or spec.batch_size
         self.step = 0
         self.checkpointed_step = 0
@@ -211,9 +215,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, examples: list[Example] | None = None) -> float | None:
-        """Token-weighted mean loss over `examples`, by default the held-out split (None without one)."""
+        """Token-weighted mean loss over `examples`, by default the held-out split (None without one,
+        and on every rank of a multi-device job but the first, which alone evaluates)."""
         examples = self.eval_set if examples is None else examples
-        if not examples:
+        if not examples or not self.is_main:
             return None
         was_training = self.model.training
         self.model.eval()
@@ -248,7 +253,7 @@ class Trainer:
             rows, examples = self.eval_rows, self.eval_set
             self.samples = []
         num_samples = self.spec.num_samples if own else 0
-        if not examples or not (self.spec.metrics or num_samples):
+        if not examples or not self.is_main or not (self.spec.metrics or num_samples):
             return {}
         if self.task_type != "classification":
             return self._generative_metrics(rows, num_samples)
@@ -408,12 +413,14 @@ class Trainer:
             log.info("step %d: best %s so far (%.4g)", self.step, self.evaluation.tracker.metric,
                      self.evaluation.tracker.best_value)
         self.on_log(self.step, values)
-        if self.evaluation.should_stop:
+        stop = self.evaluation.should_stop
+        if self.parallel is not None:
+            stop = self.parallel.first_rank_says(stop)
+        if stop and self.is_main:
             tracker = self.evaluation.tracker
             log.info("early stopping at step %d: %s has not improved for %d evaluations (best %.4g at step %d)",
                      self.step, tracker.metric, tracker.bad_evaluations, tracker.best_value, tracker.best_step)
-            return True
-        return False
+        return stop
 
     def _keep(self) -> float | None:
         """After the last step: the best evaluation's weights back in the model (keep: best); returns the eval
@@ -447,6 +454,8 @@ class Trainer:
         of the step's tokens makes the summed gradient that of the mean over all of them (one
         large batch), not a mean of per-micro-batch means.
         """
+        if self.parallel is not None:  # this rank's share, then the sum over all ranks
+            return self.parallel.accumulate(self, micro_batches)
         batches = [collate(examples, self.task_type, self.pad_id) for examples in micro_batches]
         counts = [self._label_tokens(batch) for batch in batches]
         total = sum(counts)
@@ -511,6 +520,9 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Write weights, optimizer and scheduler state atomically (temp dir, then rename)."""
         target = self.checkpoint_dir
+        if not self.is_main:  # rank 0 holds the same state and writes it
+            self.checkpointed_step = self.step
+            return target
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
         staging.mkdir()
