@@ -58,6 +58,14 @@ def test_two_ranks_train_what_one_process_trains(tmp_path, one_torch_thread):
     assert sorted(path.name for path in (tmp_path / "b").iterdir()) == ["one", "two"]
 
 
+def test_every_rank_stops_where_rank_0s_early_stopping_stops(tmp_path, one_torch_thread):
+    # eval loss falls on this job, so `max` on it never improves after step 1: rank 0 alone evaluates and
+    # decides; the other rank must stop at the same step instead of waiting in the next all-reduce
+    spec = _spec(2, max_steps=12, eval_every=1, early_stopping={"metric": "eval_loss", "mode": "max", "patience": 2})
+    two = distributed.run_job(JobContext(job_id="two", batch_id="b", spec=spec, artifacts_root=tmp_path))
+    assert two.metrics["steps"] == 3 and two.metrics["best_step"] == 1
+
+
 def _kill_rank_once_checkpointed(checkpoint: Path, rank: int, killed: list[int]) -> threading.Thread:
     def watch() -> None:
         deadline = time.monotonic() + 120
