@@ -204,7 +204,7 @@ def graftq_run(tmp: Path, experiments: list[dict]) -> dict:
 
 
 def run(quick: bool) -> Result:
-    count = 4 if quick else 20
+    count = 2 if quick else 20
     experiments = sweep(count)
     result = Result(NAME, f"{count} LoRA train jobs ({STEPS} steps, random:{PRESET}) as {count} Python scripts "
                           "vs one `graftq run`")
