@@ -299,6 +299,8 @@ if __name__ == "__main__":
     parser.add_argument("--workers", type=int)
     parser.add_argument("--jobs", type=int)
     sizes, rest = parser.parse_known_args()
+    if {"-h", "--help"} & set(rest):
+        print(f"sizes: --workers N --jobs N (default {FULL[0]} and {FULL[1]}; --quick: {QUICK[0]} and {QUICK[1]})")
     if sizes.workers or sizes.jobs:
         SIZE = (sizes.workers or FULL[0], sizes.jobs or FULL[1])
     raise SystemExit(main(NAME, run, rest))

@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="reduced sizes: a smoke run (a few minutes)")
     parser.add_argument("--only", action="append", choices=BENCHMARKS + GPU_BENCHMARKS, metavar="NAME",
                         help=f"run only this benchmark (repeatable): {', '.join(BENCHMARKS + GPU_BENCHMARKS)} "
-                             f"({', '.join(GPU_BENCHMARKS)}: on a GPU machine, where it also runs by default)")
+                             f"({', '.join(GPU_BENCHMARKS)}: on a GPU machine, where it also runs by default; "
+                             f"{', '.join(POSTGRES_BENCHMARKS)}: needs PostgreSQL, GRAFTQ_TEST_POSTGRES_URL)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the summary as JSON to PATH")
     args = parser.parse_args(argv)
     has_gpu = bool(detect_gpus())
