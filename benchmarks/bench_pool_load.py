@@ -61,6 +61,8 @@ FINISHED = ("succeeded", "failed", "cancelled")
 RECOVERY = {"GRAFTQ_HEARTBEAT_INTERVAL": "1", "GRAFTQ_STALE_AFTER": "4", "GRAFTQ_VISIBILITY_TIMEOUT": "30",
             "OMP_NUM_THREADS": "1"}
 REAP_INTERVAL = "2"
+#: No job finished for this long: what is still unfinished is counted as it stands.
+STALL_SECONDS = 90.0
 CLAIMED = re.compile(r"job ([0-9a-f]{16}) \(batch [0-9a-f]{16}\) claimed by")
 SUCCEEDED = re.compile(r"job ([0-9a-f]{16}) succeeded")
 NOT_RUN = re.compile(r"job ([0-9a-f]{16}) not run: ")
@@ -235,12 +237,14 @@ def drain(workers: int, jobs: int, tmp: Path, database_url: str, broker_url: str
         restarted = pool.live()[0]
         restarted.stop()
         restarted.start()
-        # Every job finishes, or what is left is counted: the last chance for a dead worker's job
-        # is the reaper (stale after 4 s) or the visibility timeout (30 s).
-        try:
-            wait_until("every job to finish", lambda: finished() >= jobs, 1800, pool)
-        except RuntimeError:
-            pass
+        # Every job finishes, or what is left is counted once nothing has finished for longer than
+        # the last chances of a dead worker's job: the reaper (stale after 4 s), the visibility timeout.
+        last, last_change = finished(), time.monotonic()
+        while last < jobs and time.monotonic() - last_change < STALL_SECONDS:
+            time.sleep(0.2)
+            now = finished()
+            if now != last:
+                last, last_change = now, time.monotonic()
         with get_database(database_url).read() as session:
             rows = jobs_of_batch(session, batch_id)
     finally:

@@ -4,8 +4,8 @@ Without a queue, an experiment is a script: it imports torch, transformers and p
 model, trains with a plain loop, evaluates, saves its adapter and exits; a sweep of 20 is 20 runs
 of it. `SCRIPT` below is that script, written as one would write it by hand (it imports nothing
 of graftq): the same T5 architecture as `random:t5-tiny` (its config is passed in), the same
-byte-level tokens, held-out split, AdamW, gradient clipping at 1.0, held-out loss before and
-after training, `save_pretrained` of the adapter and a metrics file.
+byte-level tokens, held-out split, LoRA settings, AdamW, gradient clipping at 1.0, held-out
+loss before and after training, `save_pretrained` of the adapter and a metrics file.
 
 The queue side is one `graftq run` of the same 20 jobs (LoRA `train` jobs of 30 steps on
 random:t5-tiny; same data, batch size, learning rates and ranks), with its own SQLite file and
@@ -122,8 +122,8 @@ train_rows = [examples[i] for i in order[n_eval:]]
 torch.manual_seed(args.model_seed)
 model = T5ForConditionalGeneration(T5Config(**json.loads(args.config)))
 torch.manual_seed(args.seed)
-model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=["q", "v"],
-                                         task_type="SEQ_2_SEQ_LM"))
+model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=0.05,
+                                         target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM"))
 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
 eval_before = evaluate(model, eval_rows)
 shuffle = torch.Generator().manual_seed(args.seed)
@@ -156,7 +156,7 @@ def sweep(count: int) -> list[dict]:
 
 def graftq_jobs(experiments: list[dict]) -> list[dict]:
     return [{"task": f"reverse-r{e['r']}-lr{e['lr']:g}", "extension": "lora", "device": "cpu",
-             "lora": {"r": e["r"], "alpha": 2 * e["r"], "target_modules": ["q", "v"]},
+             "lora": {"r": e["r"], "alpha": 2 * e["r"], "dropout": 0.05, "target_modules": ["q", "v"]},
              "train": {**TRAIN, "learning_rate": e["lr"]}} for e in experiments]
 
 
