@@ -66,6 +66,7 @@ STALL_SECONDS = 90.0
 CLAIMED = re.compile(r"job ([0-9a-f]{16}) \(batch [0-9a-f]{16}\) claimed by")
 SUCCEEDED = re.compile(r"job ([0-9a-f]{16}) succeeded")
 NOT_RUN = re.compile(r"job ([0-9a-f]{16}) not run: ")
+RESTARTED = re.compile(r"exited with status -?\d+; restarting it")
 DISCARDED = re.compile(r"job ([0-9a-f]{16}): claim lost before the outcome was recorded")
 #: The reaper's line, with the time of the worker's log (local time, milliseconds after a comma).
 REQUEUED = re.compile(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}): .*job ([0-9a-f]{16}): its worker died .*; re-queued")
@@ -208,6 +209,11 @@ def kill_a_busy_worker(pool: Pool, database_url: str, batch_id: str) -> None:
     raise RuntimeError(f"no job of the batch was seen running within 10 s:\n{pool.logs()[-3000:]}")
 
 
+def log_time(stamp: str, milliseconds: str) -> float:
+    """Epoch seconds of a worker log line's time (local time, as the workers write it)."""
+    return time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(milliseconds) / 1000
+
+
 def drain(workers: int, jobs: int, tmp: Path, database_url: str, broker_url: str) -> dict:
     """Run the scenario; returns its figures."""
     from db.queries import jobs_of_batch
@@ -267,8 +273,10 @@ def drain(workers: int, jobs: int, tmp: Path, database_url: str, broker_url: str
         "claim_conflicts": sum(Counter(NOT_RUN.findall(logs)).values()),
         "requeued_by_reaper": len({job_id for _, _, job_id in requeued}),
         "claimed_more_than_once": sum(1 for n in claimed.values() if n > 1),
-        "requeued_after_kill_s": max((time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(ms) / 1000
-                                      - killed_at for stamp, ms, _ in requeued), default=None),
+        # a live worker taken for dead (no heartbeat for 4 s while the machine is overloaded) shows here
+        "requeued_before_kill": sum(log_time(stamp, ms) < killed_at - 1 for stamp, ms, _ in requeued),
+        "celery_processes_restarted_by_their_launcher": len(RESTARTED.findall(logs)),
+        "requeued_after_kill_s": max((log_time(stamp, ms) - killed_at for stamp, ms, _ in requeued), default=None),
         "requeued_jobs (status, attempts)": [(row.status, row.attempts) for row in rows
                                              if row.id in {job_id for _, _, job_id in requeued}],
         # re-published behind the jobs still queued, so it runs near the end of the batch
