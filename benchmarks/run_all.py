@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -25,10 +26,14 @@ from worker.launcher import detect_gpus  # noqa: E402 - stdlib only, no torch: w
 
 #: Engine-only benchmarks first, then those that start Redis, a database and workers.
 BENCHMARKS = ["training_speed", "model_reuse", "memory_growth", "cli_start", "submission", "dispatch",
-              "results_query"]
+              "results_query", "scripts_vs_queue", "pool_load"]
 #: Run by default only where `nvidia-smi -L` lists a GPU.
 GPU_BENCHMARKS = ["gpu_training"]
+#: Need the PostgreSQL server of GRAFTQ_TEST_POSTGRES_URL; skipped, with the reason, where it cannot be reached.
+POSTGRES_BENCHMARKS = ["pool_load"]
 TIMEOUT_S = {"quick": 600, "full": 1200}
+#: Longer limits of full-size runs: 2,000 jobs through 8 workers take a quarter of an hour on a busy 2-core machine.
+FULL_TIMEOUT_S = {"pool_load": 3600}
 
 
 def run_one(name: str, quick: bool) -> dict:
@@ -37,7 +42,8 @@ def run_one(name: str, quick: bool) -> dict:
         argv = [sys.executable, str(HERE / f"bench_{name}.py"), "--json", str(out)] + (["--quick"] if quick else [])
         started = time.perf_counter()
         try:
-            completed = subprocess.run(argv, timeout=TIMEOUT_S["quick" if quick else "full"])
+            timeout = TIMEOUT_S["quick"] if quick else FULL_TIMEOUT_S.get(name, TIMEOUT_S["full"])
+            completed = subprocess.run(argv, timeout=timeout)
             code = completed.returncode
         except subprocess.TimeoutExpired:
             code = None
@@ -47,12 +53,28 @@ def run_one(name: str, quick: bool) -> dict:
                 "error": "timed out" if code is None else f"exited with {code} without a result"}
 
 
+def postgres_unreachable() -> str | None:
+    """Why the PostgreSQL server of GRAFTQ_TEST_POSTGRES_URL cannot be used; None when it can."""
+    from sqlalchemy import create_engine, text
+
+    url = os.environ.get("GRAFTQ_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    try:
+        engine = create_engine(url, connect_args={"connect_timeout": 3})
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        engine.dispose()
+    except Exception as error:  # any failure to connect means: no server for this run
+        return f"PostgreSQL not reachable at {url} (set GRAFTQ_TEST_POSTGRES_URL): {str(error).splitlines()[0]}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="reduced sizes: a smoke run (about 1 minute)")
+    parser.add_argument("--quick", action="store_true", help="reduced sizes: a smoke run (a few minutes)")
     parser.add_argument("--only", action="append", choices=BENCHMARKS + GPU_BENCHMARKS, metavar="NAME",
                         help=f"run only this benchmark (repeatable): {', '.join(BENCHMARKS + GPU_BENCHMARKS)} "
-                             f"({', '.join(GPU_BENCHMARKS)}: on a GPU machine, where it also runs by default)")
+                             f"({', '.join(GPU_BENCHMARKS)}: on a GPU machine, where it also runs by default; "
+                             f"{', '.join(POSTGRES_BENCHMARKS)}: needs PostgreSQL, GRAFTQ_TEST_POSTGRES_URL)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the summary as JSON to PATH")
     args = parser.parse_args(argv)
     has_gpu = bool(detect_gpus())
@@ -60,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     if not has_gpu and any(name in GPU_BENCHMARKS for name in names):
         print(f"skipping {', '.join(n for n in names if n in GPU_BENCHMARKS)}: `nvidia-smi -L` lists no GPU here")
         names = [name for name in names if name not in GPU_BENCHMARKS]
+    no_postgres = any(name in POSTGRES_BENCHMARKS for name in names) and postgres_unreachable()
+    if no_postgres:
+        print(f"skipping {', '.join(n for n in names if n in POSTGRES_BENCHMARKS)}: {no_postgres}")
+        names = [name for name in names if name not in POSTGRES_BENCHMARKS]
     started = time.perf_counter()
     results = []
     for name in names:
@@ -68,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - started
     print("\n==================== summary ====================")
     for result in results:
-        print(f"{'PASS' if result['passed'] else 'FAIL'}  {result['name']:<15} ({result['seconds']:.0f} s)")
+        print(f"{'PASS' if result['passed'] else 'FAIL'}  {result['name']:<16} ({result['seconds']:.0f} s)")
         for check in result.get("checks", []):
             ratio = f", ratio {check['ratio']:.3f}" if check.get("ratio") is not None else ""
             print(f"      {'ok  ' if check['passed'] else 'MISS'} {check['what']}: {check['value']:.4g} "

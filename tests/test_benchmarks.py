@@ -62,3 +62,24 @@ def test_gpu_benchmark_smoke_run_on_the_cpu_counts_flops_and_profiles_steps(tmp_
     assert 0.01 < figures["gflops_per_step (fwd+bwd)"] < 1 and figures["achieved_tflops"] > 0
     assert figures["profiled_steps"] == 3 and figures["top_cpu_ops (name, share of wall)"]
     assert figures["tokens_per_second"] > 0
+
+
+@pytest.mark.slow
+def test_scripts_vs_queue_smoke_run_trains_the_same_experiments_both_ways(tmp_path):
+    # `python benchmarks/bench_scripts_vs_queue.py --quick`: one script before and one after a
+    # `graftq run` of the same two experiments; both sides train, evaluate and save.
+    result_path = tmp_path / "scripts.json"
+    completed = subprocess.run(
+        [sys.executable, "benchmarks/bench_scripts_vs_queue.py", "--quick", "--json", str(result_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    result = json.loads(result_path.read_text())
+    assert result["error"] is None, completed.stdout[-3000:] + completed.stderr[-3000:]
+    figures = result["figures"]
+    [check] = result["checks"]
+    assert figures["jobs"] == 2 and check["ratio"] == pytest.approx(figures["graftq_run_s"] / figures["scripts_total_s"])
+    assert 0 < figures["script_share_of_time_in_imports"] < 1
+    # the same experiments: held-out losses after 30 steps agree between the script and graftq
+    script_loss, graftq_loss = figures["eval_loss_median (scripts, graftq)"]
+    assert graftq_loss == pytest.approx(script_loss, rel=0.1)
+    assert "graftq" in check["what"] and "x faster" in check["what"]
