@@ -395,14 +395,16 @@ def test_sigterm_saves_a_checkpoint_and_hands_the_running_job_to_another_worker(
 
 
 @pytest.mark.slow
-def test_an_unknown_target_module_fails_once_at_the_worker_naming_the_key(cluster):
+def test_a_deterministic_job_error_fails_once_at_the_worker_naming_the_key(cluster):
+    # submit refuses what it can see (e.g. an unknown target module); a dataset line that is not JSON
+    # is only found by the worker that reads the file
+    (cluster.root / "data" / "broken.jsonl").write_text('{"input": "ab", "target": "ba"}\n{"input": "cd",\n')
+    batch_id = cluster.submit("broken-data", ["{task: t, extension: lora, train: {dataset: data/broken.jsonl}}"])
     cluster.ensure_workers(1)
-    batch_id = cluster.submit("bad-module", ["{task: t, kind: create, extension: lora, lora: {target_modules: [qq]}}"])
     [job] = cluster.wait_finished(batch_id, 120)
-    figure("unknown_target_module", attempts=job.attempts, retried=int(job.attempts > 1))
+    figure("deterministic_job_error", attempts=job.attempts, retried=int(job.attempts > 1))
     assert job.status == "failed" and job.attempts == 1
-    assert "lora.target_modules" in job.error and "'qq'" in job.error
-    assert "Linear modules are: k, lm_head, o, q, v" in job.error  # what the user can choose from
+    assert "train.dataset" in job.error and "broken.jsonl line 2 is not valid JSON" in job.error
 
 
 def _parent_and_children(cluster: Cluster, parent_task: str, children: int, steps: int | None = None) -> list[str]:

@@ -241,16 +241,17 @@ def test_graftq_run_executes_every_job_in_process(tmp_path, dataset, sqlite_url,
 @pytest.mark.slow
 def test_graftq_run_exits_non_zero_when_a_job_fails_and_still_runs_the_others(tmp_path, dataset, sqlite_url,
                                                                                artifacts_dir):
+    (tmp_path / "broken.jsonl").write_text('{"input": "ab", "target": "ba"}\nnot json\n')  # found by the worker
     path = _write(tmp_path, "failing.yaml", """
         base_model: random:t5-tiny
         jobs:
-          - {task: bad, kind: create, extension: lora, lora: {target_modules: [no_such_module]}}
+          - {task: bad, extension: lora, train: {dataset: broken.jsonl, max_steps: 1}}
           - {task: good, kind: create, extension: layer}
     """)
     result = CliRunner().invoke(cli, ["--database-url", sqlite_url, "--artifacts-dir", str(artifacts_dir),
                                       "run", str(path)])
     assert result.exit_code == 1, result.output
-    assert "no_such_module" in result.output
+    assert "broken.jsonl line 2 is not valid JSON" in result.output
     rows = json.loads(CliRunner().invoke(cli, ["--database-url", sqlite_url, "results", "--format", "json",
                                                "--sort", "task"]).output)
     assert [(r["task"], r["status"]) for r in rows] == [("bad", "failed"), ("good", "succeeded")]
