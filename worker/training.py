@@ -340,14 +340,15 @@ class Trainer:
                     self.save_checkpoint()
             seconds = time.perf_counter() - started
             phase = "eval"
-            final_eval = self.evaluate()
+            # an untrained job (max_steps: 0) is its step-0 evaluation
+            final_eval = self.evaluate() if self.step else initial_eval
         except torch.OutOfMemoryError:
             oom = True
         else:
             oom = False
         if oom:
             self._raise_oom(phase)
-        if final_eval is not None:
+        if final_eval is not None and self.step:
             self.curve.append((self.step, "eval", final_eval))
             self.on_log(self.step, {"eval_loss": final_eval})
         return TrainResult(
