@@ -5,7 +5,7 @@
 The quickstart adapts this model to reverse, uppercase and sort its input: a base that already
 reads and writes text, so what an adapter learns shows in its exact match. Training is on
 strings drawn from a seeded generator, on one CPU thread, so the same recipe gives the same
-weights; about a minute on a laptop CPU, no downloads. The result is a Hugging Face model
+weights, and nothing is downloaded. The result is a Hugging Face model
 directory (safetensors, config, tokenizer) that `base_model:` names. When the directory already
 holds a model of the same recipe (its fingerprint in `pretrain.json`) nothing is done.
 """
@@ -165,12 +165,12 @@ def save(model, tokenizer, directory: Path, record: dict[str, Any]) -> None:
     transformers_logging.disable_progress_bar()
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
+    old = None
     try:
         model.save_pretrained(staging, safe_serialization=True)
         # tokenizer.json for plain transformers, graftq's marker so that graftq reads it byte by byte
         save_tokenizer(tokenizer, staging)
         (staging / RECORD_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        old = None
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
             directory.rename(old)
@@ -222,4 +222,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # from a clone, with or without graftq installed: the checkout's `worker` package
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     sys.exit(main())

@@ -28,6 +28,7 @@ EXERCISED = {
     "make demo": "test_make_targets_run_what_the_readme_says",
     "make test": "test_make_targets_run_what_the_readme_says",
     "make bench": "test_make_targets_run_what_the_readme_says",
+    "python scripts/pretrain_demo_base.py": "test_single_machine_commands",  # shortened: tests.test_demo
     "graftq run examples/quickstart.yaml": "test_single_machine_commands",
     "graftq results --task reverse --sort eval_loss --format csv": "test_single_machine_commands",
     "graftq show JOB_ID": "test_single_machine_commands",
@@ -57,7 +58,7 @@ EXERCISED = {
     "graftq export JOB_ID merged/ --merge": "test_predict_export_commands",
 }
 QUICKSTART_JOBS = 12
-QUICKSTART_STEPS = 20  # `graftq run --max-steps`: the README's queries hold after any number of steps
+QUICKSTART_STEPS = 5  # `graftq run --max-steps`: the README's queries hold after any number of steps
 
 
 def blocks(language: str) -> list[str]:
