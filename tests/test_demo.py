@@ -136,11 +136,21 @@ def test_a_zero_step_lora_job_scores_the_base_model_itself(demo, tmp_path):
 
 
 def test_a_missing_base_directory_says_where_it_was_looked_for_and_how_to_make_it(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from jobs.cli import cli
     from jobs.spec import JobSpec
     from worker.errors import JobError
     from worker.pipeline import JobContext, run_job
 
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "examples").symlink_to(ROOT / "examples", target_is_directory=True)
+    # `graftq run` refuses the batch before anything is written
+    refused = CliRunner().invoke(cli, ["--database-url", f"sqlite:///{tmp_path / 'graftq.db'}", "run",
+                                       "examples/quickstart.yaml"])
+    assert refused.exit_code != 0 and "'./graftq-data/demo-base' does not exist" in refused.output
+    assert "python scripts/pretrain_demo_base.py" in refused.output and not (tmp_path / "graftq.db").exists()
+    # a worker elsewhere (its own working directory) says the same when the job reaches it
     spec = JobSpec.model_validate({
         "task": "reverse", "extension": "lora", "base_model": "./graftq-data/demo-base", "device": "cpu",
         "train": {"dataset": str(ROOT / "examples" / "data" / "reverse.jsonl"), "max_steps": 1}})

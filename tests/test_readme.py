@@ -168,17 +168,17 @@ def test_single_machine_commands(graftq_env, sqlite_url, artifacts_dir, tmp_path
 @pytest.mark.slow
 def test_pool_commands(graftq_env, redis_url, redis_server, sqlite_url, tmp_path):
     """submit --dry-run, db upgrade, submit, a real `graftq worker --gpus all`, cancel, status, results.
-    The worker runs where a briefly trained demo base lies: the quickstart's base_model is relative."""
+    Submitted and served where a briefly trained demo base lies: the quickstart's base_model is relative."""
     env = dict(graftq_env, GRAFTQ_BROKER_URL=redis_url, GRAFTQ_DATABASE_URL=sqlite_url,
                GRAFTQ_HEARTBEAT_INTERVAL="1")
     demo = demo_directory(tmp_path / "demo")
 
-    dry = _graftq(env, "submit", "examples/quickstart.yaml", "--dry-run").stdout
+    dry = _graftq(env, "submit", "examples/quickstart.yaml", "--dry-run", cwd=demo).stdout
     assert dry.count("reverse") >= 3 and not Path(sqlite_url.removeprefix("sqlite:///")).exists()
     assert sum(redis_server.queue_lengths().values()) == 0
 
     _graftq(env, "db", "upgrade")
-    submitted = _graftq(env, "submit", "examples/quickstart.yaml").stdout
+    submitted = _graftq(env, "submit", "examples/quickstart.yaml", cwd=demo).stdout
     batch_id = re.search(r"\b([0-9a-f]{16})\b", submitted).group(1)
     assert sum(redis_server.queue_lengths().values()) == QUICKSTART_JOBS
 
