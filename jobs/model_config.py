@@ -317,7 +317,8 @@ def _find(name: str) -> tuple[BaseConfig | None, str | None]:
         return None, f"{name!r} is a file; base_model takes a model directory, a hub id or random:<preset>"
     if _looks_local(name):
         return None, (f"the local model directory {name!r} does not exist (relative paths are read from the "
-                      "directory graftq runs in); fix the path, or give a hub id or random:<preset>")
+                      "directory graftq runs in); fix the path, or give a hub id or random:<preset> "
+                      "(examples/quickstart.yaml's is made by `python scripts/pretrain_demo_base.py`)")
     config = _cached_hub_config(name)
     return _read(name, config) if config is not None else (None, None)
 

@@ -443,7 +443,9 @@ class TrainSpec(_Spec):
               "assistant turns only."),
     ] = "text"
     max_steps: Annotated[
-        int | None, Field(gt=0, description="Number of optimizer steps; wins over `epochs` when both are set; 100 when neither is.")
+        int | None, Field(ge=0, description="Number of optimizer steps; wins over `epochs` when both are set; 100 when "
+                          "neither is. 0 evaluates the extension as built, untrained: for a lora job, the base "
+                          "model itself (LoRA starts as a no-op), a baseline for the trained jobs' metrics.")
     ] = None
     epochs: Annotated[
         float | None, Field(gt=0, description="Passes over the training split, used when max_steps is not set.")

@@ -177,7 +177,7 @@ def test_a_missing_or_empty_model_directory_is_refused(data, tmp_path):
     assert problems(data, {}, base=str(tmp_path / "nowhere")) == [
         f"job 0 (task 't0'): key `base_model`: the local model directory '{tmp_path / 'nowhere'}' does not exist "
         "(relative paths are read from the directory graftq runs in); fix the path, or give a hub id or "
-        "random:<preset>"]
+        "random:<preset> (examples/quickstart.yaml's is made by `python scripts/pretrain_demo_base.py`)"]
     assert "has no config.json, so it is not a saved model" in problems(data, {}, base=str(empty))[0]
     assert "does not exist" in problems(data, {}, base="./models/nothing")[0]
 

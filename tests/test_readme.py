@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import WorkerProcess, graftq_argv
+from tests.test_demo import demo_directory
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -27,6 +28,7 @@ EXERCISED = {
     "make demo": "test_make_targets_run_what_the_readme_says",
     "make test": "test_make_targets_run_what_the_readme_says",
     "make bench": "test_make_targets_run_what_the_readme_says",
+    "python scripts/pretrain_demo_base.py": "test_single_machine_commands",  # shortened: tests.test_demo
     "graftq run examples/quickstart.yaml": "test_single_machine_commands",
     "graftq results --task reverse --sort eval_loss --format csv": "test_single_machine_commands",
     "graftq show JOB_ID": "test_single_machine_commands",
@@ -55,8 +57,8 @@ EXERCISED = {
     "graftq export JOB_ID exported/": "test_predict_export_commands",
     "graftq export JOB_ID merged/ --merge": "test_predict_export_commands",
 }
-QUICKSTART_JOBS = 7
-QUICKSTART_STEPS = 20  # `graftq run --max-steps`: the README's queries hold after any number of steps
+QUICKSTART_JOBS = 12
+QUICKSTART_STEPS = 5  # `graftq run --max-steps`: the README's queries hold after any number of steps
 
 
 def blocks(language: str) -> list[str]:
@@ -123,22 +125,25 @@ def test_make_targets_run_what_the_readme_says():
     assert "make test" in (ROOT / ".ci/run").read_text()
 
 
-def _graftq(env: dict, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(graftq_argv(*args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+def _graftq(env: dict, *args: str, timeout: float = 600, check: bool = True, cwd: Path = ROOT
+            ) -> subprocess.CompletedProcess:
+    result = subprocess.run(graftq_argv(*args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check:
         assert result.returncode == 0, f"graftq {' '.join(args)}: {result.stdout}\n{result.stderr}"
     return result
 
 
 @pytest.mark.slow
-def test_single_machine_commands(graftq_env, sqlite_url, artifacts_dir):
+def test_single_machine_commands(graftq_env, sqlite_url, artifacts_dir, tmp_path):
     """The quickstart as the README shows it, shortened with the README's `--max-steps` (`make demo`
-    runs it at full length), then the README's queries on its results."""
-    _graftq(graftq_env, "run", "examples/quickstart.yaml", "--max-steps", str(QUICKSTART_STEPS))
+    runs it at full length) and run where a briefly trained demo base lies, then the README's
+    queries on its results."""
+    demo = demo_directory(tmp_path / "demo")
+    _graftq(graftq_env, "run", "examples/quickstart.yaml", "--max-steps", str(QUICKSTART_STEPS), cwd=demo)
 
     rows = list(csv.DictReader(io.StringIO(
         _graftq(graftq_env, "results", "--task", "reverse", "--sort", "eval_loss", "--format", "csv").stdout)))
-    assert sorted(row["extension"] for row in rows) == ["hybrid", "layer", "lora"]
+    assert sorted(row["extension"] for row in rows) == ["hybrid", "layer", "lora", "lora"]  # a lora is the base
     losses = [float(row["eval_loss"]) for row in rows]
     assert losses == sorted(losses) and all(row["status"] == "succeeded" for row in rows)
 
@@ -147,12 +152,12 @@ def test_single_machine_commands(graftq_env, sqlite_url, artifacts_dir):
 
     database = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"))
     best, curve = (database.execute(query).fetchall() for query in blocks("sql"))
-    assert {(task, extension) for task, extension, _, _ in best} == {
-        ("reverse", "lora"), ("reverse", "layer"), ("reverse", "hybrid"), ("uppercase", "lora"),
-        ("sort_digits", "hybrid")}
-    assert all(count == 1 for *_, count in best)
-    # an eval point before training and one after, for each of the 5 training jobs
-    assert len(curve) == 10 and {step for *_, step, _ in curve} == {0, QUICKSTART_STEPS}
+    # per task, the base (a 0-step lora job) and each extension kind
+    assert {(task, extension): count for task, extension, _, count in best} == {
+        (task, extension): 2 if extension == "lora" else 1
+        for task in ("reverse", "uppercase", "sort_digits") for extension in ("lora", "layer", "hybrid")}
+    # an eval point before training and one after for the 9 trained jobs, the step-0 one for the 3 bases
+    assert len(curve) == 21 and {step for *_, step, _ in curve} == {0, QUICKSTART_STEPS}
 
     namespace: dict = {}
     exec(compile(blocks("python")[0], "README.md", "exec"), namespace)  # the From Python example
@@ -161,17 +166,19 @@ def test_single_machine_commands(graftq_env, sqlite_url, artifacts_dir):
 
 
 @pytest.mark.slow
-def test_pool_commands(graftq_env, redis_url, redis_server, sqlite_url):
-    """submit --dry-run, db upgrade, submit, a real `graftq worker --gpus all`, cancel, status, results."""
+def test_pool_commands(graftq_env, redis_url, redis_server, sqlite_url, tmp_path):
+    """submit --dry-run, db upgrade, submit, a real `graftq worker --gpus all`, cancel, status, results.
+    Submitted and served where a briefly trained demo base lies: the quickstart's base_model is relative."""
     env = dict(graftq_env, GRAFTQ_BROKER_URL=redis_url, GRAFTQ_DATABASE_URL=sqlite_url,
                GRAFTQ_HEARTBEAT_INTERVAL="1")
+    demo = demo_directory(tmp_path / "demo")
 
-    dry = _graftq(env, "submit", "examples/quickstart.yaml", "--dry-run").stdout
+    dry = _graftq(env, "submit", "examples/quickstart.yaml", "--dry-run", cwd=demo).stdout
     assert dry.count("reverse") >= 3 and not Path(sqlite_url.removeprefix("sqlite:///")).exists()
     assert sum(redis_server.queue_lengths().values()) == 0
 
     _graftq(env, "db", "upgrade")
-    submitted = _graftq(env, "submit", "examples/quickstart.yaml").stdout
+    submitted = _graftq(env, "submit", "examples/quickstart.yaml", cwd=demo).stdout
     batch_id = re.search(r"\b([0-9a-f]{16})\b", submitted).group(1)
     assert sum(redis_server.queue_lengths().values()) == QUICKSTART_JOBS
 
@@ -179,7 +186,7 @@ def test_pool_commands(graftq_env, redis_url, redis_server, sqlite_url):
         return "succeeded" in [job["status"] for job in json.loads(_graftq(
             env, "results", "--batch", "quickstart", "--format", "json").stdout)]
 
-    with WorkerProcess(env, "--gpus", "all") as worker:
+    with WorkerProcess(env, "--gpus", "all", cwd=demo) as worker:
         worker.wait_for(first_success, timeout=240, what="the worker's first finished job")
         _graftq(env, "cancel", "--batch", batch_id)
         status = _graftq(env, "status", "--watch", timeout=120).stdout

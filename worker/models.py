@@ -150,6 +150,11 @@ def _load_quantized(name: str, device_manager: DeviceManager, quantize: str, obj
 def _load_pretrained(name: str, device_manager: DeviceManager, objective: str | None = None, **options):
     path = Path(name).expanduser()
     local = path.is_dir()
+    if not local and name.startswith(("/", "./", "../", "~")):
+        # written as a path, so not a hub id: say where it was looked for, not how to download it
+        raise JobError(f"base_model: there is no model directory {name!r} ({path.absolute()}); a relative path "
+                       "is read from the directory graftq (or the worker) runs in. Create the model there "
+                       "first (the quickstart's: `python scripts/pretrain_demo_base.py`), or fix the path.")
     source = str(path) if local else name
     try:
         # local_files_only: a hub id comes from the local cache or fails at once; a worker never

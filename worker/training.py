@@ -376,7 +376,8 @@ class Trainer:
             seconds = time.perf_counter() - started
             phase = "eval"
             if self.evaluation is None:
-                final_eval = self.evaluate()
+                # an untrained job (max_steps: 0) is its step-0 evaluation
+                final_eval = self.evaluate() if self.step else initial_eval
             else:
                 final_eval = self._keep()
         except torch.OutOfMemoryError:
@@ -385,7 +386,7 @@ class Trainer:
             oom = False
         if oom:
             self._raise_oom(phase)
-        if final_eval is not None and self.evaluation is None:
+        if final_eval is not None and self.evaluation is None and self.step:
             self.curve.append((self.step, "eval", final_eval))
             self.on_log(self.step, {"eval_loss": final_eval})
         evaluation = self.evaluation
