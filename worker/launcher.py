@@ -395,7 +395,7 @@ def reap_once(settings: Settings, *, check_lost: bool = True) -> dict[str, int]:
     # duplicate, should a worker take the message in the instant of the check, is harmless: the
     # claim lets only one run.
     if waiting and check_lost:
-        present = broker_job_ids(settings, [queue for _, queue in waiting])
+        present = broker_job_ids(settings, [job[1] for job in waiting])
         if present is not None:
             lost = [job for job in waiting if job[0] not in present]
             if lost:
