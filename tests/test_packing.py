@@ -1,0 +1,64 @@
+"""Packed training: jobs trained together on one base equal the same jobs trained alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from jobs.spec import JobSpec
+from worker.packing import pack_key, run_pack
+from worker.pipeline import JobContext, run_job
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
+
+#: fp32 on CPU: the concatenated, padded forward pass differs from a job's own only by float rounding
+ATOL = 1e-5
+
+
+def spec(preset: str, dataset: str = "reverse", seed: int = 0, **train) -> JobSpec:
+    lora = train.pop("lora", {"r": 4, "alpha": 8, "dropout": 0.1})
+    settings = {"dataset": str(EXAMPLES / f"{dataset}.jsonl"), "max_steps": 3, "batch_size": 4,
+                "learning_rate": 1e-3, "seed": seed, "max_length": 64, **train}
+    return JobSpec(task=dataset, kind="train", extension="lora", base_model=f"random:{preset}", device="cpu",
+                   lora=lora, train=settings)
+
+
+def context(job_spec: JobSpec, root: Path, job_id: str) -> JobContext:
+    return JobContext(job_id=job_id, batch_id="batch1", spec=job_spec, artifacts_root=root)
+
+
+def weights(job_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(job_dir) / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_same(packed, alone) -> None:
+    assert [point[:2] for point in packed.loss_curve] == [point[:2] for point in alone.loss_curve]
+    for (_, _, a), (_, _, b) in zip(packed.loss_curve, alone.loss_curve):
+        assert a == pytest.approx(b, abs=ATOL)
+    ours, theirs = weights(packed.job_dir), weights(alone.job_dir)
+    assert sorted(ours) == sorted(theirs)
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], atol=ATOL, rtol=0)
+    assert packed.stats == alone.stats
+
+
+@pytest.mark.parametrize("preset", ["t5-tiny", "gpt2-tiny", "llama-tiny"])
+def test_packed_jobs_equal_the_same_jobs_trained_alone(preset, tmp_path, one_torch_thread):
+    specs = [
+        spec(preset, "reverse", seed=0),
+        spec(preset, "uppercase", seed=1, learning_rate=3e-3, max_steps=2, batch_size=3,
+             lr_scheduler="constant", lora={"r": 2, "alpha": 4, "dropout": 0.0}),
+        spec(preset, "sort_digits", seed=2, grad_accum_steps=2, max_steps=4, batch_size=2),
+    ]
+    assert len({pack_key(s) for s in specs}) == 1
+    outcomes: dict[int, object] = {}
+    run_pack([context(s, tmp_path / "packed", f"job{i}") for i, s in enumerate(specs)],
+             lambda index, outcome: outcomes.__setitem__(index, outcome))
+    assert sorted(outcomes) == [0, 1, 2]
+    for index, job_spec in enumerate(specs):
+        assert not isinstance(outcomes[index], BaseException), outcomes[index]
+        alone = run_job(context(job_spec, tmp_path / "alone", f"job{index}"))
+        assert_same(outcomes[index], alone)
