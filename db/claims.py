@@ -90,6 +90,24 @@ def claim_job(connection: Connection, job_id: str, worker: str, stale_after: flo
     return Claim(token=token, batch_id=row.batch_id, spec=row.spec, attempts=row.attempts, queue=row.queue)
 
 
+def pack_candidates(connection: Connection, job_id: str, queue: str | None, batch_id: str,
+                    limit: int = 200) -> list[tuple[str, dict[str, Any]]]:
+    """(id, spec) of queued jobs that a worker holding `job_id` may try to claim as well (`--pack`).
+
+    The jobs of the same queue, highest priority first, then oldest; for a job of `graftq run` (no
+    queue) the queue-less jobs of its own batch. Whether they can train together is the caller's
+    test; each is then claimed with `claim_job`, which a job taken meanwhile refuses.
+    """
+    where = [jobs.c.id != job_id, jobs.c.status == JobStatus.QUEUED.value, jobs.c.cancel_requested.is_(False),
+             jobs.c.attempts < jobs.c.max_attempts]
+    where += [jobs.c.queue == queue] if queue is not None else [jobs.c.queue.is_(None), jobs.c.batch_id == batch_id]
+    rows = connection.execute(
+        select(jobs.c.id, jobs.c.spec).where(*where)
+        .order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id).limit(limit)
+    )
+    return [(row.id, row.spec) for row in rows]
+
+
 def heartbeat(connection: Connection, job_id: str, token: str) -> ClaimState:
     """Refresh the claim's heartbeat; says whether the claim is still held and if cancel was asked."""
     result = connection.execute(update(jobs).where(_fenced(job_id, token)).values(heartbeat_at=utcnow()))

@@ -263,9 +263,11 @@ def _print_dry_run(batch: Batch, settings: Settings) -> None:
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, metavar="N",
               help="Train each train job for at most N steps (N wins over `epochs`): a quick smoke test of "
                    "a batch. The recorded specs say N.")
+@click.option("--pack", type=click.IntRange(min=1, max=64), default=1, show_default=True, metavar="K",
+              help="Train up to K compatible LoRA jobs together on one base model (README: Packed training).")
 @click.pass_context
 @_handle_db_errors
-def run(ctx: click.Context, batch_file: Path, max_steps: int | None) -> None:
+def run(ctx: click.Context, batch_file: Path, max_steps: int | None, pack: int) -> None:
     """Run every job of BATCH on this machine (no broker needed), with live progress.
 
     The jobs are recorded in the results database and executed one after another
@@ -280,11 +282,19 @@ def run(ctx: click.Context, batch_file: Path, max_steps: int | None) -> None:
     if max_steps is not None:
         batch = _with_max_steps(batch, max_steps)
     _require_worker_extra("run")
+    _set_pack(pack)
     try:
         ok = run_batch(batch, state.settings, state.database)
     except SpecError as error:
         raise click.ClickException(str(error)) from None
     ctx.exit(0 if ok else 1)
+
+
+def _set_pack(pack: int) -> None:
+    """`--pack`: read by the task (worker.packing.pack_size) in this process and the workers it starts."""
+    import os
+
+    os.environ["GRAFTQ_PACK"] = str(pack)
 
 
 def _with_max_steps(batch: Batch, max_steps: int) -> Batch:
@@ -335,9 +345,11 @@ def _compressed_adalora_schedule(adalora, steps: int):
 @click.option("--cpu-slots", default=1, show_default=True, type=click.IntRange(min=1, max=64),
               help="With --gpus none: CPU worker processes, each a device for `resources.gpus` jobs (a job "
                    "asking for 2 runs as 2 gloo ranks).")
+@click.option("--pack", type=click.IntRange(min=1, max=64), default=1, show_default=True, metavar="K",
+              help="Train up to K compatible LoRA jobs together on one base model (README: Packed training).")
 @click.pass_context
 def worker(ctx: click.Context, gpus: str, queues: str | None, loglevel: str, reap_interval: float,
-           max_restarts: int, jobs_per_gpu: int, cpu_slots: int) -> None:
+           max_restarts: int, jobs_per_gpu: int, cpu_slots: int, pack: int) -> None:
     """Serve the broker: one Celery worker process per GPU (one job at a time each), or a CPU worker.
 
     On SIGTERM/SIGINT a training job saves a checkpoint at its next step and goes back to the
@@ -355,6 +367,7 @@ def worker(ctx: click.Context, gpus: str, queues: str | None, loglevel: str, rea
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--gpus") from None
     _require_worker_extra("worker")
+    _set_pack(pack)
     try:
         code = serve(state.settings, selection, queues=queues, loglevel=loglevel.upper(),
                      reap_interval=reap_interval, max_restarts=max_restarts, jobs_per_gpu=jobs_per_gpu,

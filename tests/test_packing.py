@@ -62,3 +62,51 @@ def test_packed_jobs_equal_the_same_jobs_trained_alone(preset, tmp_path, one_tor
         assert not isinstance(outcomes[index], BaseException), outcomes[index]
         alone = run_job(context(job_spec, tmp_path / "alone", f"job{index}"))
         assert_same(outcomes[index], alone)
+
+
+PACK_BATCH = """
+batch: pack-test
+base_model: random:gpt2-tiny
+defaults:
+  lora: {r: 2, alpha: 4, dropout: 0.05}
+  train: {dataset: DATA/reverse.jsonl, max_steps: 2, batch_size: 2, max_length: 32}
+jobs:
+  - {task: a, extension: lora}
+  - {task: b, extension: lora, train: {seed: 1, dataset: DATA/uppercase.jsonl, max_steps: 3}}
+  - {task: c, extension: lora, lora: {r: 4}}
+  - {task: d, extension: layer}
+"""
+
+
+def test_graftq_run_pack_trains_compatible_jobs_together_and_records_who_with(tmp_path, one_torch_thread,
+                                                                               monkeypatch):
+    from click.testing import CliRunner
+
+    from db.queries import get_job
+    from db.session import clear_cache, get_database
+    from jobs.cli import cli
+
+    monkeypatch.delenv("GRAFTQ_PACK", raising=False)
+    batch = tmp_path / "batch.yaml"
+    batch.write_text(PACK_BATCH.replace("DATA", str(EXAMPLES)))
+    url = f"sqlite:///{tmp_path / 'graftq.db'}"
+    result = CliRunner().invoke(cli, ["--database-url", url, "--artifacts-dir", str(tmp_path / "art"),
+                                      "run", str(batch), "--pack", "2"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    monkeypatch.delenv("GRAFTQ_PACK", raising=False)
+    database = get_database(url)
+    with database.read() as connection:
+        from sqlalchemy import select
+
+        from db.tables import jobs as jobs_table
+
+        ids = list(connection.scalars(select(jobs_table.c.id).order_by(jobs_table.c.created_at, jobs_table.c.id)))
+        rows = {get_job(connection, i).task: get_job(connection, i) for i in ids}
+    clear_cache()
+    assert {row.status for row in rows.values()} == {"succeeded"}
+    lora = [rows[task] for task in "abc"]
+    packed = [row for row in lora if row.packed_with]
+    # --pack 2: two of the three lora jobs train together, the third alone (no compatible job left)
+    assert len(packed) == 2 and packed[0].packed_with == [packed[1].id] and packed[1].packed_with == [packed[0].id]
+    assert rows["d"].packed_with is None  # a layer job never packs
+    assert [row.steps for row in lora] == [2, 3, 2]

@@ -232,6 +232,8 @@ class _Claimed:
     database: Database
     job_id: str
     claim: Claim
+    #: the worker's name, for the claims of the jobs packed with this one
+    worker: str | None = None
 
     def write(self, fn: Callable[..., bool], *args: Any, **kwargs: Any) -> bool:
         """Run `fn(connection, job_id, token, ...)`; False (and nothing written) once the claim is lost."""
@@ -261,6 +263,10 @@ def execute_job(job_id: str, settings: Settings, *, worker: str, eager: bool = F
     spec = _load_spec(job)
     if spec is None:
         return JobStatus.FAILED.value
+    job.worker = worker
+    packed = _run_packed(job, spec, settings, eager)
+    if packed is not None:
+        return packed
 
     beat = _Heartbeat(database, job_id, claim.token, settings.heartbeat_interval)
     beat.start()
@@ -313,6 +319,17 @@ def execute_job(job_id: str, settings: Settings, *, worker: str, eager: bool = F
     return _record_success(job, outcome)
 
 
+def _run_packed(job: _Claimed, spec: JobSpec, settings: Settings, eager: bool) -> str | None:
+    """With `--pack K` (K > 1): the job trained together with compatible queued jobs (worker.packing);
+    None when it runs alone."""
+    from worker.packing import execute_pack, pack_size
+
+    size = pack_size()
+    if size <= 1:
+        return None
+    return execute_pack(job, spec, settings, eager=eager, size=size)
+
+
 def _claim(database: Database, job_id: str, worker: str, settings: Settings) -> Claim | None:
     """Claim the job's row; None (and the reason logged) when this delivery must not run it."""
     def claim() -> Claim | None:
@@ -346,10 +363,11 @@ def _load_spec(job: _Claimed) -> JobSpec | None:
         return None
 
 
-def _record_success(job: _Claimed, outcome: JobOutcome) -> str:
+def _record_success(job: _Claimed, outcome: JobOutcome, packed_with: list[str] | None = None) -> str:
     try:
         written = job.write(
             finish_job, stats=outcome.stats, metrics=outcome.metrics, device=outcome.device, dtype=outcome.dtype,
+            packed_with=packed_with,
             versions=outcome.versions, job_dir=str(outcome.job_dir), loss_curve=outcome.loss_curve,
             task_metrics=outcome.task_metrics, samples=outcome.samples, metric_curve=outcome.metric_curve,
             eval_sets=outcome.eval_sets,
