@@ -27,6 +27,7 @@ from worker.launcher import detect_gpus  # noqa: E402 - stdlib only, no torch: w
 #: Engine-only benchmarks first, then those that start Redis, a database and workers.
 BENCHMARKS = ["training_speed", "model_reuse", "memory_growth", "cli_start", "submission", "dispatch",
               "results_query", "scripts_vs_queue", "pool_load"]
+BENCHMARKS.append("packed")  # graftq run --pack 4 vs --pack 1
 #: Run by default only where `nvidia-smi -L` lists a GPU.
 GPU_BENCHMARKS = ["gpu_training"]
 #: Need the PostgreSQL server of GRAFTQ_TEST_POSTGRES_URL; skipped, with the reason, where it cannot be reached.

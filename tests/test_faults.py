@@ -772,3 +772,83 @@ def test_a_pool_under_load_with_one_worker_killed_and_one_restarted_loses_and_re
     assert found["statuses"] == {"succeeded": 60} and completed.returncode == 0
     # The job the killed worker held (none if the signal landed between two jobs) ran again, once.
     assert all(job == ["succeeded", 2] for job in found["requeued_jobs (status, attempts)"])
+
+
+# --- packed training (`graftq worker --pack`) -------------------------------------------------------
+
+
+def _start_packing_worker(cluster: Cluster, pack: int) -> Worker:
+    log = cluster.root / f"worker{len(cluster.workers)}-pack.log"
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            graftq_argv("worker", "--gpus", "none", "--reap-interval", "1", "--pack", str(pack)),
+            cwd=cluster.root, env=cluster.env, stdout=out, stderr=subprocess.STDOUT)
+    worker = Worker(process, log)
+    cluster.workers.append(worker)
+    cluster.wait_ready(worker)
+    return worker
+
+
+def _only_a_packing_worker(cluster: Cluster, pack: int) -> Worker:
+    """Stop the cluster's workers; start one `--pack` worker, so that it alone takes the next batch."""
+    cluster.stop_all()
+    return _start_packing_worker(cluster, pack)
+
+
+def _packed_and_running(cluster: Cluster, batch_id: str, count: int, min_step: int = 0) -> bool:
+    jobs = cluster.jobs(batch_id)
+    return (sum(j.status == "running" and (j.progress_step or 0) > min_step for j in jobs) == count
+            and len({j.worker for j in jobs}) == 1)
+
+
+@pytest.mark.slow
+def test_a_killed_packing_worker_loses_no_job_of_its_pack_and_runs_none_twice(cluster):
+    _only_a_packing_worker(cluster, 4)
+    steps = cluster.steps_for(8)
+    every = max(2, steps // 10)
+    jobs = [f"{{task: packed{i}, extension: lora, train: {{seed: {i}}}}}" for i in range(4)]
+    batch_id = cluster.submit("pack-sigkill", jobs, f", max_steps: {steps}, checkpoint_every: {every}")
+    cluster.wait_for("the four jobs to train packed past two checkpoints",
+                     lambda: _packed_and_running(cluster, batch_id, 4, 2 * every), 180)
+    pid = int(cluster.jobs(batch_id)[0].worker.rsplit(":", 1)[1])
+    launcher = cluster.launcher_of(pid)
+    launcher.process.send_signal(signal.SIGSTOP)
+    os.kill(pid, signal.SIGKILL)
+    launcher.process.kill()
+    launcher.process.wait()
+    cluster.ensure_workers(2)  # plain workers: each job resumes alone from its packed checkpoint
+    jobs = cluster.wait_finished(batch_id, 300)
+    succeeded = cluster.count(SUCCEEDED)
+    lost = sum(j.status != "succeeded" for j in jobs)
+    duplicated = sum(max(0, succeeded[j.id] - 1) for j in jobs)
+    resumed = [cluster.resumed_from(j) if j.status == "succeeded" else 0 for j in jobs]
+    figure("sigkill_packing_worker", lost=lost, duplicated=duplicated, min_resumed_from_step=min(resumed),
+           steps=steps)
+    assert lost == 0, [(j.task, j.status, j.error) for j in jobs]
+    assert duplicated == 0 and all(succeeded[j.id] == 1 for j in jobs)
+    assert all(j.attempts == 2 and j.steps == steps for j in jobs)
+    assert all(r >= 2 * every and r % every == 0 for r in resumed), resumed
+
+
+@pytest.mark.slow
+def test_cancelling_one_packed_job_cancels_only_it(cluster):
+    worker = _only_a_packing_worker(cluster, 3)
+    steps = cluster.steps_for(6)
+    jobs = [f"{{task: pack{i}, extension: lora, train: {{seed: {i}}}}}" for i in range(3)]
+    batch_id = cluster.submit("pack-cancel", jobs, f", max_steps: {steps}, checkpoint_every: 0")
+    cluster.wait_for("the three jobs to train packed", lambda: _packed_and_running(cluster, batch_id, 3), 180)
+    victim = cluster.jobs(batch_id)[1]
+    result = CliRunner().invoke(cli, ["--database-url", cluster.database_url, "--broker-url", cluster.redis.url,
+                                      "cancel", victim.id])
+    assert result.exit_code == 0, result.output
+    jobs = cluster.wait_finished(batch_id, 180)
+    statuses = {j.id: j.status for j in jobs}
+    figure("cancel_one_packed_job", cancelled=sum(s == "cancelled" for s in statuses.values()),
+           succeeded=sum(s == "succeeded" for s in statuses.values()))
+    assert statuses.pop(victim.id) == "cancelled"
+    assert set(statuses.values()) == {"succeeded"}, [(j.task, j.status, j.error) for j in jobs]
+    others = [j for j in jobs if j.id != victim.id]
+    assert all(victim.id in j.packed_with and len(j.packed_with) == 2 for j in others)
+    assert all(j.steps == steps and j.attempts == 1 for j in others)
+    worker.process.send_signal(signal.SIGTERM)
+    worker.process.wait(timeout=60)

@@ -322,7 +322,7 @@ def execute_job(job_id: str, settings: Settings, *, worker: str, eager: bool = F
 def _run_packed(job: _Claimed, spec: JobSpec, settings: Settings, eager: bool) -> str | None:
     """With `--pack K` (K > 1): the job trained together with compatible queued jobs (worker.packing);
     None when it runs alone."""
-    from worker.packing import execute_pack, pack_size
+    from worker.pack_worker import execute_pack, pack_size
 
     size = pack_size()
     if size <= 1:
