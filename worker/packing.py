@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -97,26 +96,28 @@ class _Router:
             return (result + _delta(layer, route.solo, x)).to(result.dtype)
         if not route.segments:
             return result
-        parts = []
+        # one update per segment, concatenated and added at once: rows of a job without an adapter
+        # on this layer get zeros; a sequence is cut to the job's own length only where dropout
+        # needs the job's own shape (its mask is then the one the job alone would draw)
+        deltas = []
         for segment in route.segments:
-            rows = result[segment.start:segment.end]
-            if segment.adapter not in layer.lora_A:
-                parts.append(rows)
-                continue
             inputs = x[segment.start:segment.end]
-            if x.dim() == 3:
+            if segment.adapter not in layer.lora_A:
+                deltas.append(torch.zeros((*inputs.shape[:-1], result.shape[-1]), dtype=result.dtype,
+                                          device=result.device))
+                continue
+            dropout = layer.lora_dropout[segment.adapter]
+            if x.dim() == 3 and isinstance(dropout, torch.nn.Dropout) and dropout.p > 0 and dropout.training:
                 try:
                     length = segment.lengths[x.shape[1]]
                 except KeyError:
                     raise RuntimeError(f"packed LoRA layer got a sequence of length {x.shape[1]}, not one of the "
                                        f"pack's ({sorted(segment.lengths)})") from None
-                inputs = inputs[:, :length]
-                delta = _delta(layer, segment.adapter, inputs, segment.member)
-                own = rows[:, :length] + delta
-                parts.append(torch.cat([own, rows[:, length:].to(own.dtype)], dim=1).to(result.dtype))
+                delta = _delta(layer, segment.adapter, inputs[:, :length], segment.member)
+                deltas.append(torch.nn.functional.pad(delta, (0, 0, 0, x.shape[1] - length)))
             else:
-                parts.append((rows + _delta(layer, segment.adapter, inputs, segment.member)).to(result.dtype))
-        return torch.cat(parts, dim=0)
+                deltas.append(_delta(layer, segment.adapter, inputs, segment.member))
+        return (result + torch.cat(deltas)).to(result.dtype)
 
 
 def _delta(layer, adapter: str, x: torch.Tensor, member: _Member | None = None) -> torch.Tensor:
@@ -126,8 +127,9 @@ def _delta(layer, adapter: str, x: torch.Tensor, member: _Member | None = None) 
     dropout = layer.lora_dropout[adapter]
     x = x.to(lora_a.weight.dtype)
     if member is not None and isinstance(dropout, torch.nn.Dropout) and dropout.p > 0 and dropout.training:
-        with member.random_stream():
-            x = dropout(x)
+        # what torch's dropout does, drawing from the job's own generator
+        keep = 1 - dropout.p
+        x = x * torch.empty_like(x).bernoulli_(keep, generator=member.generator).div_(keep)
     else:
         x = dropout(x)
     return lora_b(lora_a(x)) * layer.scaling[adapter]
@@ -155,7 +157,7 @@ class _Member:
     adapter: str
     trainer: Any = None
     stats: dict = field(default_factory=dict)
-    rng: dict = field(default_factory=dict)
+    generator: Any = None
     device: torch.device | None = None
     #: the current optimizer step's collated micro-batches, their target counts, the next one's index
     batches: list = field(default_factory=list)
@@ -170,28 +172,24 @@ class _Member:
     last_report: float = 0.0
 
     def capture_random(self) -> None:
-        self.rng = {"cpu": torch.get_rng_state(), "python": random.getstate()}
-        if self.device is not None and self.device.type == "cuda":
-            self.rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        """Start the job's random stream where the global one is now (after its own seeding and set-up)."""
+        cuda = self.device is not None and self.device.type == "cuda"
+        self.generator = torch.Generator(device=self.device if cuda else "cpu")
+        self.generator.set_state(torch.cuda.get_rng_state(self.device) if cuda else torch.get_rng_state())
 
     @contextmanager
     def random_stream(self):
-        """Run with this job's random state as the global one (the job alone would use the global one)."""
-        saved = {"cpu": torch.get_rng_state(), "python": random.getstate()}
+        """Run with this job's random stream as the global one (the job alone would use the global one)."""
         cuda = self.device is not None and self.device.type == "cuda"
-        if cuda:
-            saved["cuda"] = torch.cuda.get_rng_state(self.device)
-            torch.cuda.set_rng_state(self.rng["cuda"], self.device)
-        torch.set_rng_state(self.rng["cpu"])
-        random.setstate(self.rng["python"])
+        get = functools.partial(torch.cuda.get_rng_state, self.device) if cuda else torch.get_rng_state
+        put = functools.partial(torch.cuda.set_rng_state, device=self.device) if cuda else torch.set_rng_state
+        saved = get()
+        put(self.generator.get_state())
         try:
             yield
         finally:
-            self.capture_random()
-            torch.set_rng_state(saved["cpu"])
-            random.setstate(saved["python"])
-            if cuda:
-                torch.cuda.set_rng_state(saved["cuda"], self.device)
+            self.generator.set_state(get())
+            put(saved)
 
 
 def _member_trainer_class():
