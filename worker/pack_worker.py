@@ -30,8 +30,8 @@ def pack_key(spec: JobSpec) -> tuple | None:
 
     Packable: a `train` job of extension `lora` with a plain adapter (variant `lora`, init
     `default` or `gaussian`, no `lora.from`), no quantization, no gradient checkpointing, no
-    LoRA+, dtype not float16 (its loss scaler is per model). Jobs pack together when they
-    share the base model, objective, device, dtype and max_length; r, alpha, dropout,
+    LoRA+, no experiment trackers (`report_to`), dtype not float16 (its loss scaler is per
+    model). Jobs pack together when they share the base model, objective, device, dtype and max_length; r, alpha, dropout,
     target_modules, data, optimizer, learning rate, schedule, batch size, steps and seed are per job.
     """
     train = spec.train
@@ -42,6 +42,8 @@ def pack_key(spec: JobSpec) -> tuple | None:
                              or lora.from_ is not None):
         return None
     if spec.quantize or train.gradient_checkpointing or train.loraplus_lr_ratio is not None:
+        return None
+    if getattr(train, "report_to", None):  # the trackers follow one training loop per process
         return None
     if spec.dtype == "float16" or (getattr(spec, "gpus", None) or 1) > 1:
         return None
@@ -80,7 +82,7 @@ def execute_pack(lead: Any, spec: JobSpec, settings: Any, *, eager: bool, size: 
     from worker.errors import TransientError
 
     key = pack_key(spec)
-    if key is None:
+    if key is None or str(settings.artifacts_dir).startswith("s3:"):  # s3: committed by the lone pipeline
         return None
     # the lead's claim is kept alive while the others are claimed and the training modules load
     lead_beat = tasks._Heartbeat(lead.database, lead.job_id, lead.claim.token, settings.heartbeat_interval)

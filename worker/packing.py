@@ -509,7 +509,8 @@ def _finish_member(member: _Member, router: _Router, model, device_manager, setu
         raise JobCancelled("cancelled before saving")
     metrics = {"train_loss": member.last_loss, "eval_loss": final_eval, "steps": trainer.step,
                "tokens_per_second": member.tokens / member.seconds if member.seconds > 0 else 0.0,
-               "train_seconds": member.seconds, "peak_memory_mb": device_manager.peak_memory_mb()}
+               "train_seconds": member.seconds, "micro_batch_size": spec.train.batch_size,
+               "peak_memory_mb": device_manager.peak_memory_mb()}
     if ctx.on_progress:
         ctx.on_progress(Progress(step=trainer.step, total_steps=trainer.step, phase="save"))
     versions = library_versions()
