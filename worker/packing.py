@@ -56,6 +56,8 @@ class _Route:
     #: one adapter on every row (evaluation, generation, a pack of one); None while packed
     solo: str | None = None
     segments: list[_Segment] = field(default_factory=list)
+    #: (input rank, adapters with their rank and scaling) -> the row gate of `_packed_delta`
+    gates: dict = field(default_factory=dict)
 
 
 class _Router:
@@ -96,28 +98,60 @@ class _Router:
             return (result + _delta(layer, route.solo, x)).to(result.dtype)
         if not route.segments:
             return result
-        # one update per segment, concatenated and added at once: rows of a job without an adapter
-        # on this layer get zeros; a sequence is cut to the job's own length only where dropout
-        # needs the job's own shape (its mask is then the one the job alone would draw)
-        deltas = []
-        for segment in route.segments:
-            inputs = x[segment.start:segment.end]
-            if segment.adapter not in layer.lora_A:
-                deltas.append(torch.zeros((*inputs.shape[:-1], result.shape[-1]), dtype=result.dtype,
-                                          device=result.device))
-                continue
-            dropout = layer.lora_dropout[segment.adapter]
-            if x.dim() == 3 and isinstance(dropout, torch.nn.Dropout) and dropout.p > 0 and dropout.training:
+        return (result + _packed_delta(layer, x, route)).to(result.dtype)
+
+
+def _packed_delta(layer, x: torch.Tensor, route: _Route) -> torch.Tensor:
+    """Every job's update on its own rows in two matmuls: x times all adapters' A (concatenated),
+    a gate that keeps each row's own adapter block (times its scaling) and zeroes the others,
+    times all adapters' B. Dropout masks are drawn per job, in the job's own shape."""
+    present = [segment for segment in route.segments if segment.adapter in layer.lora_A]
+    weight = layer.lora_A[present[0].adapter].weight if present else None
+    if weight is None:
+        return torch.zeros((), dtype=x.dtype, device=x.device)
+    inputs = x.to(weight.dtype)
+    masks, dropped = [], False
+    for segment in route.segments:
+        rows = x[segment.start:segment.end]
+        dropout = layer.lora_dropout[segment.adapter] if segment.adapter in layer.lora_A else None
+        if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0 and dropout.training:
+            keep = 1 - dropout.p
+            shape = list(rows.shape)
+            if x.dim() == 3:
                 try:
-                    length = segment.lengths[x.shape[1]]
+                    shape[1] = segment.lengths[x.shape[1]]
                 except KeyError:
                     raise RuntimeError(f"packed LoRA layer got a sequence of length {x.shape[1]}, not one of the "
                                        f"pack's ({sorted(segment.lengths)})") from None
-                delta = _delta(layer, segment.adapter, inputs[:, :length], segment.member)
-                deltas.append(torch.nn.functional.pad(delta, (0, 0, 0, x.shape[1] - length)))
-            else:
-                deltas.append(_delta(layer, segment.adapter, inputs, segment.member))
-        return (result + torch.cat(deltas)).to(result.dtype)
+            # what torch's dropout draws for the job alone, from the job's own generator
+            mask = torch.empty(shape, dtype=inputs.dtype, device=x.device).bernoulli_(
+                keep, generator=segment.member.generator).div_(keep)
+            if x.dim() == 3 and shape[1] != x.shape[1]:
+                mask = torch.nn.functional.pad(mask, (0, 0, 0, x.shape[1] - shape[1]))
+            masks.append(mask)
+            dropped = True
+        else:
+            masks.append(torch.ones(rows.shape, dtype=inputs.dtype, device=x.device))
+    if dropped:
+        inputs = inputs * torch.cat(masks)
+    ranks = [layer.lora_A[segment.adapter].weight.shape[0] for segment in present]
+    key = (x.dim(), tuple((segment.adapter, rank, float(layer.scaling[segment.adapter]))
+                          for segment, rank in zip(present, ranks)))
+    gate = route.gates.get(key)
+    if gate is None:
+        rows_gate = []
+        for segment in route.segments:
+            row: list[float] = []
+            for other, rank in zip(present, ranks):
+                row += [float(layer.scaling[other.adapter]) if other is segment else 0.0] * rank
+            rows_gate += [row] * (segment.end - segment.start)
+        gate = torch.tensor(rows_gate, dtype=weight.dtype, device=x.device)
+        if x.dim() == 3:
+            gate = gate.unsqueeze(1)
+        route.gates[key] = gate
+    a = torch.cat([layer.lora_A[segment.adapter].weight for segment in present])
+    b = torch.cat([layer.lora_B[segment.adapter].weight for segment in present], dim=1)
+    return torch.nn.functional.linear(torch.nn.functional.linear(inputs, a) * gate, b)
 
 
 def _delta(layer, adapter: str, x: torch.Tensor, member: _Member | None = None) -> torch.Tensor:
