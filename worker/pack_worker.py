@@ -30,8 +30,9 @@ def pack_key(spec: JobSpec) -> tuple | None:
 
     Packable: a `train` job of extension `lora` with a plain adapter (variant `lora`, init
     `default` or `gaussian`, no `lora.from`), no quantization, no gradient checkpointing, no
-    LoRA+, no experiment trackers (`report_to`), dtype not float16 (its loss scaler is per
-    model). Jobs pack together when they share the base model, objective, device, dtype and max_length; r, alpha, dropout,
+    LoRA+, no experiment trackers (`report_to`), no `eval_every`/`early_stopping`, no `eval`
+    sets, one device, dtype not float16 (its loss scaler is per model). Jobs pack together
+    when they share the base model, objective, device, dtype and max_length; r, alpha, dropout,
     target_modules, data, optimizer, learning rate, schedule, batch size, steps and seed are per job.
     """
     train = spec.train
@@ -45,7 +46,13 @@ def pack_key(spec: JobSpec) -> tuple | None:
         return None
     if getattr(train, "report_to", None):  # the trackers follow one training loop per process
         return None
-    if spec.dtype == "float16" or (getattr(spec, "gpus", None) or 1) > 1:
+    # evaluation during training, eval sets after it and several devices are the lone pipeline's
+    if getattr(train, "eval_every", None) or getattr(train, "early_stopping", None) or getattr(spec, "eval", None):
+        return None
+    resources = getattr(spec, "resources", None)
+    if resources is not None and (getattr(resources, "gpus", None) or 1) > 1:
+        return None
+    if spec.dtype == "float16":
         return None
     if train.objective is not None and train.objective not in PACKABLE_OBJECTIVES:
         return None
