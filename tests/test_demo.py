@@ -81,10 +81,11 @@ def test_pretraining_is_deterministic_skipped_when_up_to_date_and_loadable(demo,
     assert model.generate(**plain(["abc"], return_tensors="pt"), max_new_tokens=3).shape[0] == 1
 
 
-def test_the_quickstart_compares_each_kind_with_its_base_model_per_task():
+def test_the_quickstart_compares_each_kind_with_its_base_model_per_task(demo, monkeypatch):
     from jobs.batch import load_batch
 
-    batch = load_batch(ROOT / "examples" / "quickstart.yaml")
+    monkeypatch.chdir(demo)  # the base model's relative path is read from where graftq runs
+    batch = load_batch(demo / "examples" / "quickstart.yaml")
     by_task: dict[str, list] = {}
     for spec in batch.jobs:
         by_task.setdefault(spec.task, []).append(spec)
