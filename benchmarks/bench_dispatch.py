@@ -113,7 +113,7 @@ def queue_run(env: dict[str, str], database_url: str, batch_file: Path, count: i
 
 
 def run(quick: bool) -> Result:
-    count = 4 if quick else 32
+    count = 2 if quick else 32
     queue_rounds = 1 if quick else 3
     result = Result(NAME, f"{count} LoRA train jobs ({TRAIN['max_steps']} steps, {PRESET}) through `graftq submit` + "
                           "one `graftq worker` vs the pipeline function in a loop")
