@@ -792,7 +792,7 @@ def test_a_killed_packing_worker_loses_no_job_of_its_pack_and_runs_none_twice(cl
     os.kill(pid, signal.SIGKILL)
     launcher.process.kill()
     launcher.process.wait()
-    cluster.ensure_workers(2)  # plain workers: each job resumes alone from its packed checkpoint
+    cluster.ensure_workers(1)  # a plain worker: each job resumes alone from its packed checkpoint
     jobs = cluster.wait_finished(batch_id, 300)
     succeeded = cluster.count(SUCCEEDED)
     lost = sum(j.status != "succeeded" for j in jobs)
