@@ -206,7 +206,7 @@ CAMPAIGN_STEPS = 3  # `--max-steps`: the campaign's mechanics hold after any num
 
 
 @pytest.mark.slow
-def test_campaign_commands(graftq_env, redis_url, sqlite_url):
+def test_campaign_commands(graftq_env, redis_url, sqlite_url, monkeypatch):
     """The two campaign examples with `graftq run` (the README's commands, shortened with
     `--max-steps`), the grouped results against a hand computation, retry, and the pipeline
     again through `graftq submit` and a real worker: each child after the job it needs."""
@@ -219,7 +219,18 @@ def test_campaign_commands(graftq_env, redis_url, sqlite_url):
     assert not Path(sqlite_url.removeprefix("sqlite:///")).exists()
 
     steps = ("--max-steps", str(CAMPAIGN_STEPS))
-    _graftq(env, "run", "examples/sweep.yaml", *steps)
+    from click.testing import CliRunner
+
+    from jobs.cli import cli
+
+    monkeypatch.chdir(ROOT)
+
+    def run_here(*args: str) -> None:
+        # `graftq run` in this process (click's runner): the command is the same, torch is imported once
+        result = CliRunner(env=env).invoke(cli, ["run", *args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+
+    run_here("examples/sweep.yaml", *steps)
     jobs = json.loads(_graftq(env, "results", "--batch", "sweep", "--format", "json").stdout)
     assert len(jobs) == 8 and {job["status"] for job in jobs} == {"succeeded"}
     groups = json.loads(_graftq(env, "results", "--batch", "sweep", "--group-by", "lora.r,train.learning_rate",
@@ -233,7 +244,7 @@ def test_campaign_commands(graftq_env, redis_url, sqlite_url):
         assert group["eval_loss_std"] == pytest.approx(statistics.stdev(losses))
         assert group["eval_loss_min"] == min(losses)
 
-    _graftq(env, "run", "examples/shared_layer.yaml", *steps)
+    run_here("examples/shared_layer.yaml", *steps)
     pipeline = {job["task"]: job for job in json.loads(
         _graftq(env, "results", "--batch", "shared-layer", "--format", "json").stdout)}
     assert {job["status"] for job in pipeline.values()} == {"succeeded"} and len(pipeline) == 5
@@ -261,10 +272,15 @@ def test_campaign_commands(graftq_env, redis_url, sqlite_url):
 
 
 @pytest.mark.slow
-def test_predict_export_commands(graftq_env, tmp_path):
+def test_predict_export_commands(graftq_env, tmp_path, monkeypatch):
     """The README's predict and export commands, as shown, on a hybrid job of `graftq run`, run from a
-    directory that holds the README's relative paths."""
+    directory that holds the README's relative paths. In this process (click's runner): the commands
+    are the same, and torch is imported once rather than by each."""
     import shlex
+
+    from click.testing import CliRunner
+
+    from jobs.cli import cli
 
     # one thread per process: generation on an oversubscribed machine otherwise waits on OpenMP teams
     graftq_env = dict(graftq_env, OMP_NUM_THREADS="1")
@@ -277,17 +293,19 @@ def test_predict_export_commands(graftq_env, tmp_path):
         "batch: readme-predict\nbase_model: random:t5-tiny\njobs:\n"
         "  - {task: reverse, extension: hybrid, layer: {stack: decoder, init_scale: 0.5},\n"
         "     train: {dataset: examples/data/reverse.jsonl, max_steps: 2, batch_size: 4}}\n")
-    _graftq(graftq_env, "run", str(tmp_path / "batch.yaml"))
-    job_id = json.loads(_graftq(graftq_env, "results", "--batch", "readme-predict", "--format", "json").stdout)[0]["id"]
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner(env=graftq_env)
+
+    def graftq(*args: str) -> str:
+        result = runner.invoke(cli, list(args), catch_exceptions=False)
+        assert result.exit_code == 0, f"graftq {' '.join(args)}: {result.output}"
+        return result.stdout
+
+    graftq("run", str(tmp_path / "batch.yaml"))
+    job_id = json.loads(graftq("results", "--batch", "readme-predict", "--format", "json"))[0]["id"]
     commands = [line for line in shell_commands() if line.startswith(("graftq predict", "graftq export"))]
     assert len(commands) == 4
-    outputs = []
-    for command in commands:
-        args = shlex.split(command.replace("JOB_ID", job_id))[1:]
-        result = subprocess.run(graftq_argv(*args), cwd=tmp_path, env=graftq_env, capture_output=True, text=True,
-                                timeout=600)
-        assert result.returncode == 0, f"{command}: {result.stdout}\n{result.stderr}"
-        outputs.append(result.stdout)
+    outputs = [graftq(*shlex.split(command.replace("JOB_ID", job_id))[1:]) for command in commands]
     assert [json.loads(line)["input"] for line in outputs[0].splitlines()] == ["hello", "graftq"]
     rows = [json.loads(line) for line in (tmp_path / "examples/data/reverse.jsonl").read_text().splitlines()]
     predictions = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]

@@ -42,6 +42,18 @@ def _fsync_tree(directory: Path) -> None:
                 os.fsync(handle.fileno())
 
 
+def replace_directory(staging: Path, final: Path) -> None:
+    """Move the finished directory `staging` to `final`, replacing an earlier `final` whole: a reader
+    sees the old directory or the new one, never a mix."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(final, old)
+    os.rename(staging, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def write_atomically(final: Path, write: Callable[[Path], T]) -> T:
     """Call `write(staging_dir)`, then move the staging directory to `final` in one rename; return what
     `write` returned."""
@@ -55,13 +67,7 @@ def write_atomically(final: Path, write: Callable[[Path], T]) -> T:
     try:
         written = write(staging)
         _fsync_tree(staging)
-        old = None
-        if final.exists():  # an earlier attempt finished writing; replace it whole
-            old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(final, old)
-        os.rename(staging, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_directory(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

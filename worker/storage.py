@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.settings import OBJECT_STORE_SCHEME, ObjectStoreDir
+from worker.artifacts import replace_directory
 from worker.errors import JobError, TransientError
 
 log = logging.getLogger(__name__)
@@ -287,7 +288,7 @@ def _fetch(fs: Any, url: str, manifest: dict[str, Any], local_dir: Path) -> bool
         if again is None or again["commit"] != manifest["commit"]:
             return False
         (staging / MANIFEST).write_text(json.dumps(manifest))
-        _replace(staging, local_dir)
+        replace_directory(staging, local_dir)
         staging = None
         return True
     except FileNotFoundError:  # a writer removed it after we read the manifest
@@ -295,16 +296,6 @@ def _fetch(fs: Any, url: str, manifest: dict[str, Any], local_dir: Path) -> bool
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-
-
-def _replace(staging: Path, final: Path) -> None:
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(final, old)
-    os.rename(staging, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # -- the store -----------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from jobs.metrics import OBJECTIVES
 from jobs.spec import TrainSpec
+from worker.artifacts import replace_directory
 from worker.data import Example, StepBatches, collate, read_training_rows, tokenize, tokenize_chat
 from worker.device import DeviceManager
 from worker.distributed import data_parallel
@@ -555,13 +555,7 @@ class Trainer:
         for file in staging.iterdir():
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(target, old)
-        os.rename(staging, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_directory(staging, target)
         self.checkpointed_step = self.step
         if self.on_checkpoint is not None:
             self.on_checkpoint(target)
