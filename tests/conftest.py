@@ -176,3 +176,16 @@ class WorkerProcess:
             if time.monotonic() > deadline:
                 pytest.fail(f"waited {timeout:.0f} s for {what}")
             time.sleep(1)
+
+
+#: The longest test files, started first: `make test` hands whole files to two processes, and a long
+#: file taken last would leave one process running it alone at the end.
+LONGEST_FILES = ("test_faults.py", "test_readme.py", "test_distributed.py", "test_benchmarks.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+
+    items.sort(key=rank)  # stable: each file's tests keep their order
