@@ -38,6 +38,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from jobs.settings import Settings
 from worker.distributed import SLOTS_ENV, WORKER_SIZE_ENV, WORKER_SLOT_ENV, slot_env
@@ -331,6 +332,14 @@ def broker_job_ids(settings: Settings, queues: Sequence[str] = ()) -> set[str] |
     return ids
 
 
+
+class _Message(NamedTuple):
+    """A queued job the reaper (re)publishes: its id, queue and priority."""
+
+    job_id: str
+    queue: str
+    priority: int
+
 def reap_once(settings: Settings, *, check_lost: bool = True) -> dict[str, int]:
     """Recover jobs; returns counts by action (requeued, settled, republished, lost).
 
@@ -350,7 +359,7 @@ def reap_once(settings: Settings, *, check_lost: bool = True) -> dict[str, int]:
     database = get_database(settings.database_url)
     counts = {"requeued": 0, "settled": 0, "republished": 0, "lost": 0}
     #: (id, queue, priority) of each job to publish
-    to_publish: list[tuple[str, str, int]] = []
+    to_publish: list[_Message] = []
     with database.read() as session:
         stale = find_stale_jobs(session, settings.stale_after)
     for job_id in stale:
@@ -364,7 +373,7 @@ def reap_once(settings: Settings, *, check_lost: bool = True) -> dict[str, int]:
                 counts["requeued"] += 1
                 job = get_job(session, job_id)
                 assert job is not None and job.queue is not None
-                to_publish.append((job_id, job.queue, job.priority))
+                to_publish.append(_Message(job_id, job.queue, job.priority))
                 log.warning("job %s: its worker died (no heartbeat for %.0f s); re-queued after attempt %d",
                             job_id, settings.stale_after, job.attempts)
     # Waiting jobs whose needs were all decided without their release or skip (rows written
@@ -374,7 +383,7 @@ def reap_once(settings: Settings, *, check_lost: bool = True) -> dict[str, int]:
         for job_id in released:
             job = get_job(session, job_id)
             if job is not None and job.queue is not None:
-                to_publish.append((job_id, job.queue, job.priority))
+                to_publish.append(_Message(job_id, job.queue, job.priority))
     if released or skipped:
         log.warning("released %d and skipped %d waiting job(s) whose needs had been decided",
                     len(released), len(skipped))
@@ -383,21 +392,21 @@ def reap_once(settings: Settings, *, check_lost: bool = True) -> dict[str, int]:
     # job released by the jobs it needs is published by their worker right after its commit, so
     # its grace is the time after which that worker would count as dead.
     with database.read() as session:
-        requeued = {job_id for job_id, _, _ in to_publish}
-        to_publish += [(job.id, job.queue, job.priority)
+        requeued = {message.job_id for message in to_publish}
+        to_publish += [_Message(job.id, job.queue, job.priority)
                        for job in unpublished_queued(session, UNPUBLISHED_GRACE_SECONDS,
                                                      released_older_than=settings.stale_after)
                        if job.id not in requeued and job.queue is not None]
-        waiting = [(job.id, job.queue, job.priority) for job in queued_published_before(session, LOST_MESSAGE_GRACE_SECONDS)
-                   if job.queue is not None]
+        waiting = [_Message(job.id, job.queue, job.priority)
+                   for job in queued_published_before(session, LOST_MESSAGE_GRACE_SECONDS) if job.queue is not None]
     # The database is the record: a queued job whose message the broker lost
     # (restarted without persistence, or lost its last second of AOF) is published again. A
     # duplicate, should a worker take the message in the instant of the check, is harmless: the
     # claim lets only one run.
     if waiting and check_lost:
-        present = broker_job_ids(settings, [job[1] for job in waiting])
+        present = broker_job_ids(settings, [message.queue for message in waiting])
         if present is not None:
-            lost = [job for job in waiting if job[0] not in present]
+            lost = [message for message in waiting if message.job_id not in present]
             if lost:
                 log.warning("%d queued job(s) have no message on the broker (lost in a broker restart?); "
                             "publishing them again", len(lost))
@@ -405,8 +414,8 @@ def reap_once(settings: Settings, *, check_lost: bool = True) -> dict[str, int]:
             to_publish += lost
     if to_publish:
         app = configure(settings)
-        sent = publish_jobs(app, [job[0] for job in to_publish], [job[1] for job in to_publish],
-                            [job[2] for job in to_publish])
+        sent = publish_jobs(app, [m.job_id for m in to_publish], [m.queue for m in to_publish],
+                            [m.priority for m in to_publish])
         with database.begin() as session:
             mark_published(session, sent)
         counts["republished"] = len(sent)
