@@ -43,13 +43,17 @@ def assert_same(packed, alone) -> None:
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], atol=ATOL, rtol=0)
     assert packed.stats == alone.stats
+    # the metrics and samples come from generations of all the pack's jobs together, each its own
+    assert packed.samples and packed.samples == alone.samples
+    assert packed.task_metrics == pytest.approx(alone.task_metrics, abs=1e-9)
 
 
 @pytest.mark.parametrize("preset", ["t5-tiny", "gpt2-tiny", "llama-tiny"])
 def test_packed_jobs_equal_the_same_jobs_trained_alone(preset, tmp_path, one_torch_thread):
     specs = [
         spec(preset, "reverse", seed=0),
-        spec(preset, "uppercase", seed=1, learning_rate=3e-3, max_steps=2, batch_size=3,
+        # generations stop after 5 tokens, the others' after the longest eval target + 8
+        spec(preset, "uppercase", seed=1, learning_rate=3e-3, max_steps=2, batch_size=3, max_new_tokens=5,
              lr_scheduler="constant", lora={"r": 2, "alpha": 4, "dropout": 0.0}),
         spec(preset, "sort_digits", seed=2, grad_accum_steps=2, max_steps=4, batch_size=2),
     ]
@@ -110,3 +114,38 @@ def test_graftq_run_pack_trains_compatible_jobs_together_and_records_who_with(tm
     assert len(packed) == 2 and packed[0].packed_with == [packed[1].id] and packed[1].packed_with == [packed[0].id]
     assert rows["d"].packed_with is None  # a layer job never packs
     assert [row.steps for row in lora] == [2, 3, 2]
+
+
+@pytest.mark.parametrize("preset", ["t5-tiny", "gpt2-tiny"])
+def test_packed_evaluation_and_generation_give_each_job_its_own_adapter(preset, tmp_path, one_torch_thread):
+    """The final evaluation and the generations for the task metrics run all jobs' rows in one pass:
+    each job's loss, metrics and samples equal those of its adapter alone on the shared model."""
+    from worker.packing import _evaluate_together, _generate_together, _set_up
+
+    specs = [spec(preset, "reverse", seed=0),
+             spec(preset, "uppercase", seed=1, batch_size=3, max_new_tokens=5),
+             spec(preset, "sort_digits", seed=2, eval_batch_size=5)]
+    failed: dict[int, object] = {}
+    pack = _set_up([context(s, tmp_path, f"job{i}") for i, s in enumerate(specs)], failed.__setitem__)
+    assert not failed and pack is not None and len(pack.members) == 3
+    # untrained adapters change nothing (B is zero): give each its own large update
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in pack.model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    members, router = pack.members, pack.router
+    losses = _evaluate_together(members, router, pack.model, pack.objective, pack.device_manager)
+    metrics = _generate_together(members, router, pack.model, pack.device_manager)
+    samples = [member.trainer.samples for member in members]
+    for member, loss, job_metrics, job_samples in zip(members, losses, metrics, samples, strict=True):
+        assert not isinstance(job_metrics, BaseException), job_metrics
+        with router.solo(member.adapter):
+            assert member.trainer.evaluate() == pytest.approx(loss, abs=ATOL)
+            assert member.trainer.task_metrics() == pytest.approx(job_metrics, abs=1e-9)
+        assert member.trainer.samples == job_samples and len(job_samples) == 5
+    assert all(len(sample["prediction"]) <= 5 for sample in samples[1])  # max_new_tokens 5 (a byte a token)
+    # the test can tell the adapters apart: the first job's inputs through the second's adapter differ
+    with router.solo(members[1].adapter):
+        members[0].trainer.task_metrics()
+    assert [s["prediction"] for s in members[0].trainer.samples] != [s["prediction"] for s in samples[0]]

@@ -21,6 +21,7 @@ What may be packed is `worker.pack_worker.pack_key`: equal keys, same pack.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import shutil
@@ -56,8 +57,20 @@ class _Route:
     #: one adapter on every row (evaluation, generation, a pack of one); None while packed
     solo: str | None = None
     segments: list[_Segment] = field(default_factory=list)
-    #: (input rank, adapters with their rank and scaling) -> the row gate of `_packed_delta`
-    gates: dict = field(default_factory=dict)
+    #: the segments' (adapter, rows): what a layer's `_Plan` depends on
+    layout: tuple = ()
+
+
+@dataclass
+class _Plan:
+    """What `_packed_delta` needs of one LoRA layer for one layout of the batch, built once: the
+    adapters' weights (the pack's own Parameters, updated in place by the optimizers), the dropout
+    keep-probability of each segment (None: no dropout), and the row gate."""
+
+    a: list
+    b: list
+    keeps: list
+    gate: torch.Tensor
 
 
 class _Router:
@@ -68,6 +81,8 @@ class _Router:
 
         self.route = _Route()
         self.layers = []
+        #: (layer id, input rank, layout, training) -> _Plan, kept while the pack lives
+        self.plans: dict[tuple, _Plan] = {}
         for module in model.modules():
             if isinstance(module, LoraLinear):
                 module.forward = functools.partial(self._forward, module)
@@ -83,7 +98,8 @@ class _Router:
 
     @contextmanager
     def packed(self, segments: list[_Segment]):
-        previous, self.route = self.route, _Route(segments=segments)
+        layout = tuple((segment.adapter, segment.end - segment.start) for segment in segments)
+        previous, self.route = self.route, _Route(segments=segments, layout=layout)
         try:
             yield
         finally:
@@ -98,25 +114,51 @@ class _Router:
             return (result + _delta(layer, route.solo, x)).to(result.dtype)
         if not route.segments:
             return result
-        return (result + _packed_delta(layer, x, route)).to(result.dtype)
+        key = (id(layer), x.dim(), route.layout, layer.training)
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = self.plans[key] = _plan(layer, x, route.segments)
+        if plan.gate is None:  # no adapter of the pack on this layer
+            return result
+        return (result + _packed_delta(x, route.segments, plan)).to(result.dtype)
 
 
-def _packed_delta(layer, x: torch.Tensor, route: _Route) -> torch.Tensor:
+def _plan(layer, x: torch.Tensor, segments: list[_Segment]) -> _Plan:
+    present = [segment for segment in segments if segment.adapter in layer.lora_A]
+    keeps = []
+    for segment in segments:
+        dropout = layer.lora_dropout[segment.adapter] if segment.adapter in layer.lora_A else None
+        active = isinstance(dropout, torch.nn.Dropout) and dropout.p > 0 and dropout.training
+        keeps.append(1 - dropout.p if active else None)
+    if not present:
+        return _Plan([], [], keeps, None)
+    weight = layer.lora_A[present[0].adapter].weight
+    rows_gate = []
+    for segment in segments:
+        row: list[float] = []
+        for other in present:
+            rank = layer.lora_A[other.adapter].weight.shape[0]
+            row += [float(layer.scaling[other.adapter]) if other is segment else 0.0] * rank
+        rows_gate += [row] * (segment.end - segment.start)
+    gate = torch.tensor(rows_gate, dtype=weight.dtype, device=x.device)
+    if x.dim() == 3:
+        gate = gate.unsqueeze(1)
+    return _Plan(a=[layer.lora_A[segment.adapter].weight for segment in present],
+                 b=[layer.lora_B[segment.adapter].weight for segment in present], keeps=keeps, gate=gate)
+
+
+def _packed_delta(x: torch.Tensor, segments: list[_Segment], plan: _Plan) -> torch.Tensor:
     """Every job's update on its own rows in two matmuls: x times all adapters' A (concatenated),
     a gate that keeps each row's own adapter block (times its scaling) and zeroes the others,
     times all adapters' B. Dropout masks are drawn per job, in the job's own shape."""
-    present = [segment for segment in route.segments if segment.adapter in layer.lora_A]
-    weight = layer.lora_A[present[0].adapter].weight if present else None
-    if weight is None:
-        return torch.zeros((), dtype=x.dtype, device=x.device)
-    inputs = x.to(weight.dtype)
-    masks, dropped = [], False
-    for segment in route.segments:
-        rows = x[segment.start:segment.end]
-        dropout = layer.lora_dropout[segment.adapter] if segment.adapter in layer.lora_A else None
-        if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0 and dropout.training:
-            keep = 1 - dropout.p
-            shape = list(rows.shape)
+    inputs = x.to(plan.a[0].dtype)
+    if any(keep is not None for keep in plan.keeps):
+        masks = []
+        for segment, keep in zip(segments, plan.keeps, strict=True):
+            shape = [segment.end - segment.start, *x.shape[1:]]
+            if keep is None:
+                masks.append(torch.ones(shape, dtype=inputs.dtype, device=x.device))
+                continue
             if x.dim() == 3:
                 try:
                     shape[1] = segment.lengths[x.shape[1]]
@@ -129,29 +171,10 @@ def _packed_delta(layer, x: torch.Tensor, route: _Route) -> torch.Tensor:
             if x.dim() == 3 and shape[1] != x.shape[1]:
                 mask = torch.nn.functional.pad(mask, (0, 0, 0, x.shape[1] - shape[1]))
             masks.append(mask)
-            dropped = True
-        else:
-            masks.append(torch.ones(rows.shape, dtype=inputs.dtype, device=x.device))
-    if dropped:
         inputs = inputs * torch.cat(masks)
-    ranks = [layer.lora_A[segment.adapter].weight.shape[0] for segment in present]
-    key = (x.dim(), tuple((segment.adapter, rank, float(layer.scaling[segment.adapter]))
-                          for segment, rank in zip(present, ranks)))
-    gate = route.gates.get(key)
-    if gate is None:
-        rows_gate = []
-        for segment in route.segments:
-            row: list[float] = []
-            for other, rank in zip(present, ranks):
-                row += [float(layer.scaling[other.adapter]) if other is segment else 0.0] * rank
-            rows_gate += [row] * (segment.end - segment.start)
-        gate = torch.tensor(rows_gate, dtype=weight.dtype, device=x.device)
-        if x.dim() == 3:
-            gate = gate.unsqueeze(1)
-        route.gates[key] = gate
-    a = torch.cat([layer.lora_A[segment.adapter].weight for segment in present])
-    b = torch.cat([layer.lora_B[segment.adapter].weight for segment in present], dim=1)
-    return torch.nn.functional.linear(torch.nn.functional.linear(inputs, a) * gate, b)
+    a = torch.cat(plan.a) if len(plan.a) > 1 else plan.a[0]
+    b = torch.cat(plan.b, dim=1) if len(plan.b) > 1 else plan.b[0]
+    return torch.nn.functional.linear(torch.nn.functional.linear(inputs, a) * plan.gate, b)
 
 
 def _delta(layer, adapter: str, x: torch.Tensor, member: _Member | None = None) -> torch.Tensor:
@@ -275,7 +298,23 @@ def run_pack(contexts: Sequence[Any], on_done: Callable[[int, Any], None]) -> No
             raise
 
 
-def _run_pack(contexts: list[Any], finish: Callable[[int, Any], None]) -> None:
+@dataclass
+class _Pack:
+    """The shared model of a pack, with its router and its members' trainers."""
+
+    model: Any
+    router: _Router
+    members: list[_Member]
+    objective: str
+    device_manager: Any
+    #: the base has dropout: the members' forward passes run one after another in training
+    serial: bool
+    setup_seconds: float
+
+
+def _set_up(contexts: list[Any], finish: Callable[[int, Any], None]) -> _Pack | None:
+    """One base model with an adapter and a Trainer per job (resumed from its checkpoint if it has
+    one); a job that cannot be set up leaves through `finish`. None when none could be."""
     from worker.architectures import architecture_for
     from worker.device import DeviceManager
     from worker.extensions.lora import adapter_name_for
@@ -298,7 +337,7 @@ def _run_pack(contexts: list[Any], finish: Callable[[int, Any], None]) -> None:
         except Exception as error:
             finish(index, error)
     if not resolved:
-        return
+        return None
     first = resolved[0][2]
     objective = resolved[0][3]
     device_manager = DeviceManager(first.device, first.dtype, family=base_family(first.base_model))
@@ -344,7 +383,7 @@ def _run_pack(contexts: list[Any], finish: Callable[[int, Any], None]) -> None:
         except Exception as error:
             finish(index, error)
     if not members:
-        return
+        return None
     for member in members:  # PEFT's set_adapter left only the last adapter trainable
         for p in member.trainer.params:
             p.requires_grad_(True)
@@ -354,6 +393,15 @@ def _run_pack(contexts: list[Any], finish: Callable[[int, Any], None]) -> None:
     setup_seconds = time.perf_counter() - started
     log.info("pack of %d job(s) on %s set up in %.2fs%s", len(members), first.base_model, setup_seconds,
              " (the base has dropout: one forward pass per job)" if serial else "")
+    return _Pack(model, router, members, objective, device_manager, serial, setup_seconds)
+
+
+def _run_pack(contexts: list[Any], finish: Callable[[int, Any], None]) -> None:
+    pack = _set_up(contexts, finish)
+    if pack is None:
+        return
+    model, router, members, objective = pack.model, pack.router, pack.members, pack.objective
+    device_manager, serial, setup_seconds = pack.device_manager, pack.serial, pack.setup_seconds
 
     def leave(member: _Member, outcome: Any) -> None:
         members.remove(member)
@@ -361,25 +409,27 @@ def _run_pack(contexts: list[Any], finish: Callable[[int, Any], None]) -> None:
             member.trainer.cleanup()
         finish(member.index, outcome)
 
-    for member in list(members):
-        try:
-            if member.resumed_from == 0:
-                with router.solo(member.adapter):
-                    member.initial_eval = member.trainer.evaluate()
-                if member.initial_eval is not None:
-                    member.trainer.curve.append((0, "eval", member.initial_eval))
-            model.train()
-        except Exception as error:
-            leave(member, error)
+    starting = [member for member in members if member.resumed_from == 0]
+    for member, result in zip(starting, _evaluate_together(starting, router, model, objective, device_manager),
+                              strict=True):
+        if isinstance(result, BaseException):
+            leave(member, result)
+            continue
+        member.initial_eval = result
+        if result is not None:
+            member.trainer.curve.append((0, "eval", result))
 
     while members:
+        finishing = [member for member in members if member.trainer.step >= member.trainer.total_steps]
+        if finishing:  # evaluated and generated from together, then saved one by one
+            outcomes = _finish_members(finishing, router, model, objective, device_manager, setup_seconds)
+            for member, outcome in zip(finishing, outcomes, strict=True):
+                leave(member, outcome)
+            continue
         # stop checks and the next micro-batch of every job still training
         for member in list(members):
             trainer = member.trainer
             try:
-                if trainer.step >= trainer.total_steps:
-                    leave(member, _finish_member(member, router, model, device_manager, setup_seconds))
-                    continue
                 if member.position == 0:
                     if trainer._stop_requested():
                         raise JobCancelled(f"cancelled at step {trainer.step}")
@@ -399,11 +449,14 @@ def _run_pack(contexts: list[Any], finish: Callable[[int, Any], None]) -> None:
             if serial or len(members) == 1:
                 for member in members:
                     with member.random_stream(), router.solo(member.adapter):
-                        losses = _losses(model, [member], objective, device_manager, packed=False)
+                        losses = _losses(model, [member.batches[member.position]], objective, device_manager,
+                                         member.trainer.pad_id, packed=False)
                         _backward(losses, [member])
             else:
-                with router.packed(_segments(members, objective)):
-                    losses = _losses(model, members, objective, device_manager, packed=True)
+                parts = [(member, member.batches[member.position]) for member in members]
+                with router.packed(_segments(parts, objective)):
+                    losses = _losses(model, [batch for _, batch in parts], objective, device_manager,
+                                     members[0].trainer.pad_id, packed=True)
                     _backward(losses, members)
         except torch.OutOfMemoryError:
             raise JobError(f"out of memory on {device_manager.device} training a pack of {len(members)} jobs; "
@@ -421,15 +474,14 @@ def _run_pack(contexts: list[Any], finish: Callable[[int, Any], None]) -> None:
                 leave(member, error)
 
 
-def _segments(members: list[_Member], objective: str) -> list[_Segment]:
-    widths = [b["input_ids"].shape[1] for m in members for b in [m.batches[m.position]]]
-    width = max(widths)
-    label_width = max(m.batches[m.position]["labels"].shape[1] for m in members)
+def _segments(parts: list[tuple[_Member, dict]], objective: str) -> list[_Segment]:
+    """The rows of each (member, collated batch) in the batches' concatenation, in order."""
+    width = max(batch["input_ids"].shape[1] for _, batch in parts)
+    label_width = max(batch["labels"].shape[1] for _, batch in parts)
     if objective == "seq2seq" and label_width == width:
         label_width += 1  # the streams' lengths tell a Linear's input stream: keep them apart
     segments, start = [], 0
-    for member in members:
-        batch = member.batches[member.position]
+    for member, batch in parts:
         rows = batch["input_ids"].shape[0]
         lengths = {width: batch["input_ids"].shape[1]}
         if objective == "seq2seq":
@@ -445,16 +497,14 @@ def _pad(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
     return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
 
 
-def _losses(model, members: list[_Member], objective: str, dm, *, packed: bool) -> list[torch.Tensor]:
-    """Each member's mean loss over its own target tokens, from one forward pass over their batches."""
+def _losses(model, batches: list[dict], objective: str, dm, pad_id: int, *, packed: bool) -> list[torch.Tensor]:
+    """Each collated batch's mean loss over its own target tokens, from one forward pass over all of them."""
     from worker.data import IGNORE_INDEX
 
-    batches = [m.batches[m.position] for m in members]
     width = max(b["input_ids"].shape[1] for b in batches)
     label_width = max(b["labels"].shape[1] for b in batches)
-    if packed and objective == "seq2seq" and label_width == width and len(members) > 1:
+    if packed and objective == "seq2seq" and label_width == width and len(batches) > 1:
         label_width += 1  # as in _segments
-    pad_id = members[0].trainer.pad_id
     input_ids = torch.cat([_pad(b["input_ids"], width, pad_id) for b in batches]).to(dm.device)
     attention = torch.cat([_pad(b["attention_mask"], width, 0) for b in batches]).to(dm.device)
     labels = torch.cat([_pad(b["labels"], label_width if objective == "seq2seq" else width, IGNORE_INDEX)
@@ -526,19 +576,165 @@ def _optimizer_step(member: _Member) -> None:
         trainer.save_checkpoint()
 
 
-def _finish_member(member: _Member, router: _Router, model, device_manager, setup_seconds: float):
-    """Final evaluation, task metrics and artifacts of a member whose training is done: its JobOutcome."""
+def _run_losses(parts: list[tuple[_Member, dict]], router: _Router, model, objective: str, dm) -> list[torch.Tensor]:
+    """The losses of (member, collated batch) pairs, each through its own adapter, in one forward pass."""
+    batches = [batch for _, batch in parts]
+    pad_id = parts[0][0].trainer.pad_id
+    if len(parts) == 1:
+        with router.solo(parts[0][0].adapter):
+            return _losses(model, batches, objective, dm, pad_id, packed=False)
+    with router.packed(_segments(parts, objective)):
+        return _losses(model, batches, objective, dm, pad_id, packed=True)
+
+
+def _evaluate_together(members: list[_Member], router: _Router, model, objective: str, dm) -> list[Any]:
+    """Each member's `Trainer.evaluate()` (its held-out loss, or None), or the exception that ended it:
+    the members' k-th eval batches run through the base in one forward pass."""
+    from worker.data import collate
+
+    results: list[Any] = [None] * len(members)
+    todo = [i for i, member in enumerate(members) if member.trainer.eval_set and member.trainer.is_main]
+    totals, counts = dict.fromkeys(todo, 0.0), dict.fromkeys(todo, 0)
+    model.eval()
+    try:
+        with torch.no_grad():
+            for k in itertools.count():
+                parts, owners = [], []
+                for i in todo:
+                    trainer = members[i].trainer
+                    size = trainer.eval_batch_size
+                    examples = trainer.eval_set[k * size:(k + 1) * size]
+                    if examples:
+                        parts.append((members[i], collate(examples, objective, trainer.pad_id)))
+                        owners.append(i)
+                if not parts:
+                    break
+                for i, (member, batch), loss in zip(owners, parts, _run_losses(parts, router, model, objective, dm),
+                                                    strict=True):
+                    tokens = member.trainer._label_tokens(batch)
+                    totals[i] += float(loss) * tokens
+                    counts[i] += tokens
+    except Exception as error:  # one forward pass for all: it ends them all
+        return [error if i in totals else None for i in range(len(members))]
+    finally:
+        model.train()
+    for i in todo:
+        trainer = members[i].trainer
+        loss = totals[i] / max(counts[i], 1)
+        results[i] = loss if math.isfinite(loss) else JobError(
+            trainer._non_finite("eval loss", loss, f"after step {trainer.step}"))
+    return results
+
+
+def _generate_together(members: list[_Member], router: _Router, model, dm) -> list[Any]:
+    """Each member's `Trainer.task_metrics()` (filling its samples), or the exception that ended it: the
+    members' k-th chunks of eval inputs are generated from in one `generate()` call, every job's rows
+    through its own adapter, each cut to the job's own max_new_tokens as its own run would stop."""
+    from worker.predict import GenerationSettings
+
+    results: list[Any] = [None] * len(members)
+    plans = []  # (index, predictor, rows, predictions)
+    for i, member in enumerate(members):
+        trainer = member.trainer
+        if not trainer.generates_task_metrics():
+            try:
+                with router.solo(member.adapter):
+                    results[i] = trainer.task_metrics()
+            except Exception as error:
+                results[i] = error
+            continue
+        trainer.samples = []
+        plans.append((i, trainer.generation_predictor(), trainer.generated_rows(trainer.eval_rows,
+                                                                                trainer.spec.num_samples), []))
+    model.eval()
+    try:
+        with torch.no_grad():
+            for k in itertools.count():
+                parts = []
+                for i, predictor, rows, predictions in plans:
+                    size = members[i].trainer.eval_batch_size
+                    chunk = rows[k * size:(k + 1) * size]
+                    if chunk:
+                        parts.append((members[i], predictor, predictions,
+                                      predictor.batch([row["input"] for row in chunk])))
+                if not parts:
+                    break
+                _generate_round(parts, router, model, dm, GenerationSettings)
+    except Exception as error:
+        for i, *_ in plans:
+            results[i] = error
+        return results
+    finally:
+        model.train()
+    for i, _, rows, predictions in plans:
+        try:
+            results[i] = members[i].trainer.score_generations(rows, predictions, members[i].trainer.spec.num_samples)
+        except Exception as error:
+            results[i] = error
+    return results
+
+
+def _generate_round(parts: list[tuple], router: _Router, model, dm, settings_class) -> None:
+    """One `generate()` over the parts' (member, predictor, predictions, encoded inputs), padded to one
+    width on the side each pads (the left for a decoder-only model); appends each part's texts."""
+    first = parts[0][1]
+    causal = first.task_type == "causal"
+    width = max(inputs["input_ids"].shape[1] for *_, inputs in parts)
+
+    def widen(tensor: torch.Tensor, value: int) -> torch.Tensor:
+        extra = width - tensor.shape[1]
+        return tensor if not extra else torch.nn.functional.pad(tensor, (extra, 0) if causal else (0, extra),
+                                                                value=value)
+
+    input_ids = torch.cat([widen(inputs["input_ids"], first.tokenizer.pad_token_id) for *_, inputs in parts])
+    attention = torch.cat([widen(inputs["attention_mask"], 0) for *_, inputs in parts])
+    settings = settings_class(max_new_tokens=max(predictor.max_new_tokens for _, predictor, _, _ in parts))
+    segments, start = [], 0
+    for member, _, _, inputs in parts:
+        rows = inputs["input_ids"].shape[0]
+        segments.append(_Segment(start, start + rows, member.adapter, {}, member))
+        start += rows
+    route = router.solo(parts[0][0].adapter) if len(parts) == 1 else router.packed(segments)
+    # under the training's autocast, as the job alone generates
+    with route, dm.autocast():
+        output = model.generate(input_ids=input_ids, attention_mask=attention, **settings.kwargs(),
+                                pad_token_id=first.tokenizer.pad_token_id, eos_token_id=first.tokenizer.eos_token_id)
+    for segment, (_, predictor, predictions, _) in zip(segments, parts, strict=True):
+        predictions += predictor.decode(output[segment.start:segment.end], width, predictor.max_new_tokens)
+
+
+def _finish_members(finishing: list[_Member], router: _Router, model, objective: str, device_manager,
+                    setup_seconds: float) -> list[Any]:
+    """The JobOutcome (or the exception that ended it) of each member whose training is done: final
+    evaluation and task metrics of all of them together, then each one's artifacts."""
+    evals = _evaluate_together(finishing, router, model, objective, device_manager)
+    evaluated = [member for member, result in zip(finishing, evals, strict=True)
+                 if not isinstance(result, BaseException)]
+    metrics = dict(zip((member.index for member in evaluated),
+                       _generate_together(evaluated, router, model, device_manager), strict=True))
+    outcomes: list[Any] = []
+    for member, final_eval in zip(finishing, evals, strict=True):
+        task_metrics = final_eval if isinstance(final_eval, BaseException) else metrics[member.index]
+        if isinstance(task_metrics, BaseException):
+            outcomes.append(task_metrics)
+            continue
+        try:
+            outcomes.append(_save_member(member, model, device_manager, setup_seconds, final_eval, task_metrics))
+        except Exception as error:
+            outcomes.append(error)
+    return outcomes
+
+
+def _save_member(member: _Member, model, device_manager, setup_seconds: float, final_eval: float | None,
+                 task_metrics: dict):
+    """The artifacts of a member whose training, evaluation and task metrics are done: its JobOutcome."""
     from worker.artifacts import write_atomically, write_job_json
     from worker.extensions.lora import save_adapter
     from worker.pipeline import JobOutcome, Progress, library_versions
 
     trainer, ctx, spec = member.trainer, member.ctx, member.spec
-    with router.solo(member.adapter):
-        final_eval = trainer.evaluate()
-        if final_eval is not None:
-            trainer.curve.append((trainer.step, "eval", final_eval))
-        task_metrics = trainer.task_metrics()
-    model.train()
+    if final_eval is not None:
+        trainer.curve.append((trainer.step, "eval", final_eval))
     if ctx.should_cancel is not None and ctx.should_cancel():
         raise JobCancelled("cancelled before saving")
     metrics = {"train_loss": member.last_loss, "eval_loss": final_eval, "steps": trainer.step,
@@ -570,7 +766,6 @@ def _finish_member(member: _Member, router: _Router, model, device_manager, setu
         loss_curve=list(trainer.curve), setup_seconds=setup_seconds, task_metrics=task_metrics,
         samples=samples or None,
     )
-
 
 
 __all__ = ["JobInterrupted", "pack_key", "run_pack"]

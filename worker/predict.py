@@ -188,9 +188,19 @@ class Predictor:
             return results
         output = self.model.generate(**inputs, **settings.kwargs(), pad_token_id=self.tokenizer.pad_token_id,
                                      eos_token_id=self.tokenizer.eos_token_id)
+        return [{"prediction": text} for text in self.decode(output, inputs["input_ids"].shape[1])]
+
+    def decode(self, output: torch.Tensor, prompt_width: int, max_new_tokens: int | None = None) -> list[str]:
+        """The texts `generate()` returned for a batch whose prompts were `prompt_width` wide, each up
+        to eos; with `max_new_tokens`, as if generation had stopped after that many tokens (greedy
+        decoding gives a longer run's first tokens)."""
         if self.task_type == "causal":
-            output = output[:, inputs["input_ids"].shape[1]:]  # the continuation, without the prompt
-        return [{"prediction": self.tokenizer.decode(self._until_eos(sequence.tolist()))} for sequence in output]
+            output = output[:, prompt_width:]  # the continuation, without the prompt
+            if max_new_tokens is not None:
+                output = output[:, :max_new_tokens]
+        elif max_new_tokens is not None:
+            output = output[:, :1 + max_new_tokens]  # after the decoder's start token
+        return [self.tokenizer.decode(self._until_eos(sequence.tolist())) for sequence in output]
 
     def _label(self, index: int) -> str:
         return self.labels[index] if index < len(self.labels) else str(index)
