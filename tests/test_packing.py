@@ -150,3 +150,21 @@ def test_packed_evaluation_and_generation_give_each_job_its_own_adapter(preset, 
     with router.solo(members[1].adapter):
         members[0].trainer.task_metrics()
     assert [s["prediction"] for s in members[0].trainer.samples] != [s["prediction"] for s in samples[0]]
+
+
+def test_running_out_of_memory_in_a_packed_generation_fails_its_jobs_with_the_fix(tmp_path, one_torch_thread,
+                                                                                  monkeypatch):
+    from worker.errors import JobError
+    from worker.packing import _generate_together, _set_up
+
+    pack = _set_up([context(spec("gpt2-tiny", "reverse", seed=i), tmp_path, f"job{i}") for i in range(2)],
+                   lambda index, error: pytest.fail(f"job{index} not set up: {error}"))
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(pack.model, "generate", out_of_memory)
+    results = _generate_together(pack.members, pack.router, pack.model, pack.device_manager)
+    assert all(isinstance(result, JobError) and "a pack of 2 jobs; run the worker with a smaller --pack" in str(result)
+               for result in results), results
+    assert pack.model.training  # left as training found it

@@ -459,8 +459,7 @@ def _run_pack(contexts: list[Any], finish: Callable[[int, Any], None]) -> None:
                                      members[0].trainer.pad_id, packed=True)
                     _backward(losses, members)
         except torch.OutOfMemoryError:
-            raise JobError(f"out of memory on {device_manager.device} training a pack of {len(members)} jobs; "
-                           "run the worker with a smaller --pack") from None
+            raise _out_of_memory("training", len(members), device_manager) from None
         took = (time.perf_counter() - round_started) / max(1, len(members))
         for member in list(members):
             member.seconds += took
@@ -472,6 +471,11 @@ def _run_pack(contexts: list[Any], finish: Callable[[int, Any], None]) -> None:
                 _optimizer_step(member)
             except Exception as error:
                 leave(member, error)
+
+
+def _out_of_memory(doing: str, count: int, dm) -> JobError:
+    return JobError(f"out of memory on {dm.device} {doing} a pack of {count} jobs; run the worker with a smaller "
+                    "--pack")
 
 
 def _segments(parts: list[tuple[_Member, dict]], objective: str) -> list[_Segment]:
@@ -615,6 +619,8 @@ def _evaluate_together(members: list[_Member], router: _Router, model, objective
                     totals[i] += float(loss) * tokens
                     counts[i] += tokens
     except Exception as error:  # one forward pass for all: it ends them all
+        if isinstance(error, torch.OutOfMemoryError):
+            error = _out_of_memory("evaluating", len(todo), dm)
         return [error if i in totals else None for i in range(len(members))]
     finally:
         model.train()
@@ -660,7 +666,9 @@ def _generate_together(members: list[_Member], router: _Router, model, dm) -> li
                 if not parts:
                     break
                 _generate_round(parts, router, model, dm, GenerationSettings)
-    except Exception as error:
+    except Exception as error:  # one generate() for all: it ends them all
+        if isinstance(error, torch.OutOfMemoryError):
+            error = _out_of_memory("generating for", len(plans), dm)
         for i, *_ in plans:
             results[i] = error
         return results
