@@ -26,7 +26,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,7 +70,8 @@ class _Plan:
     a: list
     b: list
     keeps: list
-    gate: torch.Tensor
+    #: None: no adapter of the pack is on this layer
+    gate: torch.Tensor | None
 
 
 class _Router:
@@ -80,13 +81,11 @@ class _Router:
         from peft.tuners.lora import Linear as LoraLinear
 
         self.route = _Route()
-        self.layers = []
         #: (layer id, input rank, layout, training) -> _Plan, kept while the pack lives
         self.plans: dict[tuple, _Plan] = {}
         for module in model.modules():
             if isinstance(module, LoraLinear):
                 module.forward = functools.partial(self._forward, module)
-                self.layers.append(module)
 
     @contextmanager
     def solo(self, adapter: str):
@@ -177,18 +176,11 @@ def _packed_delta(x: torch.Tensor, segments: list[_Segment], plan: _Plan) -> tor
     return torch.nn.functional.linear(torch.nn.functional.linear(inputs, a) * plan.gate, b)
 
 
-def _delta(layer, adapter: str, x: torch.Tensor, member: _Member | None = None) -> torch.Tensor:
-    """The adapter's update for `x`, as PEFT's LoRA Linear computes it; dropout draws from the
-    member's own random stream."""
+def _delta(layer, adapter: str, x: torch.Tensor) -> torch.Tensor:
+    """The adapter's update for `x`, as PEFT's LoRA Linear computes it (a lone job's dropout draws
+    from the global stream, which `_Member.random_stream` makes the job's own in training)."""
     lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
-    dropout = layer.lora_dropout[adapter]
-    x = x.to(lora_a.weight.dtype)
-    if member is not None and isinstance(dropout, torch.nn.Dropout) and dropout.p > 0 and dropout.training:
-        # what torch's dropout does, drawing from the job's own generator
-        keep = 1 - dropout.p
-        x = x * torch.empty_like(x).bernoulli_(keep, generator=member.generator).div_(keep)
-    else:
-        x = dropout(x)
+    x = layer.lora_dropout[adapter](x.to(lora_a.weight.dtype))
     return lora_b(lora_a(x)) * layer.scaling[adapter]
 
 
@@ -224,7 +216,6 @@ class _Member:
     tokens: int = 0
     seconds: float = 0.0
     resumed_from: int = 0
-    initial_eval: float | None = None
     last_loss: float | None = None
     last_report: float = 0.0
 
@@ -414,9 +405,7 @@ def _run_pack(contexts: list[Any], finish: Callable[[int, Any], None]) -> None:
                               strict=True):
         if isinstance(result, BaseException):
             leave(member, result)
-            continue
-        member.initial_eval = result
-        if result is not None:
+        elif result is not None:
             member.trainer.curve.append((0, "eval", result))
 
     while members:
@@ -454,10 +443,7 @@ def _run_pack(contexts: list[Any], finish: Callable[[int, Any], None]) -> None:
                         _backward(losses, [member])
             else:
                 parts = [(member, member.batches[member.position]) for member in members]
-                with router.packed(_segments(parts, objective)):
-                    losses = _losses(model, [batch for _, batch in parts], objective, device_manager,
-                                     members[0].trainer.pad_id, packed=True)
-                    _backward(losses, members)
+                _backward(_run_losses(parts, router, model, objective, device_manager), members)
         except torch.OutOfMemoryError:
             raise _out_of_memory("training", len(members), device_manager) from None
         took = (time.perf_counter() - round_started) / max(1, len(members))
@@ -591,6 +577,17 @@ def _run_losses(parts: list[tuple[_Member, dict]], router: _Router, model, objec
         return _losses(model, batches, objective, dm, pad_id, packed=True)
 
 
+def _in_step(items: list[tuple[Any, Sequence, int]]) -> Iterator[list[tuple[Any, Sequence]]]:
+    """Round k: the k-th chunk (of its own size) of each (owner, sequence, size) that still has one,
+    with its owner; ends when none has."""
+    for k in itertools.count():
+        chunks = [(owner, sequence[k * size:(k + 1) * size]) for owner, sequence, size in items
+                  if len(sequence) > k * size]
+        if not chunks:
+            return
+        yield chunks
+
+
 def _evaluate_together(members: list[_Member], router: _Router, model, objective: str, dm) -> list[Any]:
     """Each member's `Trainer.evaluate()` (its held-out loss, or None), or the exception that ended it:
     the members' k-th eval batches run through the base in one forward pass."""
@@ -602,19 +599,12 @@ def _evaluate_together(members: list[_Member], router: _Router, model, objective
     model.eval()
     try:
         with torch.no_grad():
-            for k in itertools.count():
-                parts, owners = [], []
-                for i in todo:
-                    trainer = members[i].trainer
-                    size = trainer.eval_batch_size
-                    examples = trainer.eval_set[k * size:(k + 1) * size]
-                    if examples:
-                        parts.append((members[i], collate(examples, objective, trainer.pad_id)))
-                        owners.append(i)
-                if not parts:
-                    break
-                for i, (member, batch), loss in zip(owners, parts, _run_losses(parts, router, model, objective, dm),
-                                                    strict=True):
+            for chunks in _in_step([(i, members[i].trainer.eval_set, members[i].trainer.eval_batch_size)
+                                    for i in todo]):
+                parts = [(members[i], collate(examples, objective, members[i].trainer.pad_id))
+                         for i, examples in chunks]
+                for (i, _), (member, batch), loss in zip(chunks, parts,
+                                                         _run_losses(parts, router, model, objective, dm), strict=True):
                     tokens = member.trainer._label_tokens(batch)
                     totals[i] += float(loss) * tokens
                     counts[i] += tokens
@@ -636,8 +626,6 @@ def _generate_together(members: list[_Member], router: _Router, model, dm) -> li
     """Each member's `Trainer.task_metrics()` (filling its samples), or the exception that ended it: the
     members' k-th chunks of eval inputs are generated from in one `generate()` call, every job's rows
     through its own adapter, each cut to the job's own max_new_tokens as its own run would stop."""
-    from worker.predict import GenerationSettings
-
     results: list[Any] = [None] * len(members)
     plans = []  # (index, predictor, rows, predictions)
     for i, member in enumerate(members):
@@ -655,17 +643,9 @@ def _generate_together(members: list[_Member], router: _Router, model, dm) -> li
     model.eval()
     try:
         with torch.no_grad():
-            for k in itertools.count():
-                parts = []
-                for i, predictor, rows, predictions in plans:
-                    size = members[i].trainer.eval_batch_size
-                    chunk = rows[k * size:(k + 1) * size]
-                    if chunk:
-                        parts.append((members[i], predictor, predictions,
-                                      predictor.batch([row["input"] for row in chunk])))
-                if not parts:
-                    break
-                _generate_round(parts, router, model, dm, GenerationSettings)
+            for chunks in _in_step([(plan, plan[2], members[plan[0]].trainer.eval_batch_size) for plan in plans]):
+                _generate_round([(members[i], predictor, predictions, predictor.batch([row["input"] for row in chunk]))
+                                 for (i, predictor, _, predictions), chunk in chunks], router, model, dm)
     except Exception as error:  # one generate() for all: it ends them all
         if isinstance(error, torch.OutOfMemoryError):
             error = _out_of_memory("generating for", len(plans), dm)
@@ -682,9 +662,11 @@ def _generate_together(members: list[_Member], router: _Router, model, dm) -> li
     return results
 
 
-def _generate_round(parts: list[tuple], router: _Router, model, dm, settings_class) -> None:
+def _generate_round(parts: list[tuple], router: _Router, model, dm) -> None:
     """One `generate()` over the parts' (member, predictor, predictions, encoded inputs), padded to one
     width on the side each pads (the left for a decoder-only model); appends each part's texts."""
+    from worker.predict import GenerationSettings
+
     first = parts[0][1]
     causal = first.task_type == "causal"
     width = max(inputs["input_ids"].shape[1] for *_, inputs in parts)
@@ -696,7 +678,7 @@ def _generate_round(parts: list[tuple], router: _Router, model, dm, settings_cla
 
     input_ids = torch.cat([widen(inputs["input_ids"], first.tokenizer.pad_token_id) for *_, inputs in parts])
     attention = torch.cat([widen(inputs["attention_mask"], 0) for *_, inputs in parts])
-    settings = settings_class(max_new_tokens=max(predictor.max_new_tokens for _, predictor, _, _ in parts))
+    settings = GenerationSettings(max_new_tokens=max(predictor.max_new_tokens for _, predictor, _, _ in parts))
     segments, start = [], 0
     for member, _, _, inputs in parts:
         rows = inputs["input_ids"].shape[0]
